@@ -1,0 +1,126 @@
+"""Encoding: transactions as strings and codes → one columnar batch of numbers.
+
+Identifiers become 64-bit keyed hashes (xxhash64 with a secret seed), so the feature
+kernels only ever see numbers and no identifier is held in clear past this point.
+The same encoding serves a live batch and a whole offline history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+# ISO 4217 minor-unit exponents that differ from the usual 2. Amounts become major units
+# so that "amount 50" means fifty dollars, fifty euros or fifty yen alike — not a
+# currency conversion, just the same scale of number (documented in docs/features.md).
+_CURRENCY_EXPONENT: dict[str, int] = {
+    "BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "ISK": 0, "JPY": 0, "KMF": 0, "KRW": 0, "PYG": 0,
+    "RWF": 0, "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
+    "BHD": 3, "IQD": 3, "JOD": 3, "KWD": 3, "LYD": 3, "OMR": 3, "TND": 3,
+}
+
+MISSING_KEY = np.uint64(0)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """One columnar batch, ready for the feature kernels. Every array has length n."""
+
+    card_key: np.ndarray          # uint64
+    customer_key: np.ndarray      # uint64, 0 when unknown
+    merchant_key: np.ndarray      # uint64
+    device_key: np.ndarray        # uint64, 0 when unknown
+    ip_key: np.ndarray            # uint64, 0 when unknown
+    amount: np.ndarray            # float64, major currency units
+    event_time_ms: np.ndarray     # int64
+    channel: np.ndarray           # int64 (the Channel enum value)
+    merchant_category: np.ndarray  # int64 MCC, -1 when unknown
+    country: np.ndarray           # int64 code of the alpha-2 country, -1 when unknown
+    latitude: np.ndarray          # float64, NaN when unknown
+    longitude: np.ndarray         # float64, NaN when unknown
+
+    def __len__(self) -> int:
+        return int(self.card_key.shape[0])
+
+
+class KeyHasher:
+    """Keyed 64-bit hashes of identifiers; the empty string maps to 0 (unknown)."""
+
+    __slots__ = ("_seed",)
+
+    def __init__(self, secret: bytes = b"fraudscore-default-key") -> None:
+        # xxhash takes a 64-bit seed; derive it from the secret so any length of key works.
+        self._seed = xxhash.xxh64_intdigest(secret)
+
+    def key(self, value: str) -> int:
+        """The state key of one identifier (0 for the empty string)."""
+        if not value:
+            return 0
+        h = xxhash.xxh64_intdigest(value.encode(), seed=self._seed)
+        return h or 1  # 0 is reserved for "unknown"
+
+    def keys(self, values: Sequence[str]) -> np.ndarray:
+        """Keys of many identifiers as a uint64 array."""
+        return np.fromiter((self.key(v) for v in values), dtype=np.uint64, count=len(values))
+
+
+def currency_exponent(currency: str) -> int:
+    """Number of minor units digits of an ISO 4217 currency (2 unless listed otherwise)."""
+    return _CURRENCY_EXPONENT.get(currency, 2)
+
+
+def amount_major(amount_minor: np.ndarray, currency: Sequence[str]) -> np.ndarray:
+    """Amounts in major units, as float64."""
+    scale = np.fromiter((10.0 ** -currency_exponent(c) for c in currency), dtype=np.float64, count=len(currency))
+    return np.asarray(amount_minor, dtype=np.float64) * scale
+
+
+def mcc_code(category: str) -> int:
+    """An MCC string as an integer, -1 when missing or not 4 digits."""
+    return int(category) if len(category) == 4 and category.isdigit() else -1
+
+
+def country_code(country: str) -> int:
+    """An ISO 3166 alpha-2 code as an integer in 0..675, -1 when missing."""
+    if len(country) != 2 or not country.isalpha():
+        return -1
+    a, b = country.upper()
+    return (ord(a) - 65) * 26 + (ord(b) - 65)
+
+
+def encode_columns(
+    hasher: KeyHasher,
+    *,
+    card_id: Sequence[str],
+    customer_id: Sequence[str],
+    merchant_id: Sequence[str],
+    device_id: Sequence[str],
+    ip_address: Sequence[str],
+    amount_minor: np.ndarray,
+    currency: Sequence[str],
+    event_time_ms: np.ndarray,
+    channel: np.ndarray,
+    merchant_category: Sequence[str],
+    country: Sequence[str],
+    latitude: np.ndarray,
+    longitude: np.ndarray,
+) -> EncodedBatch:
+    """Encode already-validated columns into an `EncodedBatch`."""
+    n = len(card_id)
+    return EncodedBatch(
+        card_key=hasher.keys(card_id),
+        customer_key=hasher.keys(customer_id),
+        merchant_key=hasher.keys(merchant_id),
+        device_key=hasher.keys(device_id),
+        ip_key=hasher.keys(ip_address),
+        amount=amount_major(amount_minor, currency),
+        event_time_ms=np.ascontiguousarray(event_time_ms, dtype=np.int64),
+        channel=np.ascontiguousarray(channel, dtype=np.int64),
+        merchant_category=np.fromiter((mcc_code(c) for c in merchant_category), dtype=np.int64, count=n),
+        country=np.fromiter((country_code(c) for c in country), dtype=np.int64, count=n),
+        latitude=np.ascontiguousarray(latitude, dtype=np.float64),
+        longitude=np.ascontiguousarray(longitude, dtype=np.float64),
+    )

@@ -1,0 +1,11 @@
+"""Exact Numba scoring of LightGBM text models, without importing LightGBM.
+
+    forest = load_forest("model.txt")
+    forest.predict(X)            # == Booster.predict(X)
+    forest.raw_score(X)          # == Booster.predict(X, raw_score=True)
+    forest.path_attributions(X)  # per-feature contributions along each row's path
+"""
+
+from core.forest.model import Forest, load_forest
+
+__all__ = ["Forest", "load_forest"]

@@ -1,0 +1,112 @@
+"""Decisions: model probability + thresholds, then rules by precedence, with reasons.
+
+Pure compute over arrays: the service calls `Scorer.score` for the model path and
+`Scorer.fallback` when the model path is unavailable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from core.features import FEATURE_NAMES, FEATURES
+from core.model import LoadedModel
+from core.rules import Decision, RuleHits, Ruleset, rule_columns
+
+_DESCRIPTIONS = tuple(f.description for f in FEATURES)
+
+
+class Source(IntEnum):
+    """Values match the API's DecisionSource enum."""
+
+    MODEL = 1
+    RULES = 2
+    RULES_FALLBACK = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: str
+    description: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredBatch:
+    """One decision per transaction, in batch order."""
+
+    fraud_probability: np.ndarray  # float64
+    decision: np.ndarray           # int8, Decision values
+    source: np.ndarray             # int8, Source values
+    degraded: bool
+    reasons: list[tuple[Reason, ...]]
+    model_version: str
+    ruleset_version: str
+    hits: RuleHits                 # every rule evaluated (shadow included), for metrics
+
+    def __len__(self) -> int:
+        return int(self.fraud_probability.shape[0])
+
+
+def risk_score(p: np.ndarray) -> np.ndarray:
+    """fraud_probability on the API's 0..999 scale."""
+    return np.minimum(np.floor(np.nan_to_num(p, nan=0.0) * 1000.0), 999).astype(np.int32)
+
+
+def _rule_reasons(hits: RuleHits, i: int) -> list[Reason]:
+    return [Reason(r.reason_code, r.description, 1.0)
+            for r, hit in zip(hits.rules, hits.hits[i], strict=True) if hit and not r.shadow]
+
+
+class Scorer:
+    """Holds the current model (or none) and ruleset; immutable, swapped whole on reload."""
+
+    __slots__ = ("model", "ruleset", "top_reasons")
+
+    def __init__(self, model: LoadedModel | None, ruleset: Ruleset, *, top_reasons: int = 3) -> None:
+        self.model = model
+        self.ruleset = ruleset
+        self.top_reasons = top_reasons
+
+    def score(self, features: np.ndarray, amount: np.ndarray) -> ScoredBatch:
+        """The model path. Raises whatever the model raises; the caller falls back."""
+        if self.model is None:
+            raise RuntimeError("no model loaded")
+        n = features.shape[0]
+        forest = self.model.forest
+        p = forest.predict(features)
+        attributions = forest.path_attributions(features)[:, :-1]
+        t = self.model.thresholds
+        base = np.full(n, Decision.APPROVE, dtype=np.int8)
+        base[p >= t.review] = Decision.REVIEW
+        base[p >= t.decline] = Decision.DECLINE
+        hits = self.ruleset.rules.evaluate(rule_columns(features, amount, n, p), n)
+        decision = hits.decide(base)
+        source = np.where(decision != base, Source.RULES, Source.MODEL).astype(np.int8)
+        k = min(self.top_reasons, attributions.shape[1])
+        top = np.argsort(-attributions, axis=1, kind="stable")[:, :k]
+        reasons: list[tuple[Reason, ...]] = []
+        for i in range(n):
+            found = _rule_reasons(hits, i)
+            for j in top[i]:
+                w = float(attributions[i, j])
+                if w > 0.0:
+                    found.append(Reason(f"feature:{FEATURE_NAMES[j]}", _DESCRIPTIONS[j], w))
+            reasons.append(tuple(found))
+        return ScoredBatch(p, decision, source, False, reasons, self.model.version, self.ruleset.version, hits)
+
+    def fallback(self, features: np.ndarray | None, amount: np.ndarray) -> ScoredBatch:
+        """The fallback ruleset alone; features may be None when they could not be computed."""
+        n = amount.shape[0]
+        fb = self.ruleset.fallback
+        hits = fb.evaluate(rule_columns(features, amount, n), n)
+        decision = hits.decide(np.full(n, Decision.APPROVE, dtype=np.int8))
+        probs = np.array([r.probability for r in fb.rules], dtype=np.float64)
+        p = np.full(n, self.ruleset.fallback_default_probability, dtype=np.float64)
+        if probs.size:
+            p = np.maximum(p, np.where(hits.hits, probs, 0.0).max(axis=1))
+        reasons = [tuple(_rule_reasons(hits, i)) for i in range(n)]
+        source = np.full(n, Source.RULES_FALLBACK, dtype=np.int8)
+        return ScoredBatch(p, decision, source, True, reasons, "", self.ruleset.version, hits)

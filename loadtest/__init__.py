@@ -1,0 +1,1 @@
+"""Load tests: a locust file for the FraudScoring API (loopback targets only)."""

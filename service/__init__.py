@@ -1,0 +1,1 @@
+"""fraudscore's server: gRPC transport, micro-batcher, pipeline thread, metrics, CLI."""

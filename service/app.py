@@ -1,0 +1,170 @@
+"""The server's parts wired together: settings → rules, model, state → pipeline, batcher, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prometheus_client import start_http_server
+
+from core.encode import KeyHasher
+from core.errors import ModelLoadError
+from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.model import LoadedModel, load_model_dir
+from core.rules import Ruleset, load_ruleset, parse_ruleset
+from core.scoring import Scorer
+from service.batcher import MicroBatcher
+from service.config import Settings
+from service.idempotency import IdempotencyCache
+from service.metrics import Metrics
+from service.pipeline import Pipeline, warm_up
+
+log = logging.getLogger("fraudscore.app")
+SNAPSHOT_FILE = "state.npz"
+T = TypeVar("T")
+
+
+def load_rules(path: Path | None) -> Ruleset:
+    """The configured rules file, or the packaged defaults."""
+    if path is None:
+        data = resources.files("service").joinpath("defaults/rules.json").read_bytes()
+        return parse_ruleset(data, source="service/defaults/rules.json")
+    return load_ruleset(path)
+
+
+def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
+    """The model, or None and the fallback reason (the service then answers from the fallback rules)."""
+    if path is None:
+        return None, "no_model"
+    if not path.exists():
+        log.error("model directory not found; serving from fallback rules", extra={"model_dir": str(path)})
+        return None, "no_model"
+    try:
+        return load_model_dir(path), ""
+    except ModelLoadError as exc:
+        log.error("model refused; serving from fallback rules", extra={"model_dir": str(path), "reason": exc.reason})
+        return None, "model_load_failed"
+
+
+def restore_state(settings: Settings) -> EntityState:
+    """State from the last snapshot, or empty (with a clear log line) when there is none or it is unusable."""
+    if settings.state_dir is not None:
+        path = settings.state_dir / SNAPSHOT_FILE
+        if path.exists():
+            try:
+                state = EntityState.load(path, feature_set_version=FEATURE_SET_VERSION)
+                log.info("state restored", extra={"path": str(path), "cards": state.card.occupancy()})
+                return state
+            except ValueError as exc:
+                log.error("state snapshot refused; starting with empty state", extra={"path": str(path), "reason": str(exc)})
+    return EntityState.empty(card_capacity=settings.card_capacity, merchant_capacity=settings.entity_capacity,
+                             customer_capacity=settings.entity_capacity, device_capacity=settings.entity_capacity,
+                             ip_capacity=settings.entity_capacity)
+
+
+class App:
+    """Everything a running server holds. Built on the event loop thread; state is the pipeline thread's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.serving = False
+        self.ruleset = load_rules(settings.rules_file)
+        model, reason = load_model(settings.model_dir)
+        self.scorer = Scorer(model, self.ruleset)
+        self.hasher = KeyHasher(settings.id_hash_key.encode())
+        self.engine = FeatureEngine(restore_state(settings))
+        self.metrics = Metrics(state=lambda: self.engine.state)
+        self.pipeline = Pipeline(engine=self.engine, scorer=self.scorer, hasher=self.hasher, metrics=self.metrics,
+                                 fault_injection=settings.fault_injection, fallback_reason=reason)
+        self.idempotency: IdempotencyCache[Any] = IdempotencyCache(
+            ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
+        self.outcomes_seen: IdempotencyCache[Any] = IdempotencyCache(
+            ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
+        self.metrics_port = 0
+        self._executor: Executor | None = None
+        self._batcher: MicroBatcher | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
+        m = self.metrics
+        m.model_loaded.set(1 if model else 0)
+        m.model_info.labels(self.model_version, self.ruleset_version, self.feature_set_version).set(1)
+
+    @property
+    def model_version(self) -> str:
+        return self.scorer.model.version if self.scorer.model else ""
+
+    @property
+    def ruleset_version(self) -> str:
+        return self.ruleset.version
+
+    @property
+    def feature_set_version(self) -> str:
+        return FEATURE_SET_VERSION
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        if self._batcher is None:
+            raise RuntimeError("App.start() has not run")
+        return self._batcher
+
+    async def run_on_pipeline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the pipeline thread, after every batch already handed to it."""
+        if self._executor is None:
+            raise RuntimeError("App.start() has not run")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self, executor: Executor) -> None:
+        """Warm the kernels on the pipeline thread, then open for calls."""
+        self._executor = executor
+        s = self.settings
+        await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
+        self._batcher = MicroBatcher(self.pipeline.run, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
+                                     max_queue=s.max_queue)
+        self._batcher.start()
+        if s.metrics_port:
+            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.metrics_host,
+                                                        registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        if s.state_dir is not None and s.snapshot_interval_s > 0:
+            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_every(s.snapshot_interval_s))
+        self.serving = True
+
+    async def snapshot(self) -> None:
+        """Copy state between batches on the pipeline thread, write it from another thread."""
+        if self.settings.state_dir is None:
+            return
+        copy = await self.run_on_pipeline(self.pipeline.snapshot_copy)
+        path = self.settings.state_dir / SNAPSHOT_FILE
+        await asyncio.to_thread(copy.save, path, feature_set_version=FEATURE_SET_VERSION)
+        log.info("state snapshot written", extra={"path": str(path), "cards": copy.card.occupancy()})
+
+    async def _snapshot_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.snapshot()
+            except OSError as exc:
+                log.error("state snapshot failed", extra={"reason": str(exc)})
+
+    async def stop(self) -> None:
+        """Finish queued work, take the final snapshot, close the metrics endpoint."""
+        self.serving = False
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshot_task
+        if self._batcher is not None:
+            await self._batcher.drain()
+        try:
+            await self.snapshot()
+        except OSError as exc:
+            log.error("final state snapshot failed", extra={"reason": str(exc)})
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()

@@ -1,0 +1,117 @@
+"""`fraudscore` command line: serve, simulate, train.
+
+Each `serve` flag is also a `FRAUDSCORE_*` environment variable (flags win).
+Training imports stay inside their commands so `serve` never loads training libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.errors import FraudscoreError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from service import logs
+    from service.config import Settings
+    from service.server import serve
+
+    try:
+        settings = Settings.load(
+            model_dir=args.model, rules_file=args.rules, host=args.host, port=args.port,
+            metrics_port=args.metrics_port, state_dir=args.state_dir,
+        )
+    except ValueError as exc:
+        print(f"fraudscore serve: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    try:
+        uvloop.run(serve(settings))
+    except FraudscoreError as exc:
+        print(f"fraudscore serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from core.history import write_history
+    from core.simulate import simulate
+
+    history = simulate(num_days=args.days, num_cards=args.cards, num_merchants=args.merchants, seed=args.seed,
+                       progress=True)
+    write_history(history, args.out)
+    print(f"wrote {len(history)} transactions ({int(history.is_fraud.sum())} fraud) to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from core.history import read_history
+    from core.simulate import simulate
+    from core.train import train
+
+    if args.data is not None:
+        history = read_history(args.data)
+        print(f"read {len(history)} transactions from {args.data}")
+    else:
+        print(f"no --data: simulating {args.days} days of {args.cards} cards (seed {args.seed})")
+        history = simulate(num_days=args.days, num_cards=args.cards, num_merchants=args.merchants, seed=args.seed,
+                           progress=True)
+    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
+    result = train(history, args.out, seed=args.seed, label_delay_ms=label_delay_ms)
+    print(f"model {result.model_version} written to {result.out_dir}")
+    for name, value in result.metrics.items():
+        print(f"  {name:22s} {value:.4f}")
+    print(f"  thresholds: review ≥ {result.thresholds['review']:.4f}, decline ≥ {result.thresholds['decline']:.4f}")
+    return 0
+
+
+def _world_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--days", type=int, default=30, help="simulated days (default 30)")
+    p.add_argument("--cards", type=int, default=5000, help="simulated cards (default 5000)")
+    p.add_argument("--merchants", type=int, default=800, help="simulated merchants (default 800)")
+    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fraudscore", description="Low-latency fraud scoring for card authorizations.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server (flags override FRAUDSCORE_* variables)")
+    s.add_argument("--model", type=Path, help="model directory (FRAUDSCORE_MODEL_DIR, default models/default)")
+    s.add_argument("--rules", type=Path, help="rules file (FRAUDSCORE_RULES_FILE, default: packaged rules)")
+    s.add_argument("--host", help="gRPC bind address (FRAUDSCORE_HOST, default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="gRPC port (FRAUDSCORE_PORT, default 50051)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port (FRAUDSCORE_METRICS_PORT, default 9464; 0 = off)")
+    s.add_argument("--state-dir", type=Path, help="state snapshot folder (FRAUDSCORE_STATE_DIR, default state)")
+    s.set_defaults(run=_serve)
+
+    m = sub.add_parser("simulate", help="write a simulated labelled history (CSV or Parquet)")
+    m.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
+    _world_args(m)
+    m.set_defaults(run=_simulate)
+
+    t = sub.add_parser("train", help="train a model directory from a history (or a simulated one)")
+    t.add_argument("--data", type=Path, help="labelled history, .csv or .parquet (default: simulate one)")
+    t.add_argument("--out", type=Path, required=True, help="model directory to write")
+    t.add_argument("--label-delay-hours", type=float,
+                   help="labels become visible this long after the transaction at the earliest")
+    _world_args(t)
+    t.set_defaults(run=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except FraudscoreError as exc:
+        print(f"fraudscore {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

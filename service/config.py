@@ -1,0 +1,117 @@
+"""Settings: one frozen object, read once at start-up from `FRAUDSCORE_*` environment
+variables, then from command-line flags (flags win). Nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FRAUDSCORE_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the server. Each field is `FRAUDSCORE_<NAME>` in the environment."""
+
+    host: str = "127.0.0.1"
+    """Address the gRPC port binds to. Use 0.0.0.0 in a container."""
+    port: int = 50051
+    """gRPC port (0 picks a free one, printed in the start-up log)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus /metrics HTTP endpoint."""
+    metrics_port: int = 9464
+    """Port of /metrics (0 disables the endpoint)."""
+    model_dir: Path | None = Path("models/default")
+    """Model directory (model.txt + manifest.json). Missing or unloadable: serve from the fallback rules."""
+    rules_file: Path | None = None
+    """Rules file (JSON). Unset: the packaged defaults (service/defaults/rules.json)."""
+    state_dir: Path | None = Path("state")
+    """Where entity state is snapshotted and restored. Unset: state lives in memory only."""
+    snapshot_interval_s: float = 300.0
+    """Seconds between periodic state snapshots (a final one is always taken at shutdown)."""
+    budget_ms: float = 50.0
+    """Service budget per request; a request's deadline is min(client deadline, budget)."""
+    max_batch: int = 64
+    """Most transactions scored in one pipeline call."""
+    max_wait_us: int = 0
+    """How long the first request of a batch may wait for company while the pipeline is idle.
+    0: never wait; requests that arrive while a batch runs are batched together anyway."""
+    max_queue: int = 2048
+    """Transactions waiting for the pipeline at most; past it new calls get RESOURCE_EXHAUSTED."""
+    max_batch_request: int = 1000
+    """Most transactions in one ScoreBatch call."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted."""
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM: seconds to finish in-flight calls before they are cancelled."""
+    idempotency_ttl_s: float = 24 * 3600.0
+    """How long a transaction_id's answer is kept for identical retries."""
+    idempotency_max_entries: int = 200_000
+    """Most remembered answers; the oldest go first beyond this."""
+    id_hash_key: str = field(default="fraudscore-default-key", repr=False)
+    """Secret for the keyed hash of identifiers in state. Set your own; changing it forgets all state."""
+    card_capacity: int = 1 << 18
+    """Cards tracked in state (power of two); least recently seen are evicted beyond it."""
+    entity_capacity: int = 1 << 17
+    """Merchants, customers, devices and IPs tracked, each (power of two)."""
+    log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR. Logs are JSON lines on stderr."""
+    fault_injection: str = ""
+    """Test hook: "model-raise" makes every model call raise, to exercise the fallback."""
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read `FRAUDSCORE_*` from `env` (default: os.environ), then apply non-None overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse impossible combinations with a message naming the setting."""
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: {rule} (got {getattr(self, name)!r})")
+        need(0 <= self.port <= 65535, "port", "must be 0..65535")
+        need(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
+        need(self.budget_ms > 0, "budget_ms", "must be > 0")
+        need(1 <= self.max_batch <= 65536, "max_batch", "must be 1..65536")
+        need(self.max_wait_us >= 0, "max_wait_us", "must be ≥ 0")
+        need(self.max_queue >= self.max_batch, "max_queue", "must be ≥ max_batch")
+        need(self.max_batch_request >= 1, "max_batch_request", "must be ≥ 1")
+        need(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be ≥ 0")
+        need(self.idempotency_max_entries >= 1, "idempotency_max_entries", "must be ≥ 1")
+        for name in ("card_capacity", "entity_capacity"):
+            v = getattr(self, name)
+            need(v >= 16 and v & (v - 1) == 0, name, "must be a power of two ≥ 16")
+        need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
+        need(self.fault_injection in ("", "model-raise"), "fault_injection", "must be empty or \"model-raise\"")
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+
+def _parse(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if "Path" in type_name:
+            return Path(raw) if raw else None
+        return raw
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected {type_name}, got {raw!r}") from None

@@ -1,0 +1,50 @@
+"""Service-side errors and the one table that maps every error to a gRPC status code.
+
+    FraudscoreError (core.errors)
+    ├── InvalidInputError ............ INVALID_ARGUMENT   (bad request; nothing changed)
+    ├── IdempotencyConflictError ..... FAILED_PRECONDITION (same id, different payload)
+    ├── OverloadedError .............. RESOURCE_EXHAUSTED (shed: queue full; retry with backoff)
+    ├── DeadlineExpiredError ......... DEADLINE_EXCEEDED  (deadline passed before any work)
+    ├── NotServingError .............. UNAVAILABLE        (starting or draining; retry elsewhere)
+    └── anything else ................ INTERNAL           (text never sent: it may hold identifiers)
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from core.errors import FraudscoreError, IdempotencyConflictError, InvalidInputError
+
+
+class OverloadedError(FraudscoreError):
+    def __init__(self, queued: int, limit: int) -> None:
+        self.queued = queued
+        self.limit = limit
+        super().__init__(f"server overloaded: {queued} transactions queued, limit {limit}; retry with backoff")
+
+
+class DeadlineExpiredError(FraudscoreError):
+    def __init__(self) -> None:
+        super().__init__("deadline passed before scoring started; nothing was scored or recorded")
+
+
+class NotServingError(FraudscoreError):
+    def __init__(self, why: str) -> None:
+        super().__init__(f"not serving: {why}; retry on another replica or later")
+
+
+_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IdempotencyConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (NotServingError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and the message safe to send to the caller."""
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"

@@ -1,0 +1,69 @@
+"""Prometheus metrics: names carry units, counters end in _total, label sets are bounded.
+
+One `Metrics` object per server, on its own registry (tests run several side by side).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from core.features import EntityState
+
+_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _StateCollector(Collector):
+    """Occupancy and evictions of entity state, read at scrape time (no cost on the hot path)."""
+
+    def __init__(self, state: Callable[[], EntityState | None]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        state = self._state()
+        entities = GaugeMetricFamily("fraudscore_state_entities", "Entities tracked in state", labels=["kind"])
+        capacity = GaugeMetricFamily("fraudscore_state_capacity", "Entity slots in state", labels=["kind"])
+        evictions = GaugeMetricFamily(
+            "fraudscore_state_evictions", "Entities evicted since start (least recently seen first)", labels=["kind"])
+        if state is not None:
+            for table in state.tables():
+                entities.add_metric([table.kind], table.occupancy())
+                capacity.add_metric([table.kind], table.capacity)
+                evictions.add_metric([table.kind], table.evictions)
+        yield entities
+        yield capacity
+        yield evictions
+
+
+class Metrics:
+    def __init__(self, state: Callable[[], EntityState | None] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("fraudscore_requests", "RPCs finished, by method and status code",
+                                ["method", "code"], registry=r)
+        self.request_duration = Histogram("fraudscore_request_duration_seconds", "RPC latency inside the server",
+                                          ["method"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("fraudscore_batch_size", "Transactions per pipeline call",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.pipeline_duration = Histogram("fraudscore_pipeline_duration_seconds", "Wall time of one pipeline call",
+                                           buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.decisions = Counter("fraudscore_decisions", "Decisions made, by decision and source",
+                                 ["decision", "source"], registry=r)
+        self.fallbacks = Counter("fraudscore_fallbacks", "Transactions answered by the fallback rules, by reason",
+                                 ["reason"], registry=r)
+        self.sheds = Counter("fraudscore_sheds", "Calls refused to protect latency, by reason", ["reason"], registry=r)
+        self.rule_hits = Counter("fraudscore_rule_hits", "Rule matches, by rule and mode", ["rule", "mode"], registry=r)
+        self.idempotent_replays = Counter("fraudscore_idempotent_replays",
+                                          "Calls answered from an earlier identical call", registry=r)
+        self.outcomes = Counter("fraudscore_outcomes", "Outcome reports recorded, by outcome", ["outcome"], registry=r)
+        self.model_info = Gauge("fraudscore_model_info", "Versions in use (value 1)",
+                                ["model_version", "ruleset_version", "feature_set_version"], registry=r)
+        self.model_loaded = Gauge("fraudscore_model_loaded", "1 when a model is loaded, 0 when serving fallback only",
+                                  registry=r)
+        self.queue_depth = Gauge("fraudscore_queue_depth", "Transactions waiting for the pipeline", registry=r)
+        if state is not None:
+            r.register(_StateCollector(state))

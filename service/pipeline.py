@@ -1,0 +1,157 @@
+"""The pipeline: one call into core/ per batch, on the single pipeline thread.
+
+That thread owns the feature engine and all entity state, and runs batches in arrival
+order. The model path is guarded: if it raises, the batch is answered by the fallback
+rules (degraded, source RULES_FALLBACK) and the next batch tries the model again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.encode import EncodedBatch, KeyHasher, encode_columns
+from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.rules import Decision
+from core.scoring import ScoredBatch, Scorer, Source, risk_score
+from service.batcher import Item
+from service.metrics import Metrics
+
+log = logging.getLogger("fraudscore.pipeline")
+
+_DECISION_NAMES = {int(d): d.name for d in Decision}
+_SOURCE_NAMES = {int(s): s.name for s in Source}
+_OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRMED_LEGITIMATE: 0.0}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the `model-raise` fault-injection hook."""
+
+
+def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> EncodedBatch:
+    """Columns of validated Transaction messages."""
+    n = len(txns)
+    return encode_columns(
+        hasher,
+        card_id=[t.card_id for t in txns],
+        customer_id=[t.customer_id for t in txns],
+        merchant_id=[t.merchant_id for t in txns],
+        device_id=[t.device_id for t in txns],
+        ip_address=[t.ip_address for t in txns],
+        amount_minor=np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=n),
+        currency=[t.currency for t in txns],
+        event_time_ms=np.fromiter((t.event_time_ms for t in txns), dtype=np.int64, count=n),
+        channel=np.fromiter((t.channel for t in txns), dtype=np.int64, count=n),
+        merchant_category=[t.merchant_category for t in txns],
+        country=[t.country for t in txns],
+        latitude=np.fromiter((t.latitude if t.HasField("latitude") else math.nan for t in txns), dtype=np.float64, count=n),
+        longitude=np.fromiter((t.longitude if t.HasField("longitude") else math.nan for t in txns), dtype=np.float64, count=n),
+    )
+
+
+class Pipeline:
+    """Everything the pipeline thread does. Not thread-safe by design: one thread calls it."""
+
+    def __init__(self, *, engine: FeatureEngine, scorer: Scorer, hasher: KeyHasher, metrics: Metrics,
+                 fault_injection: str = "", fallback_reason: str = "") -> None:
+        self.engine = engine
+        self.scorer = scorer
+        self.hasher = hasher
+        self.metrics = metrics
+        self.fault_injection = fault_injection
+        # Why the model path is unavailable before trying it (e.g. "no_model"); empty when it is loaded.
+        self.fallback_reason = fallback_reason
+
+    def _score(self, batch: EncodedBatch) -> tuple[ScoredBatch, str]:
+        features: np.ndarray | None = None
+        try:
+            features = self.engine.compute(batch)
+            if self.scorer.model is None:
+                return self.scorer.fallback(features, batch.amount), self.fallback_reason or "no_model"
+            if self.fault_injection == "model-raise":
+                raise InjectedFault("fault injection: model-raise")
+            return self.scorer.score(features, batch.amount), ""
+        except Exception as exc:
+            reason = "features_error" if features is None else "model_error"
+            log.error("model path failed; answering from fallback rules", extra={
+                "reason": reason, "error": exc.__class__.__name__, "batch_size": len(batch)})
+            return self.scorer.fallback(features, batch.amount), reason
+
+    def run(self, items: list[Item]) -> list[pb.ScoreResponse]:
+        """Score a batch; one ScoreResponse per item, in order. Never raises for a model failure."""
+        started = time.perf_counter_ns()
+        txns = [item.payload for item in items]
+        batch = encode_transactions(self.hasher, txns)
+        scored, fallback_reason = self._score(batch)
+        responses = self._responses(items, scored)
+        m = self.metrics
+        m.batch_size.observe(len(items))
+        m.pipeline_duration.observe((time.perf_counter_ns() - started) / 1e9)
+        if fallback_reason:
+            m.fallbacks.labels(fallback_reason).inc(len(items))
+        for rule, count in zip(scored.hits.rules, scored.hits.hits.sum(axis=0), strict=True):
+            if count:
+                m.rule_hits.labels(rule.name, "shadow" if rule.shadow else "enforce").inc(int(count))
+        return responses
+
+    def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
+        scores = risk_score(scored.fraud_probability)
+        out = []
+        decisions = self.metrics.decisions
+        for i, item in enumerate(items):
+            decision = int(scored.decision[i])
+            source = int(scored.source[i])
+            decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc()
+            out.append(pb.ScoreResponse(
+                transaction_id=item.payload.transaction_id,
+                fraud_probability=float(scored.fraud_probability[i]),
+                risk_score=int(scores[i]),
+                decision=decision,  # type: ignore[arg-type]
+                reasons=[pb.Reason(code=r.code, description=r.description, weight=r.weight)
+                         for r in scored.reasons[i]],
+                source=source,  # type: ignore[arg-type]
+                degraded=scored.degraded,
+                model_version=scored.model_version,
+                ruleset_version=scored.ruleset_version,
+                feature_set_version=FEATURE_SET_VERSION,
+                server_latency_us=min((time.perf_counter_ns() - item.received_ns) // 1000, 2**32 - 1),
+            ))
+        return out
+
+    def apply_outcome(self, req: pb.ReportOutcomeRequest) -> None:
+        """Feed one outcome report into state (fraud and chargebacks count; legitimate does not)."""
+        self.engine.apply_outcomes(
+            np.array([self.hasher.key(req.card_id)], dtype=np.uint64),
+            np.array([self.hasher.key(req.merchant_id)], dtype=np.uint64),
+            np.array([req.reported_time_ms], dtype=np.int64),
+            np.array([_OUTCOME_FRAUD_WEIGHT[req.outcome]], dtype=np.float64),
+        )
+        self.metrics.outcomes.labels(pb.Outcome.Name(req.outcome)).inc()
+
+    def snapshot_copy(self) -> EntityState:
+        """A copy of state, taken between batches, to be written to disk off this thread."""
+        s = self.engine.state
+        return EntityState(*(type(t)(t.kind, t.keys.copy(), t.last_seen_ms.copy(), t.values.copy(),
+                                     t.tags.copy(), t.counters.copy()) for t in s.tables()))
+
+
+def warm_up(scorer: Scorer, hasher: KeyHasher) -> None:
+    """Compile (or load from cache) every kernel on a throwaway state, so real state stays untouched."""
+    engine = FeatureEngine(EntityState.empty(card_capacity=16, merchant_capacity=16, customer_capacity=16,
+                                             device_capacity=16, ip_capacity=16))
+    txn = pb.Transaction(transaction_id="warm-up", card_id="warm-card", merchant_id="warm-merchant",
+                         amount_minor=1234, currency="USD", event_time_ms=1_767_225_600_000,
+                         channel=pb.ECOMMERCE, country="US", latitude=40.7, longitude=-74.0,
+                         device_id="warm-device", ip_address="192.0.2.1", customer_id="warm-customer",
+                         merchant_category="5411")
+    batch = encode_transactions(hasher, [txn, txn])
+    features = engine.compute(batch)
+    engine.apply_outcomes(batch.card_key, batch.merchant_key, batch.event_time_ms, np.ones(2))
+    scorer.fallback(features, batch.amount)
+    if scorer.model is not None:
+        scorer.score(features, batch.amount)

@@ -1,0 +1,118 @@
+"""Validation at the boundary: every field rule of the API, checked before any state is touched.
+
+Messages name the field and the rule, and never echo an identifier (a refused card_id
+might be a real card number).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.errors import InvalidInputError
+
+MAX_ID_CHARS = 128
+MAX_AMOUNT_MINOR = 10**15
+# 2000-01-01 .. 2100-01-01: a wider window is a unit error (seconds or microseconds sent as ms).
+MIN_EVENT_TIME_MS = 946_684_800_000
+MAX_EVENT_TIME_MS = 4_102_444_800_000
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_COUNTRY = re.compile(r"[A-Z]{2}")
+_MCC = re.compile(r"[0-9]{4}")
+_PAN_SEPARATORS = str.maketrans("", "", " -")
+_CHANNELS = frozenset(pb.Channel.values())
+_OUTCOMES = frozenset(v for v in pb.Outcome.values() if v != pb.OUTCOME_UNSPECIFIED)
+
+
+def luhn_ok(digits: str) -> bool:
+    """The Luhn checksum of a string of digits."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def looks_like_pan(value: str) -> bool:
+    """True for 13–19 digits (spaces and dashes ignored) passing the Luhn check."""
+    digits = value.translate(_PAN_SEPARATORS)
+    return 13 <= len(digits) <= 19 and digits.isdigit() and digits.isascii() and luhn_ok(digits)
+
+
+def _identifier(prefix: str, name: str, value: str, *, required: bool) -> None:
+    if not value:
+        if required:
+            raise InvalidInputError(f"{prefix}{name}", "required, must not be empty")
+        return
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidInputError(f"{prefix}{name}", f"at most {MAX_ID_CHARS} characters", got=f"{len(value)} characters")
+    if not value.isprintable():
+        raise InvalidInputError(f"{prefix}{name}", "printable characters only")
+
+
+def _card_id(prefix: str, value: str) -> None:
+    _identifier(prefix, "card_id", value, required=True)
+    if looks_like_pan(value):
+        raise InvalidInputError(
+            f"{prefix}card_id",
+            "must be a token or keyed hash, never a card number; a 13–19 digit value passing the Luhn "
+            "check was refused (value not logged) — tokenize the PAN upstream",
+        )
+
+
+def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.") -> None:
+    """Raise InvalidInputError for the first broken rule of `txn`."""
+    _identifier(prefix, "transaction_id", txn.transaction_id, required=True)
+    _card_id(prefix, txn.card_id)
+    _identifier(prefix, "merchant_id", txn.merchant_id, required=True)
+    _identifier(prefix, "customer_id", txn.customer_id, required=False)
+    _identifier(prefix, "device_id", txn.device_id, required=False)
+    if not 0 < txn.amount_minor <= MAX_AMOUNT_MINOR:
+        raise InvalidInputError(f"{prefix}amount_minor", f"required, > 0 and ≤ {MAX_AMOUNT_MINOR} minor units",
+                                got=str(txn.amount_minor))
+    if not _CURRENCY.fullmatch(txn.currency):
+        raise InvalidInputError(f"{prefix}currency", "required, an ISO 4217 code of three capital letters like \"USD\"",
+                                got=repr(txn.currency[:8]))
+    if not MIN_EVENT_TIME_MS <= txn.event_time_ms < MAX_EVENT_TIME_MS:
+        raise InvalidInputError(f"{prefix}event_time_ms", "required, Unix epoch milliseconds between 2000 and 2100",
+                                got=str(txn.event_time_ms))
+    if txn.channel not in _CHANNELS:
+        raise InvalidInputError(f"{prefix}channel", f"one of the Channel enum values {sorted(_CHANNELS)}",
+                                got=str(txn.channel))
+    if txn.country and not _COUNTRY.fullmatch(txn.country):
+        raise InvalidInputError(f"{prefix}country", "empty or ISO 3166-1 alpha-2 (two capital letters)",
+                                got=repr(txn.country[:8]))
+    if txn.merchant_category and not _MCC.fullmatch(txn.merchant_category):
+        raise InvalidInputError(f"{prefix}merchant_category", "empty or a 4-digit MCC like \"5411\"",
+                                got=repr(txn.merchant_category[:8]))
+    has_lat, has_lon = txn.HasField("latitude"), txn.HasField("longitude")
+    if has_lat != has_lon:
+        raise InvalidInputError(f"{prefix}latitude", "latitude and longitude come together or not at all")
+    if has_lat and not (math.isfinite(txn.latitude) and -90.0 <= txn.latitude <= 90.0):
+        raise InvalidInputError(f"{prefix}latitude", "a finite number in [-90, 90]")
+    if has_lon and not (math.isfinite(txn.longitude) and -180.0 <= txn.longitude <= 180.0):
+        raise InvalidInputError(f"{prefix}longitude", "a finite number in [-180, 180]")
+    if txn.ip_address:
+        try:
+            ipaddress.ip_address(txn.ip_address)
+        except ValueError:
+            raise InvalidInputError(f"{prefix}ip_address", "empty or an IPv4/IPv6 address") from None
+
+
+def validate_outcome(req: pb.ReportOutcomeRequest) -> None:
+    """Raise InvalidInputError for the first broken rule of an outcome report."""
+    _identifier("", "transaction_id", req.transaction_id, required=True)
+    _card_id("", req.card_id)
+    _identifier("", "merchant_id", req.merchant_id, required=True)
+    if req.outcome not in _OUTCOMES:
+        raise InvalidInputError("outcome", "CONFIRMED_FRAUD, CHARGEBACK or CONFIRMED_LEGITIMATE", got=str(req.outcome))
+    if not MIN_EVENT_TIME_MS <= req.reported_time_ms < MAX_EVENT_TIME_MS:
+        raise InvalidInputError("reported_time_ms", "required, Unix epoch milliseconds between 2000 and 2100",
+                                got=str(req.reported_time_ms))

@@ -1,0 +1,65 @@
+"""Builders shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.history import History
+from core.model import load_model_dir
+from core.replay import replay_features
+
+BASE_TIME_MS = 1_767_225_600_000
+_ips = itertools.count(1)
+
+
+def unique_ip() -> str:
+    """A documentation-range-free, never-repeated IPv4 string (data only; nothing connects to it)."""
+    i = next(_ips)
+    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def txn(**overrides: object) -> pb.Transaction:
+    """A valid transaction with fresh identifiers; override any field."""
+    fields: dict[str, object] = {
+        "transaction_id": uid("t"), "card_id": uid("card"), "customer_id": uid("cust"), "merchant_id": uid("m"),
+        "merchant_category": "5411", "amount_minor": 4_250, "currency": "USD", "event_time_ms": BASE_TIME_MS,
+        "channel": pb.ECOMMERCE, "country": "US", "latitude": 40.71, "longitude": -74.0,
+        "device_id": uid("dev"), "ip_address": unique_ip(),
+    }
+    fields.update(overrides)
+    return pb.Transaction(**fields)  # type: ignore[arg-type]
+
+
+def history_of(txns: Sequence[pb.Transaction]) -> History:
+    """The transactions as an offline history (unlabelled)."""
+    n = len(txns)
+    def strings(name: str) -> np.ndarray:
+        return np.array([getattr(t, name) for t in txns], dtype=object)
+    return History(
+        transaction_id=strings("transaction_id"), card_id=strings("card_id"), customer_id=strings("customer_id"),
+        merchant_id=strings("merchant_id"), merchant_category=strings("merchant_category"),
+        amount_minor=np.array([t.amount_minor for t in txns], dtype=np.int64), currency=strings("currency"),
+        event_time_ms=np.array([t.event_time_ms for t in txns], dtype=np.int64),
+        channel=np.array([t.channel for t in txns], dtype=np.int8), country=strings("country"),
+        latitude=np.array([t.latitude if t.HasField("latitude") else np.nan for t in txns]),
+        longitude=np.array([t.longitude if t.HasField("longitude") else np.nan for t in txns]),
+        device_id=strings("device_id"), ip_address=strings("ip_address"),
+        is_fraud=np.zeros(n, dtype=np.int8), fraud_reported_time_ms=np.full(n, -1, dtype=np.int64),
+    )
+
+
+def offline_probabilities(model_dir: Path, txns: Sequence[pb.Transaction]) -> np.ndarray:
+    """What the offline path (replay + forest) says for these transactions from empty state."""
+    model = load_model_dir(model_dir)
+    features = replay_features(history_of(txns))
+    return model.forest.predict(features)

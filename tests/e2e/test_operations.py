@@ -1,0 +1,194 @@
+"""Operations over real server processes: health, reflection, metrics, fallback, shutdown, restart."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from fraudscore.v1 import fraudscore_pb2 as pb
+from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServerProcess, start_server
+from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, txn, uid
+
+SERVICE = "fraudscore.v1.FraudScoring"
+
+
+def scrape(srv: ServerProcess) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples by name from a real HTTP scrape of /metrics, parsed by Prometheus' own parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items()))
+
+
+def test_health_reports_serving_for_the_server_and_the_service(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", SERVICE):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_generic_client_can_call_score_through_reflection(server: ServerProcess) -> None:
+    """What grpcurl does: discover the service, fetch descriptors, build the request dynamically."""
+    with grpc.insecure_channel(server.target) as ch:
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        (listing,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in listing.list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health"} <= names
+        (files,) = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]))
+        pool = descriptor_pool.DescriptorPool()
+        for raw in files.file_descriptor_response.file_descriptor_proto:
+            pool.Add(descriptor_pb2.FileDescriptorProto.FromString(raw))
+        request_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("fraudscore.v1.ScoreRequest"))
+        response_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("fraudscore.v1.ScoreResponse"))
+        request = request_cls()
+        request.transaction.transaction_id = uid("t")
+        request.transaction.card_id = uid("card")
+        request.transaction.merchant_id = uid("m")
+        request.transaction.amount_minor = 1999
+        request.transaction.currency = "EUR"
+        request.transaction.event_time_ms = BASE_TIME_MS
+        call = ch.unary_unary(f"/{SERVICE}/Score", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=response_cls.FromString)
+        response = call(request, timeout=5)
+        assert response.transaction_id == request.transaction.transaction_id
+        assert 0.0 <= response.fraud_probability <= 1.0
+
+
+def test_metrics_endpoint_exports_what_the_server_did(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.FraudScoringStub(ch)
+        for _ in range(3):
+            stub.Score(pb.ScoreRequest(transaction=txn()), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            stub.Score(pb.ScoreRequest(transaction=txn(currency="")), timeout=5)
+    s = scrape(server)
+    assert value(s, "fraudscore_requests_total", method="Score", code="OK") >= 3
+    assert value(s, "fraudscore_requests_total", method="Score", code="INVALID_ARGUMENT") >= 1
+    assert value(s, "fraudscore_request_duration_seconds_count", method="Score") >= 4
+    assert value(s, "fraudscore_batch_size_count") >= 1
+    assert value(s, "fraudscore_decisions_total", source="MODEL") >= 3
+    assert value(s, "fraudscore_model_loaded") == 1
+    (info,) = s["fraudscore_model_info"]
+    assert info[0]["model_version"].startswith("gbm-") and info[0]["feature_set_version"].startswith("fs-")
+    assert value(s, "fraudscore_state_entities", kind="card") >= 3
+    assert value(s, "fraudscore_state_capacity", kind="card") == 4096
+
+
+def _fallback_checks(srv: ServerProcess, reason: str) -> None:
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.FraudScoringStub(ch)
+        card = uid("card")
+        small = [txn(card_id=card, amount_minor=150, event_time_ms=BASE_TIME_MS + 1_000 * i) for i in range(7)]
+        answers = [stub.Score(pb.ScoreRequest(transaction=t), timeout=5) for t in small]
+    for r in answers:
+        assert r.degraded and r.source == pb.RULES_FALLBACK
+        assert r.model_version == ""
+        assert r.ruleset_version
+    # The fallback ruleset is a considered policy: a card-testing burst gets declined.
+    assert answers[0].decision == pb.APPROVE
+    assert answers[-1].decision == pb.DECLINE
+    assert any(x.code == "R_CARD_TESTING" for x in answers[-1].reasons)
+    assert value(scrape(srv), "fraudscore_fallbacks_total", reason=reason) >= len(small)
+
+
+def test_rules_fallback_answers_when_the_model_path_raises(tmp_path: Path, model_dir: Path) -> None:
+    srv = start_server(tmp_path, model_dir=model_dir, extra_env={"FRAUDSCORE_FAULT_INJECTION": "model-raise"})
+    try:
+        _fallback_checks(srv, "model_error")
+        assert "model path failed" in srv.log()
+    finally:
+        assert srv.stop() == 0
+
+
+def test_without_a_model_the_service_still_answers_from_rules(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, model_dir=None)
+    try:
+        _fallback_checks(srv, "no_model")
+        assert value(scrape(srv), "fraudscore_model_loaded") == 0
+    finally:
+        assert srv.stop() == 0
+
+
+def test_sigterm_drains_snapshots_state_and_a_restart_restores_it(tmp_path: Path, model_dir: Path) -> None:
+    state_dir = tmp_path / "state"
+    srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir)
+    card = uid("card")
+    a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
+    b = txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000)
+    results: list[grpc.StatusCode] = []
+
+    def load() -> None:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.FraudScoringStub(ch)
+            for _ in range(200):
+                try:
+                    stub.Score(pb.ScoreRequest(transaction=txn()), timeout=5)
+                    results.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    results.append(exc.code())
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        return
+
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=a), timeout=5)
+        worker = threading.Thread(target=load)
+        worker.start()
+        while len(results) < 20:
+            worker.join(0.01)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=30) == 0
+        worker.join(10)
+    finally:
+        srv.stop()
+    # In-flight calls finished; later ones were refused as UNAVAILABLE, never failed otherwise.
+    assert set(results) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    log = srv.log()
+    assert "draining" in log and "state snapshot written" in log and "stopped" in log
+    assert (state_dir / "state.npz").exists()
+
+    again = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir)
+    try:
+        assert "state restored" in again.log()
+        with grpc.insecure_channel(again.target) as ch:
+            p_b = pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=b), timeout=5).fraud_probability
+    finally:
+        assert again.stop() == 0
+    expected = offline_probabilities(model_dir, [a, b])[1]
+    as_if_new = offline_probabilities(model_dir, [b])[0]
+    assert expected != as_if_new
+    assert p_b == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_corrupt_snapshot_is_refused_and_the_server_starts_empty(tmp_path: Path, model_dir: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.npz").write_bytes(np.random.default_rng(1).bytes(4096))
+    srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir)
+    try:
+        assert "state snapshot refused" in srv.log()
+        with grpc.insecure_channel(srv.target) as ch:
+            r = pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=txn()), timeout=5)
+        assert r.source == pb.MODEL
+    finally:
+        assert srv.stop() == 0

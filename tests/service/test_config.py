@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings
+
+
+def test_defaults_are_valid_and_documented() -> None:
+    s = Settings.load(env={})
+    assert (s.host, s.port, s.metrics_port) == ("127.0.0.1", 50051, 9464)
+    source = Path("service/config.py").read_text()
+    for f in dataclasses.fields(Settings):
+        # Every setting has a docstring line right after its declaration.
+        decl = source.index(f"    {f.name}: ")
+        assert '"""' in source[decl:].splitlines()[1], f"{f.name} is undocumented"
+
+
+def test_environment_then_flags() -> None:
+    env = {"FRAUDSCORE_PORT": "6000", "FRAUDSCORE_MODEL_DIR": "/m", "FRAUDSCORE_BUDGET_MS": "20", "OTHER": "x"}
+    s = Settings.load(env=env)
+    assert (s.port, s.model_dir, s.budget_ms) == (6000, Path("/m"), 20.0)
+    assert Settings.load(env=env, port=7000, model_dir=None).port == 7000
+    assert Settings.load(env={"FRAUDSCORE_STATE_DIR": ""}).state_dir is None
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings.load(env={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"FRAUDSCORE_PORT": "eighty"}, "FRAUDSCORE_PORT: expected int"),
+    ({"FRAUDSCORE_PORT": "70000"}, "FRAUDSCORE_PORT: must be 0..65535"),
+    ({"FRAUDSCORE_CARD_CAPACITY": "1000"}, "power of two"),
+    ({"FRAUDSCORE_MAX_QUEUE": "1"}, "FRAUDSCORE_MAX_QUEUE"),
+    ({"FRAUDSCORE_FAULT_INJECTION": "explode"}, "FRAUDSCORE_FAULT_INJECTION"),
+])
+def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        Settings.load(env=env)
