@@ -7,7 +7,9 @@ checked here, because the kernels index without bounds checks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +21,7 @@ from core.forest.objective import Objective, UnsupportedObjective, parse_objecti
 
 SUPPORTED_VERSIONS = ("v3", "v4")
 _END_OF_TREES = "end of trees"
+_Scalar = TypeVar("_Scalar", bound=np.generic)
 _RESAVE = "re-save it with Booster.save_model"
 
 
@@ -54,13 +57,15 @@ class _Tree:
 
 def parse_model(text: str, *, source: str) -> ParsedModel:
     """Parse a LightGBM text model; raise ModelLoadError(source, reason) for anything unusable."""
+    if text.lstrip().partition("\n")[0].strip() != "tree":
+        raise ModelLoadError(source, f"not a LightGBM text model (the first line should be 'tree'); {_RESAVE}")
     header, blocks = _split_blocks(text, source)
-    if header.get("tree") != "":
-        raise ModelLoadError(source, f"not a LightGBM text model (first line should be 'tree'); {_RESAVE}")
     version = header.get("version")
     if version not in SUPPORTED_VERSIONS:
         raise ModelLoadError(
-            source, f"model format version={version} is not supported (expected one of {SUPPORTED_VERSIONS})"
+            source,
+            f"model format version={version} is not supported (expected one of {', '.join(SUPPORTED_VERSIONS)}); "
+            "load it with LightGBM >= 3 and re-save it",
         )
     num_class = _header_int(header, "num_class", source)
     per_iteration = _header_int(header, "num_tree_per_iteration", source, default=num_class)
@@ -244,7 +249,10 @@ def _flatten(trees: list[_Tree], source: str) -> ForestArrays:
     roots = np.where(node_offsets[1:] > node_offsets[:-1], node_offsets[:-1], ~leaf_offsets[:-1])
 
     def globalize(child: npt.NDArray[np.int64], tree: int) -> npt.NDArray[np.int64]:
-        return np.where(child >= 0, child + node_offsets[tree], ~(~child + leaf_offsets[tree]))
+        shifted: npt.NDArray[np.int64] = np.where(
+            child >= 0, child + node_offsets[tree], ~(~child + leaf_offsets[tree])
+        )
+        return shifted
 
     thresholds = []
     bounds = [np.zeros(1, dtype=np.int64)]
@@ -259,18 +267,20 @@ def _flatten(trees: list[_Tree], source: str) -> ForestArrays:
             num_sets += tree.cat_boundaries.shape[0] - 1
             words += tree.cat_threshold.shape[0]
 
-    def cat(parts: list[npt.NDArray[np.generic]], dtype: type[np.generic]) -> npt.NDArray[np.generic]:
-        return np.ascontiguousarray(np.concatenate(parts) if parts else np.empty(0), dtype=dtype)
-
     return ForestArrays(
-        tree_root=cat([roots], np.int32),
-        split_feature=cat([t.split_feature for t in trees], np.int32),
-        threshold=cat(thresholds, np.float64),
-        decision_type=cat([t.decision_type for t in trees], np.uint8),
-        left_child=cat([globalize(t.left_child, i) for i, t in enumerate(trees)], np.int32),
-        right_child=cat([globalize(t.right_child, i) for i, t in enumerate(trees)], np.int32),
-        internal_value=cat([t.internal_value for t in trees], np.float64),
-        leaf_value=cat([t.leaf_value for t in trees], np.float64),
-        cat_boundaries=cat(bounds, np.int32),
-        cat_threshold=cat([t.cat_threshold for t in trees], np.uint32),
+        tree_root=_join([roots], np.int32),
+        split_feature=_join([t.split_feature for t in trees], np.int32),
+        threshold=_join(thresholds, np.float64),
+        decision_type=_join([t.decision_type for t in trees], np.uint8),
+        left_child=_join([globalize(t.left_child, i) for i, t in enumerate(trees)], np.int32),
+        right_child=_join([globalize(t.right_child, i) for i, t in enumerate(trees)], np.int32),
+        internal_value=_join([t.internal_value for t in trees], np.float64),
+        leaf_value=_join([t.leaf_value for t in trees], np.float64),
+        cat_boundaries=_join(bounds, np.int32),
+        cat_threshold=_join([t.cat_threshold for t in trees], np.uint32),
     )
+
+
+def _join(parts: Sequence[npt.NDArray[Any]], dtype: type[_Scalar]) -> npt.NDArray[_Scalar]:
+    """Concatenate into one C-contiguous array of `dtype` (values were range-checked before)."""
+    return np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
