@@ -22,22 +22,22 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 
 proto: $(PROTO_OUT)
 
-$(MODEL_DIR)/manifest.json: | $(PROTO_OUT)
-	$(BIN)/fraudscore train --out $(MODEL_DIR)
+# Trains only when MODEL_DIR holds no model these kernels can serve (missing, or another feature set).
+model: $(PROTO_OUT)
+	$(BIN)/fraudscore train --out $(MODEL_DIR) --if-stale
 
-model: $(MODEL_DIR)/manifest.json
-
-serve: $(PROTO_OUT) $(MODEL_DIR)/manifest.json
+serve: model
 	$(BIN)/fraudscore serve --model $(MODEL_DIR)
 
-test: $(PROTO_OUT)
+# The whole suite: lint (ruff, mypy --strict), then every test.
+test: lint
 	$(BIN)/python -m pytest
 
 lint: $(PROTO_OUT)
 	$(BIN)/ruff check .
 	$(BIN)/mypy core service loadtest
 
-bench: $(PROTO_OUT) $(MODEL_DIR)/manifest.json
+bench: model
 	$(BIN)/fraudscore bench --model $(MODEL_DIR)
 
 clean:

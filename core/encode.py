@@ -23,6 +23,8 @@ _CURRENCY_EXPONENT: dict[str, int] = {
 }
 
 MISSING_KEY = np.uint64(0)
+# Identifier columns: a list from protobuf messages, or an object array from a history.
+Strings = Sequence[str] | np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,10 @@ class EncodedBatch:
     def __len__(self) -> int:
         return int(self.card_key.shape[0])
 
+    def slice(self, start: int, stop: int) -> EncodedBatch:
+        """Rows [start, stop) as views (no copy)."""
+        return EncodedBatch(**{name: getattr(self, name)[start:stop] for name in EncodedBatch.__slots__})
+
 
 class KeyHasher:
     """Keyed 64-bit hashes of identifiers; the empty string maps to 0 (unknown)."""
@@ -62,7 +68,7 @@ class KeyHasher:
         h = xxhash.xxh64_intdigest(value.encode(), seed=self._seed)
         return h or 1  # 0 is reserved for "unknown"
 
-    def keys(self, values: Sequence[str]) -> np.ndarray:
+    def keys(self, values: Strings) -> np.ndarray:
         """Keys of many identifiers as a uint64 array."""
         return np.fromiter((self.key(v) for v in values), dtype=np.uint64, count=len(values))
 
@@ -72,7 +78,7 @@ def currency_exponent(currency: str) -> int:
     return _CURRENCY_EXPONENT.get(currency, 2)
 
 
-def amount_major(amount_minor: np.ndarray, currency: Sequence[str]) -> np.ndarray:
+def amount_major(amount_minor: np.ndarray, currency: Strings) -> np.ndarray:
     """Amounts in major units, as float64."""
     scale = np.fromiter((10.0 ** -currency_exponent(c) for c in currency), dtype=np.float64, count=len(currency))
     return np.asarray(amount_minor, dtype=np.float64) * scale
@@ -87,24 +93,24 @@ def country_code(country: str) -> int:
     """An ISO 3166 alpha-2 code as an integer in 0..675, -1 when missing."""
     if len(country) != 2 or not country.isalpha():
         return -1
-    a, b = country.upper()
-    return (ord(a) - 65) * 26 + (ord(b) - 65)
+    upper = country.upper()
+    return (ord(upper[0]) - 65) * 26 + (ord(upper[1]) - 65)
 
 
 def encode_columns(
     hasher: KeyHasher,
     *,
-    card_id: Sequence[str],
-    customer_id: Sequence[str],
-    merchant_id: Sequence[str],
-    device_id: Sequence[str],
-    ip_address: Sequence[str],
+    card_id: Strings,
+    customer_id: Strings,
+    merchant_id: Strings,
+    device_id: Strings,
+    ip_address: Strings,
     amount_minor: np.ndarray,
-    currency: Sequence[str],
+    currency: Strings,
     event_time_ms: np.ndarray,
     channel: np.ndarray,
-    merchant_category: Sequence[str],
-    country: Sequence[str],
+    merchant_category: Strings,
+    country: Strings,
     latitude: np.ndarray,
     longitude: np.ndarray,
 ) -> EncodedBatch:

@@ -55,7 +55,11 @@ def threshold_at_fpr(y: np.ndarray, score: np.ndarray, fpr: float) -> float:
     legit = np.sort(score[y == 0])
     if legit.size == 0:
         return 0.5
-    allowed = int(np.floor(fpr * legit.size))
+    # The most legitimate rows that may be flagged: the largest k with k / n <= fpr, judged as
+    # recall_at_fpr judges it (floor(fpr * n) can fall one short: 0.29 * 100 == 28.999…).
+    allowed = int(np.count_nonzero(np.arange(1, legit.size + 1) / legit.size <= fpr))
+    if allowed == legit.size:
+        return float("-inf")  # every legitimate row may be flagged; without this the index below wraps
     # Flag strictly above the (allowed+1)-th highest legitimate score.
     kth = legit[legit.size - allowed - 1]
     return float(np.nextafter(kth, np.inf))

@@ -31,10 +31,6 @@ def encode_history(history: History, hasher: KeyHasher) -> EncodedBatch:
     )
 
 
-def _slice(batch: EncodedBatch, start: int, stop: int) -> EncodedBatch:
-    return EncodedBatch(**{name: getattr(batch, name)[start:stop] for name in EncodedBatch.__slots__})
-
-
 def label_visible_time_ms(history: History, *, label_delay_ms: int | None = None) -> np.ndarray:
     """When each fraud label becomes known (int64; -1 for no label).
 
@@ -89,7 +85,7 @@ def replay_features(
         stop = min(n, done + chunk)
         if applied < order.size:
             stop = min(stop, max(int(cut_at[applied]), done + 1))
-        out[done:stop] = engine.compute(_slice(batch, done, stop))
+        out[done:stop] = engine.compute(batch.slice(done, stop))
         if on_progress is not None:
             on_progress(stop - done)
         done = stop

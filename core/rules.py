@@ -82,7 +82,9 @@ class RuleHits:
         enforce = np.array([not r.shadow for r in self.rules], dtype=bool)
         def any_hit(action: Decision) -> np.ndarray:
             cols = enforce & np.array([r.action == action for r in self.rules], dtype=bool)
-            return self.hits[:, cols].any(axis=1) if cols.any() else np.zeros(out.shape[0], dtype=bool)
+            if not cols.any():
+                return np.zeros(out.shape[0], dtype=bool)
+            return np.asarray(self.hits[:, cols].any(axis=1), dtype=bool)
         out[any_hit(Decision.REVIEW) & (out == Decision.APPROVE)] = Decision.REVIEW
         out[any_hit(Decision.DECLINE)] = Decision.DECLINE
         out[any_hit(Decision.APPROVE)] = Decision.APPROVE
@@ -169,7 +171,7 @@ def _parse_rule(where: str, raw: Any, *, names: set[str]) -> Rule:
     return Rule(
         name=name,
         conditions=tuple(_parse_condition(f"{where}, condition {i}", c) for i, c in enumerate(when)),
-        action=Decision[action],
+        action=Decision[str(action)],
         reason_code=str(raw.get("reason_code") or name.upper()),
         description=str(raw.get("description") or name),
         priority=priority,
@@ -192,9 +194,16 @@ def parse_ruleset(data: bytes, *, source: str = "<bytes>") -> Ruleset:
         raw = orjson.loads(data)
         if not isinstance(raw, dict):
             raise ValueError("expected a JSON object with \"version\", \"rules\" and \"fallback\"")
+        # A misspelt key ("rule") would otherwise load as an empty ruleset and silently disable every rule.
+        unknown = set(raw) - {"version", "rules", "fallback"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; expected \"version\", \"rules\" and \"fallback\"")
         fallback = raw.get("fallback", {})
         if not isinstance(fallback, dict):
             raise ValueError("\"fallback\" must be an object with \"rules\" and \"default_probability\"")
+        unknown = set(fallback) - {"rules", "default_probability"}
+        if unknown:
+            raise ValueError(f"fallback: unknown keys {sorted(unknown)}; expected \"rules\" and \"default_probability\"")
         default_p = fallback.get("default_probability", 0.02)
         if isinstance(default_p, bool) or not isinstance(default_p, int | float) or not 0 <= default_p <= 1:
             raise ValueError(f"fallback.default_probability must be in [0, 1], got {default_p!r}")

@@ -52,7 +52,8 @@ class ScoredBatch:
 
 def risk_score(p: np.ndarray) -> np.ndarray:
     """fraud_probability on the API's 0..999 scale."""
-    return np.minimum(np.floor(np.nan_to_num(p, nan=0.0) * 1000.0), 999).astype(np.int32)
+    scores: np.ndarray = np.minimum(np.floor(np.nan_to_num(p, nan=0.0) * 1000.0), 999).astype(np.int32)
+    return scores
 
 
 def _rule_reasons(hits: RuleHits, i: int) -> list[Reason]:
@@ -104,9 +105,11 @@ class Scorer:
         hits = fb.evaluate(rule_columns(features, amount, n), n)
         decision = hits.decide(np.full(n, Decision.APPROVE, dtype=np.int8))
         probs = np.array([r.probability for r in fb.rules], dtype=np.float64)
+        enforce = np.array([not r.shadow for r in fb.rules], dtype=bool)
         p = np.full(n, self.ruleset.fallback_default_probability, dtype=np.float64)
         if probs.size:
-            p = np.maximum(p, np.where(hits.hits, probs, 0.0).max(axis=1))
+            # Shadow rules are counted only: they must not move the answered probability either.
+            p = np.maximum(p, np.where(hits.hits & enforce, probs, 0.0).max(axis=1))
         reasons = [tuple(_rule_reasons(hits, i)) for i in range(n)]
         source = np.full(n, Source.RULES_FALLBACK, dtype=np.int8)
         return ScoredBatch(p, decision, source, True, reasons, "", self.ruleset.version, hits)

@@ -100,7 +100,7 @@ def train(
             params, dtrain, num_boost_round=num_boost_round, valid_sets=[dvalid], valid_names=["valid"],
             callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False), lambda env: bar.update(1)],
         )
-    p_valid = booster.predict(X[valid_idx], num_iteration=booster.best_iteration)
+    p_valid = np.asarray(booster.predict(X[valid_idx], num_iteration=booster.best_iteration), dtype=np.float64)
     yv = y[valid_idx]
     metrics = {
         "roc_auc": roc_auc(yv, p_valid),
@@ -109,7 +109,7 @@ def train(
         "recall_at_fpr_1%": recall_at_fpr(yv, p_valid, 0.01),
         "valid_fraud_rate": float(yv.mean()),
     }
-    review = min(threshold_at_fpr(yv, p_valid, review_fpr), 1.0)
+    review = min(max(threshold_at_fpr(yv, p_valid, review_fpr), 0.0), 1.0)
     decline = min(max(threshold_at_fpr(yv, p_valid, decline_fpr), review), 1.0)
     thresholds = {"review": review, "decline": decline}
 

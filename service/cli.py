@@ -1,4 +1,4 @@
-"""`fraudscore` command line: serve, simulate, train.
+"""`fraudscore` command line: serve, warm, health, simulate, train, bench.
 
 Each `serve` flag is also a `FRAUDSCORE_*` environment variable (flags win).
 Training imports stay inside their commands so `serve` never loads training libraries.
@@ -37,6 +37,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    """Compile every kernel into Numba's on-disk cache (used at image build time)."""
+    from core.encode import KeyHasher
+    from core.scoring import Scorer
+    from service.app import load_model, load_rules
+    from service.config import Settings
+    from service.pipeline import warm_up
+
+    settings = Settings.load(model_dir=args.model)
+    model, _ = load_model(settings.model_dir)
+    warm_up(Scorer(model, load_rules(settings.rules_file)), KeyHasher())
+    print(f"kernels compiled and cached (model: {model.version if model else 'none'})")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the local server's health service says SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout).status
+        except grpc.RpcError as exc:
+            print(f"health: {exc.code().name}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from core.history import write_history
     from core.simulate import simulate
@@ -53,6 +84,16 @@ def _train(args: argparse.Namespace) -> int:
     from core.simulate import simulate
     from core.train import train
 
+    if args.if_stale:
+        from core.errors import ModelLoadError
+        from core.model import load_model_dir
+
+        try:
+            model = load_model_dir(args.out)
+            print(f"model {model.version} in {args.out} is current; not retraining")
+            return 0
+        except ModelLoadError as exc:
+            print(f"(re)training: {exc.reason}")
     if args.data is not None:
         history = read_history(args.data)
         print(f"read {len(history)} transactions from {args.data}")
@@ -67,6 +108,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  {name:22s} {value:.4f}")
     print(f"  thresholds: review ≥ {result.thresholds['review']:.4f}, decline ≥ {result.thresholds['decline']:.4f}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from service.bench import main as bench_main
+
+    return bench_main(args.model)
 
 
 def _world_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +136,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", type=Path, help="state snapshot folder (FRAUDSCORE_STATE_DIR, default state)")
     s.set_defaults(run=_serve)
 
+    w = sub.add_parser("warm", help="compile the Numba kernels into the on-disk cache and exit")
+    w.add_argument("--model", type=Path, help="model directory to warm with (default: FRAUDSCORE_MODEL_DIR)")
+    w.set_defaults(run=_warm)
+
+    h = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING")
+    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--port", type=int, default=50051)
+    h.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    h.set_defaults(run=_health)
+
     m = sub.add_parser("simulate", help="write a simulated labelled history (CSV or Parquet)")
     m.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
     _world_args(m)
@@ -99,8 +157,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="model directory to write")
     t.add_argument("--label-delay-hours", type=float,
                    help="labels become visible this long after the transaction at the earliest")
+    t.add_argument("--if-stale", action="store_true",
+                   help="only train when --out holds no model this build can serve (used by make serve)")
     _world_args(t)
     t.set_defaults(run=_train)
+    b = sub.add_parser("bench", help="time the features and the forest against LightGBM, as ratios")
+    b.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    b.set_defaults(run=_bench)
     return p
 
 

@@ -111,7 +111,7 @@ class Pipeline:
                 transaction_id=item.payload.transaction_id,
                 fraud_probability=float(scored.fraud_probability[i]),
                 risk_score=int(scores[i]),
-                decision=decision,  # type: ignore[arg-type]
+                decision=decision,  # type: ignore[arg-type]  # an int of the enum is valid at run time
                 reasons=[pb.Reason(code=r.code, description=r.description, weight=r.weight)
                          for r in scored.reasons[i]],
                 source=source,  # type: ignore[arg-type]

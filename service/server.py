@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -107,7 +108,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             app.batcher.submit(items)  # raises OverloadedError before anything is registered
             for txn_id, (fp, future) in fresh.items():
                 app.idempotency.register(txn_id, fp, future)
-                future.add_done_callback(lambda f, txn_id=txn_id: self._forget_failed(txn_id, f))
+                future.add_done_callback(functools.partial(self._forget_failed, txn_id))
         return futures
 
     def _forget_failed(self, txn_id: str, future: asyncio.Future[Any]) -> None:

@@ -31,7 +31,7 @@ class FeatureEngine:
         """Features of every transaction, as of its moment, in registry order: float64 (n, NUM_FEATURES)."""
         out = np.empty((len(batch), NUM_FEATURES), dtype=np.float64)
         s = self.state
-        kernels.compute_features(
+        kernels.compute_features(  # type: ignore[call-arg]
             batch.card_key, batch.customer_key, batch.merchant_key, batch.device_key, batch.ip_key,
             batch.amount, batch.event_time_ms, batch.channel, batch.merchant_category, batch.country,
             batch.latitude, batch.longitude,

@@ -268,8 +268,9 @@ def _counter_feature(k, ls, cnt, v, tg, key, t_ms, tau, card, out, i, col, switc
     if switch_col >= 0:
         out[i, switch_col] = _read_decayed(row, SMALL_SWITCHES, TAU_24H, ts, t)
         last = tg[j, DEVICE_LAST_CARD]
-        if last != 0 and last != card:
-            _add_decayed(row, SMALL_SWITCHES, TAU_24H, ts, t, 1.0)
+        switched = last != 0 and last != card
+        # Always add (0.0 without a switch): the counter is kept as of SMALL_T, which moves to t below.
+        _add_decayed(row, SMALL_SWITCHES, TAU_24H, ts, t, 1.0 if switched else 0.0)
         tg[j, DEVICE_LAST_CARD] = card
     if t > ts:
         row[SMALL_T] = t

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,25 +92,21 @@ class EntityState:
     def empty(cls, *, card_capacity: int = 1 << 20, merchant_capacity: int = 1 << 17,
               customer_capacity: int = 1 << 20, device_capacity: int = 1 << 20,
               ip_capacity: int = 1 << 20) -> EntityState:
-        return cls(
-            card=EntityTable.empty("card", card_capacity, CARD_VALUES, CARD_TAGS),
-            merchant=EntityTable.empty("merchant", merchant_capacity, MERCHANT_VALUES, 1),
-            customer=EntityTable.empty("customer", customer_capacity, SMALL_VALUES, SMALL_TAGS),
-            device=EntityTable.empty("device", device_capacity, SMALL_VALUES, SMALL_TAGS),
-            ip=EntityTable.empty("ip", ip_capacity, SMALL_VALUES, SMALL_TAGS),
-        )
+        capacities = {"card": card_capacity, "merchant": merchant_capacity, "customer": customer_capacity,
+                      "device": device_capacity, "ip": ip_capacity}
+        return cls(**{kind: EntityTable.empty(kind, capacities[kind], *_LAYOUT[kind]) for kind in _LAYOUT})
 
     def tables(self) -> tuple[EntityTable, ...]:
         return (self.card, self.merchant, self.customer, self.device, self.ip)
 
     def save(self, path: Path, *, feature_set_version: str) -> None:
         """Write a snapshot atomically (temporary file, fsync, rename)."""
-        arrays: dict[str, np.ndarray] = {
+        arrays: dict[str, Any] = {
             "format": np.array([SNAPSHOT_FORMAT]),
             "feature_set_version": np.array([feature_set_version]),
         }
         for t in self.tables():
-            for name in ("keys", "last_seen_ms", "values", "tags", "counters"):
+            for name in _TABLE_ARRAYS:
                 arrays[f"{t.kind}.{name}"] = getattr(t, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -127,19 +123,55 @@ class EntityState:
     @classmethod
     def load(cls, path: Path, *, feature_set_version: str) -> EntityState:
         """Read a snapshot; raises ValueError when it is corrupt or from other kernels."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if int(data["format"][0]) != SNAPSHOT_FORMAT:
-                    raise ValueError(f"snapshot format {int(data['format'][0])}, expected {SNAPSHOT_FORMAT}")
-                found = str(data["feature_set_version"][0])
-                if found != feature_set_version:
-                    raise ValueError(f"snapshot is for feature set {found}, these kernels are {feature_set_version}")
-                tables = {}
-                for kind in ("card", "merchant", "customer", "device", "ip"):
-                    tables[kind] = EntityTable(kind=kind, **{
-                        name: data[f"{kind}.{name}"].copy()
-                        for name in ("keys", "last_seen_ms", "values", "tags", "counters")
-                    })
-        except (OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"unreadable snapshot: {exc.__class__.__name__}: {exc}") from exc
-        return cls(**tables)
+        arrays = _read_snapshot(path)
+        found_format = arrays["format"].ravel().tolist()
+        if found_format != [SNAPSHOT_FORMAT]:
+            raise ValueError(f"snapshot format {', '.join(map(str, found_format))}, expected {SNAPSHOT_FORMAT}")
+        found = [str(v) for v in arrays["feature_set_version"].ravel().tolist()]
+        if found != [feature_set_version]:
+            raise ValueError(f"snapshot is for feature set {', '.join(found)}, these kernels are {feature_set_version}")
+        return cls(**{kind: _checked_table(kind, arrays) for kind in _LAYOUT})
+
+
+_LAYOUT = {  # kind: (values, tags) per entity, in EntityState field order
+    "card": (CARD_VALUES, CARD_TAGS), "merchant": (MERCHANT_VALUES, 1), "customer": (SMALL_VALUES, SMALL_TAGS),
+    "device": (SMALL_VALUES, SMALL_TAGS), "ip": (SMALL_VALUES, SMALL_TAGS),
+}
+_TABLE_ARRAYS = ("keys", "last_seen_ms", "values", "tags", "counters")
+_SNAPSHOT_ARRAYS = ("format", "feature_set_version", *(f"{k}.{a}" for k in _LAYOUT for a in _TABLE_ARRAYS))
+
+
+def _read_snapshot(path: Path) -> dict[str, np.ndarray]:
+    try:
+        # Our own file object: np.load leaks the one it opens when the zip turns out broken.
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                # Checked here: for other bytes numpy would try pickle and suggest allow_pickle.
+                raise ValueError("not an .npz archive")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as data:
+                return {name: data[name] for name in _SNAPSHOT_ARRAYS}
+    except Exception as exc:
+        # Damaged bytes fail in many ways inside zipfile and numpy (BadZipFile, KeyError,
+        # EOFError, NotImplementedError for a garbled compression field, zlib errors, a
+        # MemoryError for a garbled shape); all mean one thing, and callers catch ValueError.
+        raise ValueError(f"unreadable snapshot: {exc.__class__.__name__}: {exc}") from exc
+
+
+def _checked_table(kind: str, arrays: dict[str, np.ndarray]) -> EntityTable:
+    # The kernels index without bounds checks, so a table of the wrong shape or dtype must
+    # never reach them (the zip checksums catch damaged bytes, not a badly written file).
+    num_values, num_tags = _LAYOUT[kind]
+    keys = arrays[f"{kind}.keys"]
+    capacity = int(keys.shape[0]) if keys.ndim == 1 else -1
+    expected = {"keys": (np.uint64, (capacity,)), "last_seen_ms": (np.int64, (capacity,)),
+                "values": (np.float64, (capacity, num_values)), "tags": (np.uint64, (capacity, num_tags)),
+                "counters": (np.int64, (2,))}
+    for name, (dtype, shape) in expected.items():
+        a = arrays[f"{kind}.{name}"]
+        if a.dtype != np.dtype(dtype) or a.shape != shape:
+            raise ValueError(f"snapshot {kind}.{name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} {shape}")
+    if capacity < MAX_PROBE or capacity & (capacity - 1):
+        raise ValueError(f"snapshot {kind} capacity {capacity} is not a power of two ≥ {MAX_PROBE}")
+    return EntityTable(kind=kind, **{name: arrays[f"{kind}.{name}"].copy()  # a C-ordered copy
+                                     for name in _TABLE_ARRAYS})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import grpc
@@ -205,3 +206,13 @@ def test_report_outcome_validation(stub) -> None:
                                                    reported_time_ms=BASE_TIME_MS), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "outcome" in err.value.details()
+
+
+def test_the_server_log_holds_no_identifier(stub, server: ServerProcess) -> None:
+    # Runs after the tests above in this module: plenty of identifiers, refusals and a PAN went by.
+    score(stub, txn())
+    log = server.log()
+    assert '"msg":"serving"' in log
+    for marker in ("card-", "cust-", "dev-", "4111"):
+        assert marker not in log
+    assert not re.search(r"\b10\.\d+\.\d+\.\d+\b", log)

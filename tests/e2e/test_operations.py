@@ -161,8 +161,10 @@ def test_sigterm_drains_snapshots_state_and_a_restart_restores_it(tmp_path: Path
         worker.join(10)
     finally:
         srv.stop()
-    # In-flight calls finished; later ones were refused as UNAVAILABLE, never failed otherwise.
-    assert set(results) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    # Calls finished or were refused as the server closed: UNAVAILABLE from our handler, or
+    # CANCELLED from grpc itself for a call that raced the listener's close. Nothing else.
+    assert results.count(grpc.StatusCode.OK) >= 20
+    assert set(results) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     log = srv.log()
     assert "draining" in log and "state snapshot written" in log and "stopped" in log
     assert (state_dir / "state.npz").exists()

@@ -1,0 +1,204 @@
+"""core.train and core.model: what training writes, exact serving of it, and refusing unusable models."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import orjson
+import pytest
+
+from core.errors import ModelLoadError
+from core.evaluation import roc_auc
+from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURE_SET_VERSION
+from core.history import History
+from core.model import MANIFEST_FILE, MODEL_FILE, load_model_dir
+from core.replay import replay_features
+from core.simulate import simulate
+from core.train import train
+
+MANIFEST_KEYS = {
+    "model_version", "feature_set_version", "feature_names", "categorical_features", "objective", "thresholds",
+    "threshold_policy", "training", "metrics", "versions", "created_at",
+}
+
+
+@pytest.fixture(scope="module")
+def replayed(small_history: History) -> np.ndarray:
+    return replay_features(small_history)
+
+
+def manifest_of(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((path / MANIFEST_FILE).read_bytes())
+    return data
+
+
+def validation_rows(history: History, valid_fraction: float = 0.2) -> np.ndarray:
+    """The validation period exactly as `train` cuts it: the last `valid_fraction` of the time span."""
+    t = history.event_time_ms
+    return t >= int(t[0] + (1.0 - valid_fraction) * (t[-1] - t[0]))
+
+
+def test_the_model_directory_holds_the_model_and_its_manifest(model_dir: Path, small_history: History) -> None:
+    assert (model_dir / MODEL_FILE).is_file()
+    manifest = manifest_of(model_dir)
+    assert set(manifest) == MANIFEST_KEYS
+    assert manifest["feature_set_version"] == FEATURE_SET_VERSION
+    assert manifest["feature_names"] == list(FEATURE_NAMES)
+    assert manifest["categorical_features"] == list(CATEGORICAL_FEATURES)
+    assert manifest["objective"] == "binary"
+    assert set(manifest["thresholds"]) == {"review", "decline"}
+    assert manifest["threshold_policy"] == {"review_fpr": 0.01, "decline_fpr": 0.001}
+    assert set(manifest["metrics"]) >= {"roc_auc", "average_precision", "recall_at_fpr_1%", "recall_at_fpr_0.1%"}
+    training = manifest["training"]
+    valid = validation_rows(small_history)
+    assert training["rows"] + training["validation_rows"] == len(small_history)
+    assert training["validation_rows"] == int(valid.sum())
+    assert training["best_iteration"] >= 1
+    model = load_model_dir(model_dir)
+    assert model.version == manifest["model_version"]
+    assert model.manifest == manifest
+    assert model.forest.feature_names == FEATURE_NAMES
+    assert model.forest.num_trees == training["best_iteration"]
+
+
+def test_the_numba_forest_matches_lightgbm_on_replayed_features(model_dir: Path, replayed: np.ndarray) -> None:
+    forest = load_model_dir(model_dir).forest
+    booster = lgb.Booster(model_file=str(model_dir / MODEL_FILE))
+    assert np.isnan(replayed).any()  # missing values take LightGBM's default directions too
+    expected = booster.predict(replayed, num_threads=1)
+    np.testing.assert_allclose(forest.predict(replayed), expected, rtol=0, atol=1e-9)
+
+
+def test_thresholds_are_ordered_and_hold_their_false_positive_rates(
+    model_dir: Path, small_history: History, replayed: np.ndarray
+) -> None:
+    manifest = manifest_of(model_dir)
+    review, decline = manifest["thresholds"]["review"], manifest["thresholds"]["decline"]
+    assert 0.0 <= review <= decline <= 1.0
+    valid = validation_rows(small_history)
+    booster = lgb.Booster(model_file=str(model_dir / MODEL_FILE))
+    p = booster.predict(replayed[valid], num_threads=1)
+    y = small_history.is_fraud[valid]
+    legit = p[y == 0]
+    assert np.sum(legit >= review) <= np.floor(0.01 * legit.size)
+    assert np.sum(legit >= decline) <= np.floor(0.001 * legit.size)
+    # Lowest such thresholds: one float lower, review would flag more than 1% of legitimate rows
+    # (unless it was clamped at zero).
+    if review > 0.0:
+        assert np.sum(legit >= np.nextafter(review, -np.inf)) > 0.01 * legit.size
+    # The metrics in the manifest are the validation period's.
+    assert manifest["metrics"]["roc_auc"] == pytest.approx(roc_auc(y, p), abs=1e-9)
+    assert manifest["metrics"]["valid_fraud_rate"] == pytest.approx(float(y.mean()))
+
+
+def test_training_twice_with_the_same_seed_gives_the_same_model(tmp_path: Path) -> None:
+    tiny = simulate(num_days=3, num_cards=150, num_merchants=68, seed=5, fraud_scale=5.0)  # ~700 rows
+    first = train(tiny, tmp_path / "a", num_boost_round=10, early_stopping_rounds=5, progress=False)
+    second = train(tiny, tmp_path / "b", num_boost_round=10, early_stopping_rounds=5, progress=False)
+    assert first.metrics["roc_auc"] == first.metrics["roc_auc"]  # not NaN: both periods hold fraud
+    assert (tmp_path / "a" / MODEL_FILE).read_bytes() == (tmp_path / "b" / MODEL_FILE).read_bytes()
+    assert first.model_version == second.model_version
+    assert first.thresholds == second.thresholds
+    a, b = manifest_of(tmp_path / "a"), manifest_of(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k != "created_at"} == {k: v for k, v in b.items() if k != "created_at"}
+
+
+def test_training_refuses_a_history_too_small_to_learn_from() -> None:
+    tiny = simulate(num_days=1, num_cards=10, num_merchants=68, seed=1)
+    with pytest.raises(ValueError, match="at least 100 transactions"):
+        train(tiny.slice(0, 50), Path("unused"), progress=False)
+
+
+# --- load_model_dir refusals ----------------------------------------------------------------------
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest[key] = value
+    return edit
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    def edit(manifest: dict[str, Any]) -> None:
+        del manifest[key]
+    return edit
+
+
+def _reversed_names(manifest: dict[str, Any]) -> None:
+    manifest["feature_names"] = manifest["feature_names"][::-1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        pytest.param(_set("feature_set_version", "fs-000000000000"), "retrain", id="wrong feature set version"),
+        pytest.param(_drop("feature_set_version"), "retrain", id="no feature set version"),
+        pytest.param(_reversed_names, "feature_names differ", id="feature names in another order"),
+        pytest.param(_set("feature_names", list(FEATURE_NAMES[:-1])), "feature_names differ",
+                     id="a feature missing"),
+        pytest.param(_set("thresholds", {"review": 0.8, "decline": 0.3}), "review ≤ decline",
+                     id="review above decline"),
+        pytest.param(_set("thresholds", {"review": -0.1, "decline": 0.3}), "0 ≤ review", id="negative review"),
+        pytest.param(_set("thresholds", {"review": 0.1, "decline": 1.5}), "decline ≤ 1", id="decline above 1"),
+        pytest.param(_set("thresholds", {"review": 0.1}), "expected thresholds", id="no decline"),
+        pytest.param(_set("thresholds", {"review": "low", "decline": 0.5}), "expected thresholds",
+                     id="review not a number"),
+        pytest.param(_set("thresholds", None), "expected thresholds", id="thresholds null"),
+        pytest.param(_drop("thresholds"), "expected thresholds", id="no thresholds"),
+    ],
+)
+def test_load_model_dir_refuses_a_bad_manifest(
+    model_dir: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None], problem: str
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    manifest = manifest_of(copy)
+    edit(manifest)
+    (copy / MANIFEST_FILE).write_bytes(orjson.dumps(manifest))
+    with pytest.raises(ModelLoadError) as info:
+        load_model_dir(copy)
+    assert problem in info.value.reason
+    assert str(copy) in info.value.path
+
+
+def test_the_feature_set_refusal_says_what_was_found_and_what_to_do(model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    manifest = manifest_of(copy)
+    manifest["feature_set_version"] = "fs-old"
+    (copy / MANIFEST_FILE).write_bytes(orjson.dumps(manifest))
+    with pytest.raises(ModelLoadError) as info:
+        load_model_dir(copy)
+    assert "'fs-old'" in info.value.reason and FEATURE_SET_VERSION in info.value.reason
+    assert "fraudscore train" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        pytest.param(lambda d: (d / MANIFEST_FILE).unlink(), "fraudscore train --out", id="no manifest"),
+        pytest.param(lambda d: (d / MANIFEST_FILE).write_text("{not json"), "not valid JSON", id="manifest not JSON"),
+        pytest.param(lambda d: (d / MANIFEST_FILE).write_text("[1, 2]"), "expected a JSON object",
+                     id="manifest not an object"),
+        pytest.param(lambda d: (d / MODEL_FILE).unlink(), "cannot read", id="no model file"),
+    ],
+)
+def test_load_model_dir_refuses_a_damaged_directory(
+    model_dir: Path, tmp_path: Path, damage: Callable[[Path], None], problem: str
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    damage(copy)
+    with pytest.raises(ModelLoadError) as info:
+        load_model_dir(copy)
+    assert problem in info.value.reason
+
+
+def test_the_untouched_copy_loads(model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    assert load_model_dir(copy).version == load_model_dir(model_dir).version
