@@ -93,7 +93,8 @@ def train(
         "verbose": -1,
     }
     dtrain = lgb.Dataset(X[train_idx], y[train_idx], feature_name=list(FEATURE_NAMES),
-                         categorical_feature=list(CATEGORICAL_FEATURES), free_raw_data=False)
+                         categorical_feature=list(CATEGORICAL_FEATURES), free_raw_data=False,
+                         params={"verbose": -1})
     dvalid = lgb.Dataset(X[valid_idx], y[valid_idx], reference=dtrain)
     with tqdm(total=num_boost_round, desc="boosting", unit="tree", disable=not progress) as bar:
         booster = lgb.train(

@@ -127,6 +127,7 @@ class App:
         self._batcher = MicroBatcher(self.pipeline.run, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
                                      max_queue=s.max_queue)
         self._batcher.start()
+        self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
         if s.metrics_port:
             self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.metrics_host,
                                                         registry=self.metrics.registry)

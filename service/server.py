@@ -30,7 +30,7 @@ from core.errors import FraudscoreError, IdempotencyConflictError, InvalidInputE
 from service.app import App
 from service.batcher import Item
 from service.config import Settings
-from service.errors import DeadlineExpiredError, NotServingError, status_of
+from service.errors import DeadlineExpiredError, NotServingError, OverloadedError, status_of
 from service.validation import validate_outcome, validate_transaction
 
 log = logging.getLogger("fraudscore.server")
@@ -105,7 +105,11 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 app.metrics.idempotent_replays.inc()
             futures.append(future)
         if items:
-            app.batcher.submit(items)  # raises OverloadedError before anything is registered
+            try:
+                app.batcher.submit(items)  # refuses whole, before anything is registered
+            except OverloadedError:
+                app.metrics.sheds.labels("queue_full").inc(len(items))
+                raise
             for txn_id, (fp, future) in fresh.items():
                 app.idempotency.register(txn_id, fp, future)
                 future.add_done_callback(functools.partial(self._forget_failed, txn_id))

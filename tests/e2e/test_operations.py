@@ -194,3 +194,36 @@ def test_a_corrupt_snapshot_is_refused_and_the_server_starts_empty(tmp_path: Pat
         assert r.source == pb.MODEL
     finally:
         assert srv.stop() == 0
+
+
+def test_a_burst_beyond_the_queue_bound_is_shed_and_counted(tmp_path: Path, model_dir: Path) -> None:
+    srv = start_server(tmp_path, model_dir=model_dir,
+                       extra_env={"FRAUDSCORE_MAX_BATCH": "2", "FRAUDSCORE_MAX_QUEUE": "4"})
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.FraudScoringStub(ch)
+            too_big = [txn() for _ in range(10)]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ScoreBatch(pb.ScoreBatchRequest(transactions=too_big), timeout=5)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "retry with backoff" in err.value.details()
+            # Refused whole and recorded nothing: the same transactions are scored later, as new.
+            assert value(scrape(srv), "fraudscore_sheds_total", reason="queue_full") == 10
+            first = stub.ScoreBatch(pb.ScoreBatchRequest(transactions=too_big[:4]), timeout=5).results
+            assert [r.transaction_id for r in first] == [t.transaction_id for t in too_big[:4]]
+            # A burst of concurrent calls: each one is answered or shed, nothing else.
+            calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=10) for _ in range(300)]
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert grpc.StatusCode.OK in codes
+        shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert value(scrape(srv), "fraudscore_sheds_total", reason="queue_full") == 10 + shed
+        assert value(scrape(srv), "fraudscore_requests_total", method="Score", code="RESOURCE_EXHAUSTED") == shed
+    finally:
+        assert srv.stop() == 0
