@@ -31,6 +31,7 @@ from service.app import App
 from service.batcher import Item
 from service.config import Settings
 from service.errors import DeadlineExpiredError, NotServingError, OverloadedError, status_of
+from service.metrics import Metrics
 from service.validation import validate_outcome, validate_transaction
 
 log = logging.getLogger("fraudscore.server")
@@ -42,30 +43,35 @@ def _fingerprint(txn: pb.Transaction) -> int:
     return xxhash.xxh64_intdigest(txn.SerializeToString(deterministic=True))
 
 
+@contextlib.asynccontextmanager
+async def _observed(metrics: Metrics, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """The one place errors become status codes; counts every call by method and code."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except FraudscoreError as exc:
+        code, message = status_of(exc)
+        await context.abort(code, message)
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as exc:
+        log.exception("unexpected error in %s", method)
+        code, message = status_of(exc)
+        await context.abort(code, message)
+    finally:
+        metrics.requests.labels(method, code.name).inc()
+        metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+
+
 def _unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
-    """Map domain errors to status codes in one place, and count every call by method and code."""
     def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @wraps(fn)
         async def handler(self: FraudScoringService, request: Any, context: grpc.aio.ServicerContext) -> R:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
+            async with _observed(self.app.metrics, method, context):
                 return await fn(self, request, context)
-            except FraudscoreError as exc:
-                code, message = status_of(exc)
-                await context.abort(code, message)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                log.exception("unexpected error in %s", method)
-                code, message = status_of(exc)
-                await context.abort(code, message)
-            finally:
-                m = self.app.metrics
-                m.requests.labels(method, code.name).inc()
-                m.request_duration.labels(method).observe(time.perf_counter() - started)
-            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+            raise AssertionError("unreachable: errors end in context.abort, which raises")
         return handler
     return decorate
 
@@ -144,10 +150,8 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
         """Responses in request order; a bad message ends the stream with its status and index."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
         index = 0
-        try:
+        async with _observed(self.app.metrics, "ScoreStream", context):
             async for request in request_iterator:
                 if not request.HasField("transaction"):
                     raise InvalidInputError(f"stream[{index}].transaction", "required")
@@ -155,16 +159,6 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 (future,) = self._submit([request.transaction], context)
                 yield await asyncio.shield(future)
                 index += 1
-        except FraudscoreError as exc:
-            code, message = status_of(exc)
-            await context.abort(code, message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            m = self.app.metrics
-            m.requests.labels("ScoreStream", code.name).inc()
-            m.request_duration.labels("ScoreStream").observe(time.perf_counter() - started)
 
     @_unary("ReportOutcome")
     async def ReportOutcome(self, request: pb.ReportOutcomeRequest,
