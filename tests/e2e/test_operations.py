@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import urllib.request
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import REPO, ServerProcess, start_server
 from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, txn, uid
 
 SERVICE = "fraudscore.v1.FraudScoring"
@@ -227,3 +228,17 @@ def test_a_burst_beyond_the_queue_bound_is_shed_and_counted(tmp_path: Path, mode
         assert value(scrape(srv), "fraudscore_requests_total", method="Score", code="RESOURCE_EXHAUSTED") == shed
     finally:
         assert srv.stop() == 0
+
+
+def test_alert_rules_refer_only_to_exported_metrics(server: ServerProcess) -> None:
+    import yaml
+
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yaml").read_text())
+    exprs = [r["expr"] for group in rules["groups"] for r in group["rules"]]
+    assert len(exprs) >= 5
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as resp:
+        families = {f.name for f in text_string_to_metric_families(resp.read().decode())}
+    used = {name for e in exprs for name in re.findall(r"\bfraudscore_[a-z0-9_]+", e)}
+    for name in used:
+        family = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert family in families, f"{name} is not exported"
