@@ -11,11 +11,9 @@ from enum import IntEnum
 
 import numpy as np
 
-from core.features import FEATURE_NAMES, FEATURES
 from core.model import LoadedModel
+from core.reasons import top_reasons
 from core.rules import Decision, RuleHits, Ruleset, rule_columns
-
-_DESCRIPTIONS = tuple(f.description for f in FEATURES)
 
 
 class Source(IntEnum):
@@ -78,7 +76,6 @@ class Scorer:
         n = features.shape[0]
         forest = self.model.forest
         p = forest.predict(features)
-        attributions = forest.path_attributions(features)[:, :-1]
         t = self.model.thresholds
         base = np.full(n, Decision.APPROVE, dtype=np.int8)
         base[p >= t.review] = Decision.REVIEW
@@ -86,17 +83,16 @@ class Scorer:
         hits = self.ruleset.rules.evaluate(rule_columns(features, amount, n, p), n)
         decision = hits.decide(base)
         source = np.where(decision != base, Source.RULES, Source.MODEL).astype(np.int8)
-        k = min(self.top_reasons, attributions.shape[1])
-        top = np.argsort(-attributions, axis=1, kind="stable")[:, :k]
-        reasons: list[tuple[Reason, ...]] = []
-        for i in range(n):
-            found = _rule_reasons(hits, i)
-            for j in top[i]:
-                w = float(attributions[i, j])
-                if w > 0.0:
-                    found.append(Reason(f"feature:{FEATURE_NAMES[j]}", _DESCRIPTIONS[j], w))
-            reasons.append(tuple(found))
-        return ScoredBatch(p, decision, source, False, reasons, self.model.version, self.ruleset.version, hits)
+        reasons = [_rule_reasons(hits, i) for i in range(n)]
+        # Model reasons only where the answer is not APPROVE: attributions cost more than a
+        # prediction, and an approval needs no explanation.
+        explain = np.flatnonzero(decision != Decision.APPROVE)
+        if explain.size and self.top_reasons > 0:
+            attributions = forest.path_attributions(features[explain])[:, :-1]
+            for i, top in zip(explain, top_reasons(attributions, self.top_reasons), strict=True):
+                reasons[i].extend(Reason(code.code, code.description, w) for code, w in top)
+        return ScoredBatch(p, decision, source, False, [tuple(r) for r in reasons], self.model.version,
+                           self.ruleset.version, hits)
 
     def fallback(self, features: np.ndarray | None, amount: np.ndarray) -> ScoredBatch:
         """The fallback ruleset alone; features may be None when they could not be computed."""

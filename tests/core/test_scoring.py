@@ -15,12 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.features import FEATURE_NAMES
+from core.reasons import REASON_CODES, REASON_OF_FEATURE
 from core.history import History
 from core.model import LoadedModel, Thresholds, load_model_dir
 from core.replay import replay_features
 from core.rules import Decision, Ruleset, parse_ruleset
 from core.scoring import Scorer, Source, risk_score
 
+MODEL_CODES = {r.code for r in REASON_CODES}
 FEW = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 ROWS = 3000
 
@@ -130,7 +132,7 @@ def test_an_allowlist_approves_and_a_rule_may_read_the_probability(
     np.testing.assert_array_equal(out.decision, expected)
     np.testing.assert_array_equal(out.source, np.where(expected != base, Source.RULES, Source.MODEL))
     for i in range(ROWS):
-        codes = [r.code for r in out.reasons[i] if not r.code.startswith("feature:")]
+        codes = [r.code for r in out.reasons[i] if r.code not in MODEL_CODES]
         assert codes == [c for c, hit in (("R_VIP", vip[i]), ("R_RISKY", risky[i])) if hit]
 
 
@@ -145,33 +147,36 @@ def test_shadow_rules_give_no_reason_and_no_decision(
     assert out.hits.hits[:, 0].all()  # counted for metrics
 
 
-def test_reasons_are_the_top_positive_feature_attributions(
+def test_reasons_are_the_top_positive_reason_codes_of_non_approvals(
     model: LoadedModel, features: np.ndarray, amount: np.ndarray
 ) -> None:
     out = Scorer(model, ruleset()).score(features, amount)
     attributions = model.forest.path_attributions(features)[:, :-1]
-    index = {name: j for j, name in enumerate(FEATURE_NAMES)}
+    # Plain reference: add up each reason code's features, keep the positive ones, largest first.
     lengths = set()
+    explained = 0
     for i, reasons in enumerate(out.reasons):
-        assert len(reasons) <= 3
-        positive = np.sort(attributions[i][attributions[i] > 0])[::-1]
-        assert len(reasons) == min(3, positive.size)
+        if out.decision[i] == Decision.APPROVE:
+            assert reasons == ()
+            continue
+        explained += 1
+        totals: dict[str, float] = {}
+        for j, name in enumerate(FEATURE_NAMES):
+            code = REASON_OF_FEATURE[name].code
+            totals[code] = totals.get(code, 0.0) + attributions[i, j]
+        positive = sorted((w for w in totals.values() if w > 0), reverse=True)
+        assert len(reasons) == min(3, len(positive))
         lengths.add(len(reasons))
         weights = [r.weight for r in reasons]
-        assert all(w > 0 for w in weights)
-        assert weights == sorted(weights, reverse=True)
+        assert weights == pytest.approx(positive[: len(reasons)], rel=1e-12)
         for r in reasons:
-            assert r.code.startswith("feature:")
-            j = index[r.code.removeprefix("feature:")]
-            assert r.weight == attributions[i, j]
-            assert r.description
-        # Nothing left out outweighs what was given.
-        np.testing.assert_array_equal(weights, positive[: len(reasons)])
-    assert 3 in lengths
+            assert r.code in MODEL_CODES and r.description
+            assert r.weight == pytest.approx(totals[r.code], rel=1e-12)
+    assert explained > 0 and 3 in lengths
 
 
 def test_top_reasons_is_a_knob(model: LoadedModel, features: np.ndarray, amount: np.ndarray) -> None:
-    out = Scorer(model, ruleset(), top_reasons=1).score(features[:50], amount[:50])
+    out = Scorer(model, ruleset(), top_reasons=1).score(features, amount)
     assert max(len(r) for r in out.reasons) == 1
 
 
