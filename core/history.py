@@ -377,6 +377,14 @@ def write_history(history: History, path: str | Path) -> None:
 
     NaN coordinates are written as empty CSV cells; `read_history` reads the file back equal.
     """
+    write_table({spec.name: getattr(history, spec.name) for spec in COLUMNS}, path)
+
+
+def write_table(columns: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """Write named numpy columns to `.csv`, `.csv.gz` or `.parquet` (by the name's ending).
+
+    Object arrays are written as strings, float NaN as null (an empty CSV cell), integers as is.
+    """
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
@@ -384,15 +392,14 @@ def write_history(history: History, path: str | Path) -> None:
     path = Path(path)
     name = path.name.lower()
     arrays = []
-    for spec in COLUMNS:
-        values = getattr(history, spec.name)
-        if spec.dtype == "str":
+    for values in columns.values():
+        if values.dtype == object:
             arrays.append(pa.array(values, type=pa.string()))
-        elif spec.dtype == "float64":
+        elif values.dtype.kind == "f":
             arrays.append(pa.array(values, type=pa.float64(), from_pandas=True))  # NaN -> null
         else:
-            arrays.append(pa.array(values, type=getattr(pa, spec.dtype)()))
-    table = pa.Table.from_arrays(arrays, names=[c.name for c in COLUMNS])
+            arrays.append(pa.array(values))
+    table = pa.Table.from_arrays(arrays, names=list(columns))
     if name.endswith(".parquet") or name.endswith(".pq"):
         pq.write_table(table, path)
     elif name.endswith(".csv") or name.endswith(".csv.gz"):
@@ -412,6 +419,7 @@ __all__ = [
     "read_history",
     "validate_history",
     "write_history",
+    "write_table",
 ]
 
 # History's fields and COLUMNS are two spellings of one schema; refuse to import if they drift.

@@ -12,9 +12,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from core.encode import EncodedBatch, KeyHasher, encode_columns
-from core.features import NUM_FEATURES, EntityState, FeatureEngine
+from core.encode import EncodedBatch, KeyHasher, amount_major, encode_columns
+from core.features import FEATURE_NAMES, NUM_FEATURES, EntityState, FeatureEngine
 from core.history import History
+from core.model import LoadedModel
+from core.rules import Decision, Ruleset
+from core.scoring import Scorer, Source, risk_score
 
 DEFAULT_CHUNK = 4096
 
@@ -90,3 +93,32 @@ def replay_features(
             on_progress(stop - done)
         done = stop
     return out
+
+
+def score_history(
+    history: History,
+    model: LoadedModel | None,
+    ruleset: Ruleset,
+    *,
+    label_delay_ms: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Score a whole history offline exactly as the service would have, one row per transaction.
+
+    Columns: transaction_id, fraud_probability, risk_score, decision, source, reasons
+    (codes joined by "|"), then every feature in registry order. Without a model the
+    fallback rules decide, as in the service.
+    """
+    features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=on_progress)
+    amount = amount_major(history.amount_minor, history.currency)
+    scorer = Scorer(model, ruleset)
+    scored = scorer.score(features, amount) if model is not None else scorer.fallback(features, amount)
+    return {
+        "transaction_id": history.transaction_id,
+        "fraud_probability": scored.fraud_probability,
+        "risk_score": risk_score(scored.fraud_probability),
+        "decision": np.array([Decision(d).name for d in scored.decision], dtype=object),
+        "source": np.array([Source(s).name for s in scored.source], dtype=object),
+        "reasons": np.array(["|".join(r.code for r in reasons) for reasons in scored.reasons], dtype=object),
+        **{name: features[:, j] for j, name in enumerate(FEATURE_NAMES)},
+    }

@@ -116,6 +116,26 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.model)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.history import read_history, write_table
+    from core.model import load_model_dir
+    from core.replay import score_history
+    from service.app import load_rules
+
+    history = read_history(args.data)
+    model = load_model_dir(args.model)
+    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
+    with tqdm(total=len(history), desc="replay", unit="txn", mininterval=0.5) as bar:
+        table = score_history(history, model, load_rules(args.rules), label_delay_ms=label_delay_ms,
+                              on_progress=bar.update)
+    write_table(table, args.out)
+    decisions = {d: int((table["decision"] == d).sum()) for d in ("APPROVE", "REVIEW", "DECLINE")}
+    print(f"scored {len(history)} transactions with model {model.version} into {args.out}: {decisions}")
+    return 0
+
+
 def _world_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=int, default=30, help="simulated days (default 30)")
     p.add_argument("--cards", type=int, default=5000, help="simulated cards (default 5000)")
@@ -161,6 +181,15 @@ def parser() -> argparse.ArgumentParser:
                    help="only train when --out holds no model this build can serve (used by make serve)")
     _world_args(t)
     t.set_defaults(run=_train)
+    r = sub.add_parser("replay", help="score a history offline exactly as the service would, one row each")
+    r.add_argument("--data", type=Path, required=True, help="history, .csv or .parquet")
+    r.add_argument("--model", type=Path, required=True, help="model directory")
+    r.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
+    r.add_argument("--rules", type=Path, help="rules file (default: packaged rules)")
+    r.add_argument("--label-delay-hours", type=float,
+                   help="fraud labels feed the features this long after the transaction at the earliest")
+    r.set_defaults(run=_replay)
+
     b = sub.add_parser("bench", help="time the features and the forest against LightGBM, as ratios")
     b.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
     b.set_defaults(run=_bench)

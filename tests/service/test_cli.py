@@ -1,0 +1,69 @@
+"""The fraudscore command line, run as a user would (real subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from core.history import read_history
+from core.model import load_model_dir
+from core.replay import score_history
+from service.app import load_rules
+from tests.conftest import REPO, free_port
+
+
+def fraudscore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSCORE_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=full_env)
+
+
+def test_simulate_then_replay_writes_one_scored_row_per_transaction(tmp_path: Path, model_dir: Path) -> None:
+    data, out = tmp_path / "history.csv", tmp_path / "scored.parquet"
+    sim = fraudscore("simulate", "--out", str(data), "--days", "2", "--cards", "100", "--merchants", "70")
+    assert sim.returncode == 0, sim.stderr
+    history = read_history(data)
+    assert f"wrote {len(history)} transactions" in sim.stdout
+    rep = fraudscore("replay", "--data", str(data), "--model", str(model_dir), "--out", str(out))
+    assert rep.returncode == 0, rep.stderr
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out).to_pydict()
+    assert table["transaction_id"] == history.transaction_id.tolist()
+    expected = score_history(history, load_model_dir(model_dir), load_rules(None))
+    np.testing.assert_array_equal(np.array(table["fraud_probability"]), expected["fraud_probability"])
+    assert set(table["decision"]) <= {"APPROVE", "REVIEW", "DECLINE"}
+    assert "card_txn_count_1h" in table
+
+
+def test_train_if_stale_keeps_a_current_model(model_dir: Path) -> None:
+    before = (model_dir / "model.txt").stat().st_mtime_ns
+    out = fraudscore("train", "--out", str(model_dir), "--if-stale")
+    assert out.returncode == 0, out.stderr
+    assert "is current; not retraining" in out.stdout
+    assert (model_dir / "model.txt").stat().st_mtime_ns == before
+
+
+def test_health_fails_without_a_server() -> None:
+    out = fraudscore("health", "--port", str(free_port()), "--timeout", "0.5")
+    assert out.returncode == 1
+    assert "UNAVAILABLE" in out.stderr or "DEADLINE_EXCEEDED" in out.stderr
+
+
+def test_serve_refuses_a_bad_setting_naming_it() -> None:
+    out = fraudscore("serve", env={"FRAUDSCORE_MAX_BATCH": "0"})
+    assert out.returncode == 2
+    assert "FRAUDSCORE_MAX_BATCH" in out.stderr
+
+
+def test_a_bad_rules_file_stops_serve_with_the_rule_named(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_bytes(b'{"rules": [{"name": "r1", "when": [{"field": "nope", "op": ">", "value": 1}], '
+                      b'"action": "DECLINE"}]}')
+    out = fraudscore("serve", "--rules", str(rules), "--port", str(free_port()), "--metrics-port", "0")
+    assert out.returncode == 2
+    assert "rule 'r1'" in out.stderr and "unknown field 'nope'" in out.stderr
