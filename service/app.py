@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from importlib import resources
@@ -20,7 +21,7 @@ from core.model import LoadedModel, load_model_dir
 from core.rules import Ruleset, load_ruleset, parse_ruleset
 from core.scoring import Scorer
 from service.batcher import MicroBatcher
-from service.config import Settings
+from service.config import DEFAULT_ID_HASH_KEY, Settings
 from service.idempotency import IdempotencyCache
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
@@ -60,6 +61,11 @@ def restore_state(settings: Settings) -> EntityState:
             try:
                 state = EntityState.load(path, feature_set_version=FEATURE_SET_VERSION)
                 log.info("state restored", extra={"path": str(path), "cards": state.card.occupancy()})
+                if (state.card.capacity, state.merchant.capacity) != (settings.card_capacity, settings.entity_capacity):
+                    log.warning("restored state keeps the snapshot's capacities, not the configured ones; "
+                                "delete the snapshot to start over with the new capacities",
+                                extra={"card_capacity": state.card.capacity,
+                                       "entity_capacity": state.merchant.capacity})
                 return state
             except ValueError as exc:
                 log.error("state snapshot refused; starting with empty state", extra={"path": str(path), "reason": str(exc)})
@@ -86,12 +92,20 @@ class App:
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
         self.outcomes_seen: IdempotencyCache[Any] = IdempotencyCache(
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
+        self.queued_items: dict[str, Any] = {}  # transaction_id → Item still waiting for the pipeline
+        self.outcomes_in_flight = 0
         self.metrics_port = 0
+        self._snapshot_lock = asyncio.Lock()
+        if settings.id_hash_key == DEFAULT_ID_HASH_KEY:
+            log.warning("FRAUDSCORE_ID_HASH_KEY is the published default: identifiers in state snapshots can be "
+                        "brute-forced back; set a secret key in production")
         self._executor: Executor | None = None
         self._batcher: MicroBatcher | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
         m = self.metrics
+        m.idempotency_entries.set_function(lambda: len(self.idempotency))
+        m.idempotency_evictions.set_function(lambda: self.idempotency.evicted)
         m.model_loaded.set(1 if model else 0)
         m.model_info.labels(self.model_version, self.ruleset_version, self.feature_set_version).set(1)
 
@@ -125,7 +139,7 @@ class App:
         s = self.settings
         await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
         self._batcher = MicroBatcher(self.pipeline.run, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
-                                     max_queue=s.max_queue)
+                                     max_queue=s.max_queue, answer_over_budget=self.pipeline.answer_over_budget)
         self._batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
         if s.metrics_port:
@@ -136,13 +150,22 @@ class App:
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_every(s.snapshot_interval_s))
         self.serving = True
 
+    def latest_event_time_ms(self) -> int:
+        """The latest event or report time accepted now: the server's clock plus the allowed skew."""
+        return int((time.time() + self.settings.max_clock_skew_s) * 1000)
+
     async def snapshot(self) -> None:
-        """Copy state between batches on the pipeline thread, write it from another thread."""
+        """Copy state between batches on the pipeline thread, write it from another thread.
+
+        One at a time (the lock), and a write runs to its end even if its caller is cancelled
+        (the shield), so an older snapshot can never replace a newer one.
+        """
         if self.settings.state_dir is None:
             return
-        copy = await self.run_on_pipeline(self.pipeline.snapshot_copy)
-        path = self.settings.state_dir / SNAPSHOT_FILE
-        await asyncio.to_thread(copy.save, path, feature_set_version=FEATURE_SET_VERSION)
+        async with self._snapshot_lock:
+            copy = await self.run_on_pipeline(self.pipeline.snapshot_copy)
+            path = self.settings.state_dir / SNAPSHOT_FILE
+            await asyncio.shield(asyncio.to_thread(copy.save, path, feature_set_version=FEATURE_SET_VERSION))
         log.info("state snapshot written", extra={"path": str(path), "cards": copy.card.occupancy()})
 
     async def _snapshot_every(self, interval_s: float) -> None:
@@ -150,8 +173,10 @@ class App:
             await asyncio.sleep(interval_s)
             try:
                 await self.snapshot()
-            except OSError as exc:
-                log.error("state snapshot failed", extra={"reason": str(exc)})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("state snapshot failed", extra={"error": exc.__class__.__name__, "reason": str(exc)})
 
     async def stop(self) -> None:
         """Finish queued work, take the final snapshot, close the metrics endpoint."""
@@ -164,8 +189,8 @@ class App:
             await self._batcher.drain()
         try:
             await self.snapshot()
-        except OSError as exc:
-            log.error("final state snapshot failed", extra={"reason": str(exc)})
+        except Exception as exc:
+            log.error("final state snapshot failed", extra={"error": exc.__class__.__name__, "reason": str(exc)})
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -5,11 +5,18 @@ next batch takes everything queued (up to `max_batch`). A request that arrives a
 idle pipeline is not held back unless `max_wait_us` > 0 asks it to wait for company.
 Queue entries are groups (a ScoreBatch call stays together, split at `max_batch`).
 The queue is bounded: past `max_queue` transactions, `submit` raises OverloadedError.
+
+When a batch is taken, each item is checked against two clocks: past the client's own
+deadline nobody waits for it (DeadlineExpiredError, nothing recorded); past the service
+budget it is answered at once by `answer_over_budget` (the fallback rules, degraded)
+without entering the pipeline or its state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -19,15 +26,21 @@ from typing import Any
 
 from service.errors import DeadlineExpiredError, NotServingError, OverloadedError
 
+log = logging.getLogger("fraudscore.batcher")
+
 
 @dataclass(slots=True)
 class Item:
     """One transaction waiting to be scored."""
 
     payload: Any
-    deadline: float            # time.monotonic() seconds
+    deadline: float            # time.monotonic() seconds: the service budget (≤ client_deadline)
     received_ns: int           # time.perf_counter_ns() at arrival, for server_latency_us
     future: asyncio.Future[Any] = field(repr=False)
+    client_deadline: float = math.inf  # time.monotonic() seconds; inf when the client set none
+
+
+Answer = Callable[[list[Item]], Sequence[Any]]
 
 
 class MicroBatcher:
@@ -35,20 +48,20 @@ class MicroBatcher:
 
     def __init__(
         self,
-        run_batch: Callable[[list[Item]], Sequence[Any]],
+        run_batch: Answer,
         executor: Executor,
         *,
         max_batch: int,
         max_wait_us: int,
         max_queue: int,
-        on_batch: Callable[[int, int], None] | None = None,
+        answer_over_budget: Answer | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self._max_batch = max_batch
         self._max_wait_s = max_wait_us / 1e6
         self._max_queue = max_queue
-        self._on_batch = on_batch
+        self._answer_over_budget = answer_over_budget
         self._groups: deque[list[Item]] = deque()
         self._queued = 0
         self._wakeup = asyncio.Event()
@@ -84,8 +97,6 @@ class MicroBatcher:
         batch: list[Item] = []
         while self._groups and len(batch) + len(self._groups[0]) <= self._max_batch:
             batch.extend(self._groups.popleft())
-        if not batch:  # cannot happen: groups are split at max_batch; kept for safety of the loop
-            batch = self._groups.popleft()
         self._queued -= len(batch)
         return batch
 
@@ -97,7 +108,6 @@ class MicroBatcher:
             await asyncio.sleep(0)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._groups:
                 if self._closing:
@@ -108,32 +118,48 @@ class MicroBatcher:
             if self._max_wait_s > 0 and not self._closing:
                 await self._wait_for_company()
             batch = self._take()
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.future.done():
-                    continue  # nobody is waiting any more (cannot happen with shielded futures)
-                if item.deadline <= now:
-                    item.future.set_exception(DeadlineExpiredError())
-                else:
-                    live.append(item)
-            if not live:
-                continue
-            started = time.perf_counter_ns()
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, live)
+                await self._process(batch)
             except asyncio.CancelledError:
-                for item in live:
-                    if not item.future.done():
-                        item.future.cancel()
+                _fail(batch, None)
                 raise
-            except Exception as exc:  # the pipeline falls back itself; this is a bug path
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            except Exception as exc:
+                # The pipeline answers model failures itself; reaching here is a bug. Fail this
+                # batch's calls (INTERNAL) and keep serving the next ones.
+                log.exception("batch failed", extra={"batch_size": len(batch)})
+                _fail(batch, exc)
+
+    async def _process(self, batch: list[Item]) -> None:
+        now = time.monotonic()
+        live, over_budget = [], []
+        for item in batch:
+            if item.future.done():
                 continue
-            for item, result in zip(live, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
-            if self._on_batch is not None:
-                self._on_batch(len(live), time.perf_counter_ns() - started)
+            if item.client_deadline <= now:
+                item.future.set_exception(DeadlineExpiredError())
+            elif item.deadline <= now and self._answer_over_budget is not None:
+                over_budget.append(item)
+            else:
+                live.append(item)
+        if over_budget and self._answer_over_budget is not None:
+            _resolve(over_budget, self._answer_over_budget(over_budget))
+        if live:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, live)
+            _resolve(live, results)
+
+
+def _resolve(items: list[Item], results: Sequence[Any]) -> None:
+    if len(results) != len(items):
+        raise RuntimeError(f"pipeline returned {len(results)} answers for {len(items)} transactions")
+    for item, result in zip(items, results, strict=True):
+        if not item.future.done():
+            item.future.set_result(result)
+
+
+def _fail(items: list[Item], exc: BaseException | None) -> None:
+    for item in items:
+        if not item.future.done():
+            if exc is None:
+                item.future.cancel()
+            else:
+                item.future.set_exception(exc)

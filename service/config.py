@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from core.features.state import DEFAULT_CARD_CAPACITY, DEFAULT_ENTITY_CAPACITY
+
 ENV_PREFIX = "FRAUDSCORE_"
+DEFAULT_ID_HASH_KEY = "fraudscore-default-key"  # development only: the server warns when it is in use
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +38,8 @@ class Settings:
     snapshot_interval_s: float = 300.0
     """Seconds between periodic state snapshots (a final one is always taken at shutdown)."""
     budget_ms: float = 50.0
-    """Service budget per request; a request's deadline is min(client deadline, budget)."""
+    """Service budget per pipeline call; a request still queued when it runs out is answered at
+    once by the fallback rules (degraded). A ScoreBatch of k × max_batch gets k budgets."""
     max_batch: int = 64
     """Most transactions scored in one pipeline call."""
     max_wait_us: int = 0
@@ -47,22 +51,27 @@ class Settings:
     """Most transactions in one ScoreBatch call."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
+    max_concurrent_rpcs: int = 10_000
+    """Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED before any work."""
+    max_clock_skew_s: float = 300.0
+    """event_time_ms and reported_time_ms may be at most this far ahead of the server's clock:
+    a future-dated event would freeze its entities' decayed counters until then."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM: seconds to finish in-flight calls before they are cancelled."""
     idempotency_ttl_s: float = 24 * 3600.0
     """How long a transaction_id's answer is kept for identical retries."""
     idempotency_max_entries: int = 200_000
     """Most remembered answers; the oldest go first beyond this."""
-    id_hash_key: str = field(default="fraudscore-default-key", repr=False)
+    id_hash_key: str = field(default=DEFAULT_ID_HASH_KEY, repr=False)
     """Secret for the keyed hash of identifiers in state. Set your own; changing it forgets all state."""
-    card_capacity: int = 1 << 18
+    card_capacity: int = DEFAULT_CARD_CAPACITY
     """Cards tracked in state (power of two); least recently seen are evicted beyond it."""
-    entity_capacity: int = 1 << 17
+    entity_capacity: int = DEFAULT_ENTITY_CAPACITY
     """Merchants, customers, devices and IPs tracked, each (power of two)."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR. Logs are JSON lines on stderr."""
     fault_injection: str = ""
-    """Test hook: "model-raise" makes every model call raise, to exercise the fallback."""
+    """Test hook: "model-raise" makes every model call raise; "model-slow" adds 200 ms to each."""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -89,14 +98,18 @@ class Settings:
         need(1 <= self.max_batch <= 65536, "max_batch", "must be 1..65536")
         need(self.max_wait_us >= 0, "max_wait_us", "must be ≥ 0")
         need(self.max_queue >= self.max_batch, "max_queue", "must be ≥ max_batch")
-        need(self.max_batch_request >= 1, "max_batch_request", "must be ≥ 1")
+        need(1 <= self.max_batch_request <= self.max_queue, "max_batch_request",
+             "must be ≥ 1 and ≤ max_queue (a larger ScoreBatch could never be queued)")
+        need(self.max_concurrent_rpcs >= 1, "max_concurrent_rpcs", "must be ≥ 1")
+        need(self.max_clock_skew_s >= 0, "max_clock_skew_s", "must be ≥ 0")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be ≥ 0")
         need(self.idempotency_max_entries >= 1, "idempotency_max_entries", "must be ≥ 1")
         for name in ("card_capacity", "entity_capacity"):
             v = getattr(self, name)
             need(v >= 16 and v & (v - 1) == 0, name, "must be a power of two ≥ 16")
         need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
-        need(self.fault_injection in ("", "model-raise"), "fault_injection", "must be empty or \"model-raise\"")
+        need(self.fault_injection in ("", "model-raise", "model-slow"), "fault_injection",
+             "must be empty, \"model-raise\" or \"model-slow\"")
 
     def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **changes)

@@ -65,5 +65,10 @@ class Metrics:
         self.model_loaded = Gauge("fraudscore_model_loaded", "1 when a model is loaded, 0 when serving fallback only",
                                   registry=r)
         self.queue_depth = Gauge("fraudscore_queue_depth", "Transactions waiting for the pipeline", registry=r)
+        self.idempotency_entries = Gauge("fraudscore_idempotency_entries",
+                                         "Answers remembered for identical retries", registry=r)
+        self.idempotency_evictions = Gauge(
+            "fraudscore_idempotency_evictions",
+            "Answers forgotten early because FRAUDSCORE_IDEMPOTENCY_MAX_ENTRIES was reached", registry=r)
         if state is not None:
             r.register(_StateCollector(state))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
 
-from core.encode import EncodedBatch, KeyHasher, encode_columns
+from core.encode import EncodedBatch, KeyHasher, amount_major, encode_columns
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.rules import Decision
 from core.scoring import ScoredBatch, Scorer, Source, risk_score
@@ -27,6 +27,9 @@ log = logging.getLogger("fraudscore.pipeline")
 _DECISION_NAMES = {int(d): d.name for d in Decision}
 _SOURCE_NAMES = {int(s): s.name for s in Source}
 _OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRMED_LEGITIMATE: 0.0}
+
+
+FAULT_SLOW_S = 0.2  # the `model-slow` hook: each model call takes this much longer
 
 
 class InjectedFault(RuntimeError):
@@ -75,6 +78,8 @@ class Pipeline:
                 return self.scorer.fallback(features, batch.amount), self.fallback_reason or "no_model"
             if self.fault_injection == "model-raise":
                 raise InjectedFault("fault injection: model-raise")
+            if self.fault_injection == "model-slow":
+                time.sleep(FAULT_SLOW_S)
             return self.scorer.score(features, batch.amount), ""
         except Exception as exc:
             reason = "features_error" if features is None else "model_error"
@@ -131,7 +136,15 @@ class Pipeline:
             np.array([req.reported_time_ms], dtype=np.int64),
             np.array([_OUTCOME_FRAUD_WEIGHT[req.outcome]], dtype=np.float64),
         )
-        self.metrics.outcomes.labels(pb.Outcome.Name(req.outcome)).inc()
+
+    def answer_over_budget(self, items: list[Item]) -> list[pb.ScoreResponse]:
+        """Fallback answers for items whose budget ran out in the queue. Runs on the event loop:
+        touches no state, so these transactions never enter the features."""
+        txns = [item.payload for item in items]
+        amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
+                              [t.currency for t in txns])
+        self.metrics.fallbacks.labels("over_budget").inc(len(items))
+        return self._responses(items, self.scorer.fallback(None, amount))
 
     def snapshot_copy(self) -> EntityState:
         """A copy of state, taken between batches, to be written to disk off this thread."""

@@ -1,6 +1,6 @@
 """The gRPC server: FraudScoring, health and reflection on grpc.aio over uvloop.
 
-Start-up: bind the port with health NOT_SERVING → load rules, model and state →
+Start-up: load rules, model and state → bind the port with health NOT_SERVING →
 compile and warm the kernels on the pipeline thread → SERVING. SIGTERM or SIGINT:
 NOT_SERVING → stop taking calls → finish in-flight work within the grace → final
 state snapshot → exit 0.
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -87,11 +88,13 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             raise NotServingError("starting or draining")
         received_ns = time.perf_counter_ns()
         now = time.monotonic()
-        budget_s = app.settings.budget_ms / 1000.0
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExpiredError()
-        deadline = now + (budget_s if remaining is None else min(remaining, budget_s))
+        client_deadline = math.inf if remaining is None else now + remaining
+        # The budget covers one pipeline call; a ScoreBatch larger than max_batch takes several.
+        calls = -(-len(txns) // app.settings.max_batch)
+        deadline = min(client_deadline, now + calls * app.settings.budget_ms / 1000.0)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = []
         fresh: dict[str, tuple[int, asyncio.Future[Any]]] = {}
@@ -106,9 +109,10 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             if future is None:
                 future = loop.create_future()
                 fresh[txn.transaction_id] = (fp, future)
-                items.append(Item(txn, deadline, received_ns, future))
+                items.append(Item(txn, deadline, received_ns, future, client_deadline=client_deadline))
             else:
                 app.metrics.idempotent_replays.inc()
+                self._extend(txn.transaction_id, deadline, client_deadline)
             futures.append(future)
         if items:
             try:
@@ -116,21 +120,36 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             except OverloadedError:
                 app.metrics.sheds.labels("queue_full").inc(len(items))
                 raise
-            for txn_id, (fp, future) in fresh.items():
-                app.idempotency.register(txn_id, fp, future)
-                future.add_done_callback(functools.partial(self._forget_failed, txn_id))
+            for item in items:
+                txn_id = item.payload.transaction_id
+                app.idempotency.register(txn_id, fresh[txn_id][0], item.future)
+                app.queued_items[txn_id] = item
+                item.future.add_done_callback(functools.partial(self._settled, txn_id))
         return futures
 
-    def _forget_failed(self, txn_id: str, future: asyncio.Future[Any]) -> None:
-        # A call that failed before scoring (expired, cancelled) changed no state: let a retry score it.
+    def _extend(self, txn_id: str, deadline: float, client_deadline: float) -> None:
+        # A retry waiting on a still-queued first call: the first must not expire while the
+        # retry's own deadline has time left.
+        item = self.app.queued_items.get(txn_id)
+        if item is not None:
+            item.deadline = max(item.deadline, deadline)
+            item.client_deadline = max(item.client_deadline, client_deadline)
+
+    def _settled(self, txn_id: str, future: asyncio.Future[Any]) -> None:
+        app = self.app
+        item = app.queued_items.get(txn_id)
+        if item is not None and item.future is future:
+            del app.queued_items[txn_id]
+        # A call that failed before scoring (client deadline passed, shed) changed no state:
+        # let a retry score it.
         if future.cancelled() or future.exception() is not None:
-            self.app.idempotency.forget(txn_id, future)
+            app.idempotency.forget(txn_id, future)
 
     @_unary("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         if not request.HasField("transaction"):
             raise InvalidInputError("transaction", "required")
-        validate_transaction(request.transaction)
+        validate_transaction(request.transaction, latest_ms=self.app.latest_event_time_ms())
         (future,) = self._submit([request.transaction], context)
         result: pb.ScoreResponse = await asyncio.shield(future)
         return result
@@ -141,8 +160,9 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         limit = self.app.settings.max_batch_request
         if not txns or len(txns) > limit:
             raise InvalidInputError("transactions", f"between 1 and {limit} transactions", got=str(len(txns)))
+        latest_ms = self.app.latest_event_time_ms()
         for i, txn in enumerate(txns):
-            validate_transaction(txn, prefix=f"transactions[{i}].")
+            validate_transaction(txn, prefix=f"transactions[{i}].", latest_ms=latest_ms)
         futures = self._submit(txns, context)
         results = await asyncio.gather(*(asyncio.shield(f) for f in futures))
         return pb.ScoreBatchResponse(results=results)
@@ -155,7 +175,8 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             async for request in request_iterator:
                 if not request.HasField("transaction"):
                     raise InvalidInputError(f"stream[{index}].transaction", "required")
-                validate_transaction(request.transaction, prefix=f"stream[{index}].transaction.")
+                validate_transaction(request.transaction, prefix=f"stream[{index}].transaction.",
+                                     latest_ms=self.app.latest_event_time_ms())
                 (future,) = self._submit([request.transaction], context)
                 yield await asyncio.shield(future)
                 index += 1
@@ -163,26 +184,50 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
     @_unary("ReportOutcome")
     async def ReportOutcome(self, request: pb.ReportOutcomeRequest,
                             context: grpc.aio.ServicerContext) -> pb.ReportOutcomeResponse:
-        validate_outcome(request)
+        """Fraud and chargebacks count once per transaction; a legitimate report counts nothing,
+        and a fraud report after it still counts. Repeats are acknowledged with accepted=false."""
         app = self.app
+        validate_outcome(request, latest_ms=app.latest_event_time_ms())
         if not app.serving:
             raise NotServingError("starting or draining")
-        if app.outcomes_seen.lookup(request.transaction_id, 0) is not None:
-            return pb.ReportOutcomeResponse(accepted=False)
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        app.outcomes_seen.register(request.transaction_id, 0, done)
-        try:
-            await app.run_on_pipeline(app.pipeline.apply_outcome, request)
-        except BaseException:
-            app.outcomes_seen.forget(request.transaction_id, done)
-            raise
-        done.set_result(True)
+        txn_id = request.transaction_id
+        fraud = request.outcome in (pb.CONFIRMED_FRAUD, pb.CHARGEBACK)
+        earlier = app.outcomes_seen.lookup(txn_id, 0)
+        if earlier is not None:
+            counted = await asyncio.shield(earlier)  # an earlier report may still be applying
+            if counted or not fraud:
+                return pb.ReportOutcomeResponse(accepted=False)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if not fraud:
+            done.set_result(False)
+            app.outcomes_seen.register(txn_id, 0, done)
+            app.metrics.outcomes.labels(pb.Outcome.Name(request.outcome)).inc()
+            return pb.ReportOutcomeResponse(accepted=True)
+        if app.outcomes_in_flight >= app.settings.max_queue:
+            app.metrics.sheds.labels("outcome_queue_full").inc()
+            raise OverloadedError(app.outcomes_in_flight, app.settings.max_queue)
+        app.outcomes_seen.register(txn_id, 0, done)
+        app.outcomes_in_flight += 1
+        job = asyncio.ensure_future(app.run_on_pipeline(app.pipeline.apply_outcome, request))
+        job.add_done_callback(functools.partial(self._outcome_applied, txn_id, done))
+        # Shielded: once queued, the report is applied even if this caller goes away, and
+        # a retry finds it recorded instead of applying it twice.
+        await asyncio.shield(done)
+        app.metrics.outcomes.labels(pb.Outcome.Name(request.outcome)).inc()
         return pb.ReportOutcomeResponse(accepted=True)
+
+    def _outcome_applied(self, txn_id: str, done: asyncio.Future[bool], job: asyncio.Future[None]) -> None:
+        self.app.outcomes_in_flight -= 1
+        if job.cancelled() or job.exception() is not None:
+            self.app.outcomes_seen.forget(txn_id, done)
+            done.set_exception(job.exception() or asyncio.CancelledError())
+        else:
+            done.set_result(True)
 
 
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return."""
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_concurrent_rpcs, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),

@@ -22,7 +22,7 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _MCC = re.compile(r"[0-9]{4}")
-_PAN_SEPARATORS = str.maketrans("", "", " -")
+_PAN_SEPARATORS = str.maketrans("", "", " -._/")
 _CHANNELS = frozenset(pb.Channel.values())
 _OUTCOMES = frozenset(v for v in pb.Outcome.values() if v != pb.OUTCOME_UNSPECIFIED)
 
@@ -41,7 +41,7 @@ def luhn_ok(digits: str) -> bool:
 
 
 def looks_like_pan(value: str) -> bool:
-    """True for 13–19 digits (spaces and dashes ignored) passing the Luhn check."""
+    """True for 13–19 digits (spaces, dashes, dots, underscores, slashes ignored) passing the Luhn check."""
     digits = value.translate(_PAN_SEPARATORS)
     return 13 <= len(digits) <= 19 and digits.isdigit() and digits.isascii() and luhn_ok(digits)
 
@@ -67,22 +67,31 @@ def _card_id(prefix: str, value: str) -> None:
         )
 
 
-def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.") -> None:
-    """Raise InvalidInputError for the first broken rule of `txn`."""
+def _event_time(field: str, value: int, latest_ms: int | None) -> None:
+    if not MIN_EVENT_TIME_MS <= value < MAX_EVENT_TIME_MS:
+        raise InvalidInputError(field, "required, Unix epoch milliseconds between 2000 and 2100", got=str(value))
+    if latest_ms is not None and value > latest_ms:
+        raise InvalidInputError(field, "must not be ahead of the server's clock by more than the allowed skew "
+                                       "(FRAUDSCORE_MAX_CLOCK_SKEW_S); check the sender's clock and time zone",
+                                got=str(value))
+
+
+def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.", *, latest_ms: int | None = None) -> None:
+    """Raise InvalidInputError for the first broken rule of `txn`.
+
+    `latest_ms`: the latest event time accepted (server clock + allowed skew); None: no bound.
+    """
     _identifier(prefix, "transaction_id", txn.transaction_id, required=True)
     _card_id(prefix, txn.card_id)
     _identifier(prefix, "merchant_id", txn.merchant_id, required=True)
     _identifier(prefix, "customer_id", txn.customer_id, required=False)
     _identifier(prefix, "device_id", txn.device_id, required=False)
-    if not 0 < txn.amount_minor <= MAX_AMOUNT_MINOR:
-        raise InvalidInputError(f"{prefix}amount_minor", f"required, > 0 and ≤ {MAX_AMOUNT_MINOR} minor units",
-                                got=str(txn.amount_minor))
+    if not 0 < txn.amount_minor <= MAX_AMOUNT_MINOR:  # the amount itself is not echoed
+        raise InvalidInputError(f"{prefix}amount_minor", f"required, > 0 and ≤ {MAX_AMOUNT_MINOR} minor units")
     if not _CURRENCY.fullmatch(txn.currency):
         raise InvalidInputError(f"{prefix}currency", "required, an ISO 4217 code of three capital letters like \"USD\"",
                                 got=repr(txn.currency[:8]))
-    if not MIN_EVENT_TIME_MS <= txn.event_time_ms < MAX_EVENT_TIME_MS:
-        raise InvalidInputError(f"{prefix}event_time_ms", "required, Unix epoch milliseconds between 2000 and 2100",
-                                got=str(txn.event_time_ms))
+    _event_time(f"{prefix}event_time_ms", txn.event_time_ms, latest_ms)
     if txn.channel not in _CHANNELS:
         raise InvalidInputError(f"{prefix}channel", f"one of the Channel enum values {sorted(_CHANNELS)}",
                                 got=str(txn.channel))
@@ -106,13 +115,11 @@ def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.") -> N
             raise InvalidInputError(f"{prefix}ip_address", "empty or an IPv4/IPv6 address") from None
 
 
-def validate_outcome(req: pb.ReportOutcomeRequest) -> None:
+def validate_outcome(req: pb.ReportOutcomeRequest, *, latest_ms: int | None = None) -> None:
     """Raise InvalidInputError for the first broken rule of an outcome report."""
     _identifier("", "transaction_id", req.transaction_id, required=True)
     _card_id("", req.card_id)
     _identifier("", "merchant_id", req.merchant_id, required=True)
     if req.outcome not in _OUTCOMES:
         raise InvalidInputError("outcome", "CONFIRMED_FRAUD, CHARGEBACK or CONFIRMED_LEGITIMATE", got=str(req.outcome))
-    if not MIN_EVENT_TIME_MS <= req.reported_time_ms < MAX_EVENT_TIME_MS:
-        raise InvalidInputError("reported_time_ms", "required, Unix epoch milliseconds between 2000 and 2100",
-                                got=str(req.reported_time_ms))
+    _event_time("reported_time_ms", req.reported_time_ms, latest_ms)

@@ -71,6 +71,9 @@ def start_server(tmp: Path, *, model_dir: Path | None, state_dir: Path | None = 
         "FRAUDSCORE_CARD_CAPACITY": "4096",
         "FRAUDSCORE_ENTITY_CAPACITY": "4096",
         "FRAUDSCORE_SHUTDOWN_GRACE_S": "5",
+        # A generous budget: a loaded 2-core CI machine must not turn answers into fallbacks.
+        # Tests of the budget itself set their own.
+        "FRAUDSCORE_BUDGET_MS": "5000",
         **(extra_env or {}),
     })
     args = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", str(metrics_port),

@@ -39,6 +39,8 @@ DEVICE_LAST_CARD = 0
 SMALL_TAGS = 1
 
 MAX_PROBE = 16
+DEFAULT_CARD_CAPACITY = 1 << 18
+DEFAULT_ENTITY_CAPACITY = 1 << 17
 SNAPSHOT_FORMAT = 1
 
 
@@ -89,9 +91,10 @@ class EntityState:
     ip: EntityTable
 
     @classmethod
-    def empty(cls, *, card_capacity: int = 1 << 20, merchant_capacity: int = 1 << 17,
-              customer_capacity: int = 1 << 20, device_capacity: int = 1 << 20,
-              ip_capacity: int = 1 << 20) -> EntityState:
+    def empty(cls, *, card_capacity: int = DEFAULT_CARD_CAPACITY, merchant_capacity: int = DEFAULT_ENTITY_CAPACITY,
+              customer_capacity: int = DEFAULT_ENTITY_CAPACITY, device_capacity: int = DEFAULT_ENTITY_CAPACITY,
+              ip_capacity: int = DEFAULT_ENTITY_CAPACITY) -> EntityState:
+        """Empty tables. The defaults are the service's, so offline replay evicts as serving does."""
         capacities = {"card": card_capacity, "merchant": merchant_capacity, "customer": customer_capacity,
                       "device": device_capacity, "ip": ip_capacity}
         return cls(**{kind: EntityTable.empty(kind, capacities[kind], *_LAYOUT[kind]) for kind in _LAYOUT})

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.features import FEATURE_NAMES
-from core.reasons import REASON_CODES, REASON_OF_FEATURE
 from core.history import History
 from core.model import LoadedModel, Thresholds, load_model_dir
+from core.reasons import REASON_CODES, REASON_OF_FEATURE
 from core.replay import replay_features
 from core.rules import Decision, Ruleset, parse_ruleset
 from core.scoring import Scorer, Source, risk_score

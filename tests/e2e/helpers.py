@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.history import History
 from core.model import load_model_dir
 from core.replay import replay_features
+from tests.conftest import ServerProcess
 
 BASE_TIME_MS = 1_767_225_600_000
 _ips = itertools.count(1)
@@ -63,3 +66,22 @@ def offline_probabilities(model_dir: Path, txns: Sequence[pb.Transaction]) -> np
     model = load_model_dir(model_dir)
     features = replay_features(history_of(txns))
     return model.forest.predict(features)
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(srv: ServerProcess) -> Samples:
+    """Samples by name from a real HTTP scrape of /metrics, parsed by Prometheus' own parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
 from core.features import FEATURE_SET_VERSION
 from tests.conftest import ServerProcess
-from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, txn, uid
+from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, txn, uid, value
 
 
 @pytest.fixture(scope="module")
@@ -187,17 +188,70 @@ def test_score_stream_ends_with_the_status_of_a_bad_message(stub) -> None:
     assert "stream[1].transaction.amount_minor" in err.value.details()
 
 
-def test_report_outcome_feeds_the_features_once(stub) -> None:
+def _report(t: pb.Transaction, outcome: int, at_ms: int) -> pb.ReportOutcomeRequest:
+    return pb.ReportOutcomeRequest(transaction_id=t.transaction_id, card_id=t.card_id, merchant_id=t.merchant_id,
+                                   outcome=outcome, reported_time_ms=at_ms)  # type: ignore[arg-type]
+
+
+def test_report_outcome_feeds_the_features_once(stub, server: ServerProcess) -> None:
     card, merchant = uid("card"), uid("m")
     a = txn(card_id=card, merchant_id=merchant, event_time_ms=BASE_TIME_MS)
-    assert score(stub, a).decision != pb.DECLINE or True  # scored before any report
-    report = pb.ReportOutcomeRequest(transaction_id=a.transaction_id, card_id=card, merchant_id=merchant,
-                                     outcome=pb.CONFIRMED_FRAUD, reported_time_ms=BASE_TIME_MS + 3_600_000)
+    assert not any(r.code == "R_CARD_REPORTED_FRAUD" for r in score(stub, a).reasons)
+    before = value(scrape(server), "fraudscore_outcomes_total", outcome="CONFIRMED_FRAUD")
+    report = _report(a, pb.CONFIRMED_FRAUD, BASE_TIME_MS + 3_600_000)
     assert stub.ReportOutcome(report, timeout=5).accepted is True
     assert stub.ReportOutcome(report, timeout=5).accepted is False
+    assert stub.ReportOutcome(_report(a, pb.CHARGEBACK, BASE_TIME_MS + 9_000_000), timeout=5).accepted is False
+    assert value(scrape(server), "fraudscore_outcomes_total", outcome="CONFIRMED_FRAUD") == before + 1
     later = score(stub, txn(card_id=card, merchant_id=uid("m"), event_time_ms=BASE_TIME_MS + 7_200_000))
     assert later.decision == pb.DECLINE
     assert any(r.code == "R_CARD_REPORTED_FRAUD" for r in later.reasons)
+
+
+def test_a_chargeback_after_a_legitimate_report_still_counts(stub) -> None:
+    a = txn(event_time_ms=BASE_TIME_MS)
+    score(stub, a)
+    assert stub.ReportOutcome(_report(a, pb.CONFIRMED_LEGITIMATE, BASE_TIME_MS + 1_000), timeout=5).accepted
+    after_legit = score(stub, txn(card_id=a.card_id, event_time_ms=BASE_TIME_MS + 2_000))
+    assert not any(r.code == "R_CARD_REPORTED_FRAUD" for r in after_legit.reasons)
+    assert stub.ReportOutcome(_report(a, pb.CHARGEBACK, BASE_TIME_MS + 3_000), timeout=5).accepted
+    after_chargeback = score(stub, txn(card_id=a.card_id, event_time_ms=BASE_TIME_MS + 4_000))
+    assert any(r.code == "R_CARD_REPORTED_FRAUD" for r in after_chargeback.reasons)
+
+
+def test_times_ahead_of_the_server_clock_are_refused(stub) -> None:
+    ahead_ms = int((time.time() + 3600) * 1000)
+    with pytest.raises(grpc.RpcError) as err:
+        score(stub, txn(event_time_ms=ahead_ms))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transaction.event_time_ms" in err.value.details() and "clock" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ReportOutcome(_report(txn(), pb.CHARGEBACK, ahead_ms), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_duplicate_id_inside_one_batch(stub) -> None:
+    a = txn()
+    results = stub.ScoreBatch(pb.ScoreBatchRequest(transactions=[a, txn(), a]), timeout=5).results
+    assert results[0] == results[2] and results[0].transaction_id == a.transaction_id
+    changed = pb.Transaction()
+    changed.CopyFrom(a)
+    changed.transaction_id = uid("t")
+    other = pb.Transaction()
+    other.CopyFrom(changed)
+    other.amount_minor += 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ScoreBatch(pb.ScoreBatchRequest(transactions=[changed, other]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Refused whole: the first one was not recorded either.
+    assert score(stub, other).transaction_id == other.transaction_id
+
+
+def test_a_score_batch_at_its_maximum_size(stub) -> None:
+    seq = [txn() for _ in range(1000)]
+    results = stub.ScoreBatch(pb.ScoreBatchRequest(transactions=seq), timeout=60).results
+    assert [r.transaction_id for r in results] == [t.transaction_id for t in seq]
+    assert all(r.source == pb.MODEL for r in results)
 
 
 def test_report_outcome_validation(stub) -> None:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import grpc
 import numpy as np
+from fraudscore.v1 import fraudscore_pb2 as pb
+from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
 from core.history import History
 from core.model import load_model_dir
 from core.replay import label_visible_time_ms, score_history
 from core.simulate import simulate
-from fraudscore.v1 import fraudscore_pb2 as pb
-from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from service.app import load_rules
 from tests.conftest import start_server
 
@@ -52,7 +53,7 @@ def test_streaming_a_history_through_the_server_equals_replay(tmp_path: Path, mo
             stub = pb_grpc.FraudScoringStub(ch)
             bounds = sorted({0, len(history), *cut.tolist()})
             sent = 0
-            for segment, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            for segment, (start, stop) in enumerate(itertools.pairwise(bounds)):
                 while sent < reports.size and cut[sent] <= start:
                     i = reports[sent]
                     stub.ReportOutcome(pb.ReportOutcomeRequest(

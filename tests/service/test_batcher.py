@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,8 +12,11 @@ from service.batcher import Item, MicroBatcher
 from service.errors import DeadlineExpiredError, NotServingError, OverloadedError
 
 
-def make_item(loop: asyncio.AbstractEventLoop, payload: int, *, ttl_s: float = 5.0) -> Item:
-    return Item(payload, time.monotonic() + ttl_s, time.perf_counter_ns(), loop.create_future())
+def make_item(loop: asyncio.AbstractEventLoop, payload: int, *, budget_s: float = 5.0,
+              client_s: float = math.inf) -> Item:
+    now = time.monotonic()
+    return Item(payload, now + min(budget_s, client_s), time.perf_counter_ns(), loop.create_future(),
+                client_deadline=now + client_s)
 
 
 class Recorder:
@@ -67,25 +71,35 @@ async def test_a_group_is_split_at_max_batch_and_kept_in_order(executor) -> None
     await b.drain()
 
 
-async def test_expired_requests_are_dropped_before_any_work(executor) -> None:
+async def test_expired_and_over_budget_requests_never_reach_the_pipeline(executor) -> None:
     loop = asyncio.get_running_loop()
     rec = Recorder()
-    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=0, max_queue=100)
+    fallback_calls: list[list[int]] = []
+
+    def fallback(items: list[Item]) -> list[int]:
+        fallback_calls.append([i.payload for i in items])
+        return [-i.payload for i in items]
+
+    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=0, max_queue=100, answer_over_budget=fallback)
     b.start()
     rec.gate.clear()
     blocker = make_item(loop, 1)
     b.submit([blocker])
     await asyncio.sleep(0.05)
-    doomed = make_item(loop, 2, ttl_s=0.01)
+    client_gone = make_item(loop, 2, client_s=0.01)
+    over_budget = make_item(loop, 4, budget_s=0.01)
     alive = make_item(loop, 3)
-    b.submit([doomed])
+    b.submit([client_gone])
+    b.submit([over_budget])
     b.submit([alive])
     await asyncio.sleep(0.05)
     rec.gate.set()
     assert await alive.future == 30
     with pytest.raises(DeadlineExpiredError):
-        await doomed.future
-    assert all(2 not in batch for batch in rec.batches)
+        await client_gone.future
+    assert await over_budget.future == -4
+    assert fallback_calls == [[4]]
+    assert all(2 not in batch and 4 not in batch for batch in rec.batches)
     await b.drain()
 
 
@@ -119,6 +133,21 @@ async def test_max_wait_lets_a_lone_request_wait_for_company(executor) -> None:
     b.submit([items[2]])
     await asyncio.gather(*(i.future for i in items))
     assert rec.batches == [[0, 1, 2]]
+    await b.drain()
+
+
+async def test_a_wrong_number_of_answers_fails_the_batch_not_the_batcher(executor) -> None:
+    loop = asyncio.get_running_loop()
+    answers = iter([[], [7]])
+    b = MicroBatcher(lambda items: next(answers), executor, max_batch=8, max_wait_us=0, max_queue=100)
+    b.start()
+    first = make_item(loop, 1)
+    b.submit([first])
+    with pytest.raises(RuntimeError, match="0 answers for 1"):
+        await first.future
+    second = make_item(loop, 2)
+    b.submit([second])
+    assert await second.future == 7
     await b.drain()
 
 

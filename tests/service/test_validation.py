@@ -23,6 +23,7 @@ def test_luhn_matches_a_reference(digits: str) -> None:
 
 
 @pytest.mark.parametrize("value", ["4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111",
+                                   "4111.1111.1111.1111",
                                    "378282246310005", "6011111111111117", "5555555555554444"])
 def test_card_numbers_are_recognized(value: str) -> None:
     assert looks_like_pan(value)
@@ -79,3 +80,22 @@ def test_outcome_rules() -> None:
         with pytest.raises(InvalidInputError) as err:
             validate_outcome(bad)
         assert err.value.field == field
+
+
+def test_times_ahead_of_the_server_clock_are_refused() -> None:
+    now_ms = BASE_TIME_MS + 10_000
+    validate_transaction(txn(event_time_ms=now_ms), latest_ms=now_ms)
+    with pytest.raises(InvalidInputError, match="ahead of the server's clock") as err:
+        validate_transaction(txn(event_time_ms=now_ms + 1), latest_ms=now_ms)
+    assert err.value.field == "transaction.event_time_ms"
+    report = pb.ReportOutcomeRequest(transaction_id="t", card_id="c", merchant_id="m", outcome=pb.CHARGEBACK,
+                                     reported_time_ms=now_ms + 1)
+    with pytest.raises(InvalidInputError) as err:
+        validate_outcome(report, latest_ms=now_ms)
+    assert err.value.field == "reported_time_ms"
+
+
+def test_a_refused_amount_is_not_echoed() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        validate_transaction(txn(amount_minor=-987654))
+    assert "987654" not in str(err.value)
