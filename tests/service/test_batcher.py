@@ -124,7 +124,7 @@ async def test_the_queue_is_bounded(executor) -> None:
 async def test_max_wait_lets_a_lone_request_wait_for_company(executor) -> None:
     loop = asyncio.get_running_loop()
     rec = Recorder()
-    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=20_000, max_queue=100)
+    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=300_000, max_queue=100)
     b.start()
     items = [make_item(loop, i) for i in range(3)]
     b.submit([items[0]])
