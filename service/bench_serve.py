@@ -1,0 +1,139 @@
+"""`fraudscore bench serve`: the real service against a bare gRPC server, same port, same machine.
+
+Both servers run in their own process; this process is the client. On a 2-core machine
+client and server share the CPU, so absolute numbers are low; the ratios are the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from fraudscore.v1 import fraudscore_pb2 as pb
+from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.loadgen import BUDGET_US, closed_loop, open_loop, transactions
+
+CONCURRENCY = 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _wait_serving(target: str, proc: subprocess.Popen[bytes], *, health: bool, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if not health:
+                    grpc.channel_ready_future(channel).result(timeout=1)
+                    return
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except (grpc.RpcError, grpc.FutureTimeoutError):
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"server on {target} not ready after {timeout_s}s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _batch_throughput(target: str, size: int, duration_s: float) -> float:
+    async def one(stub: pb_grpc.FraudScoringStub, _: object) -> int:
+        txns = transactions(f"b{time.time_ns()}", size)
+        reply = await stub.ScoreBatch(pb.ScoreBatchRequest(transactions=txns), timeout=30)
+        return len(reply.results)
+    return await closed_loop(target, 2, duration_s, call=one)
+
+
+async def _stream_throughput(target: str, streams: int, duration_s: float) -> float:
+    counts = [0] * streams
+
+    async def one(k: int) -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.FraudScoringStub(channel)
+            end = time.perf_counter() + duration_s
+            txns = iter(transactions(f"s{k}-{time.time_ns()}", 200_000))
+
+            async def requests() -> AsyncIterator[pb.ScoreRequest]:
+                while time.perf_counter() < end:
+                    yield pb.ScoreRequest(transaction=next(txns))
+
+            async for _ in stub.ScoreStream(requests(), timeout=duration_s + 30):
+                counts[k] += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(streams)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def bench_serve(model_dir: Path, *, seconds: float = 5.0) -> list[str]:
+    """Run the comparison; returns the table's lines."""
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    bare = subprocess.Popen([sys.executable, "-m", "service.loadgen", "bare", "--port", str(port)])
+    try:
+        _wait_serving(target, bare, health=False)
+        asyncio.run(closed_loop(target, CONCURRENCY, 1.0))  # warm the connection and both sides
+        bare_peak = asyncio.run(closed_loop(target, CONCURRENCY, seconds))
+    finally:
+        _stop(bare)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSCORE_")} | {"FRAUDSCORE_LOG_LEVEL": "ERROR"}
+    with tempfile.TemporaryDirectory() as state_dir:
+        real = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir),
+                                 "--port", str(port), "--metrics-port", "0", "--state-dir", state_dir], env=env)
+        try:
+            _wait_serving(target, real, health=True)
+            asyncio.run(closed_loop(target, CONCURRENCY, 1.0))
+            real_peak = asyncio.run(closed_loop(target, CONCURRENCY, seconds))
+            half = asyncio.run(open_loop(target, 0.5 * bare_peak, 2 * seconds))
+            rss_before = _rss_mib(real.pid)
+            over = asyncio.run(open_loop(target, 3 * real_peak, 4 * seconds))
+            rss_after = _rss_mib(real.pid)
+            batch_tps = asyncio.run(_batch_throughput(target, 256, seconds))
+            stream_tps = asyncio.run(_stream_throughput(target, 8, seconds))
+        finally:
+            _stop(real)
+    overload_calls = over.answered + sum(over.errors.values())
+    return [
+        f"serve: bare gRPC vs the real service, {CONCURRENCY} calls in flight, one process each, loopback",
+        f"  peak Score throughput   bare {bare_peak:8.0f}/s   real {real_peak:8.0f}/s   "
+        f"ratio {real_peak / bare_peak:.2f}  (goal ≥ 0.80)",
+        f"  at 50% of bare peak ({0.5 * bare_peak:.0f}/s, open loop): p50 {half.percentile_ms(50):.2f} ms  "
+        f"p99 {half.percentile_ms(99):.2f} ms  p99.9 {half.percentile_ms(99.9):.2f} ms  "
+        f"(goal p99 ≤ 10, p99.9 ≤ 25); errors {dict(half.errors) or 0}",
+        f"  at 3× real peak ({3 * real_peak:.0f}/s offered, {over.duration_s:.0f} s): {overload_calls} calls, "
+        f"answered {over.answered}, within 50 ms {100 * over.within(BUDGET_US):.1f}% of answered, "
+        f"degraded {over.degraded}, refused {dict(over.errors) or 0}; server RSS {rss_before:.0f} → {rss_after:.0f} MiB",
+        f"  ScoreBatch of 256: {batch_tps:,.0f} transactions/s (goal ≥ 100,000)   "
+        f"ScoreStream ×8: {stream_tps:,.0f} transactions/s (goal ≥ 50,000)",
+    ]
