@@ -46,24 +46,36 @@ def _fingerprint(txn: pb.Transaction) -> int:
 
 @contextlib.asynccontextmanager
 async def _observed(metrics: Metrics, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """The one place errors become status codes; counts every call by method and code."""
+    """The one place errors become status codes; counts every call by method and code.
+
+    An error is counted before `context.abort` sends its status: a client that reads the
+    metrics right after its error must find it there.
+    """
     started = time.perf_counter()
-    code = grpc.StatusCode.OK
+    code: grpc.StatusCode | None = None
+
+    def count(final: grpc.StatusCode) -> None:
+        metrics.requests.labels(method, final.name).inc()
+        metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+
     try:
         yield
     except FraudscoreError as exc:
         code, message = status_of(exc)
+        count(code)
         await context.abort(code, message)
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED
+        count(code)
         raise
     except Exception as exc:
         log.exception("unexpected error in %s", method)
         code, message = status_of(exc)
+        count(code)
         await context.abort(code, message)
     finally:
-        metrics.requests.labels(method, code.name).inc()
-        metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+        if code is None:
+            count(grpc.StatusCode.OK)
 
 
 def _unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
