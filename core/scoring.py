@@ -84,11 +84,11 @@ class Scorer:
         decision = hits.decide(base)
         source = np.where(decision != base, Source.RULES, Source.MODEL).astype(np.int8)
         reasons = [_rule_reasons(hits, i) for i in range(n)]
-        # Model reasons only where the answer is not APPROVE: attributions cost more than a
-        # prediction, and an approval needs no explanation.
+        # Model reasons only where the answer is not APPROVE: exact TreeSHAP costs far more
+        # than a prediction (~0.2 ms a row), and an approval needs no explanation.
         explain = np.flatnonzero(decision != Decision.APPROVE)
         if explain.size and self.top_reasons > 0:
-            attributions = forest.path_attributions(features[explain])[:, :-1]
+            attributions = forest.contributions(features[explain])[:, :-1]
             for i, top in zip(explain, top_reasons(attributions, self.top_reasons), strict=True):
                 reasons[i].extend(Reason(code.code, code.description, w) for code, w in top)
         return ScoredBatch(p, decision, source, False, [tuple(r) for r in reasons], self.model.version,

@@ -111,9 +111,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from service.bench import PARTS
     from service.bench import main as bench_main
 
-    return bench_main(args.model)
+    return bench_main(args.model, [args.part] if args.part else PARTS)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -190,7 +191,9 @@ def parser() -> argparse.ArgumentParser:
                    help="fraud labels feed the features this long after the transaction at the earliest")
     r.set_defaults(run=_replay)
 
-    b = sub.add_parser("bench", help="time the features and the forest against LightGBM, as ratios")
+    b = sub.add_parser("bench", help="features, forest (against LightGBM) and serving (against bare gRPC), as ratios")
+    b.add_argument("part", nargs="?", choices=("features", "forest", "serve"),
+                   help="run only this part (default: all)")
     b.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
     b.set_defaults(run=_bench)
     return p

@@ -4,6 +4,7 @@
     forest.predict(X)            # == Booster.predict(X)
     forest.raw_score(X)          # == Booster.predict(X, raw_score=True)
     forest.path_attributions(X)  # per-feature contributions along each row's path
+    forest.contributions(X)      # == Booster.predict(X, pred_contrib=True), exact TreeSHAP
 """
 
 from core.forest.model import Forest, load_forest

@@ -17,6 +17,8 @@ class ForestArrays:
     For categorical nodes `threshold` holds the global index into `cat_boundaries` (LightGBM holds
     the tree-local one there); words cat_boundaries[i]:cat_boundaries[i+1] of `cat_threshold` are
     that split's bitset of categories that go left.
+    `leaf_count` and `internal_count` are the training rows that reached each leaf and node
+    (LightGBM's `data_count`), the cover TreeSHAP weighs branches by.
     """
 
     tree_root: npt.NDArray[np.int32]
@@ -29,6 +31,8 @@ class ForestArrays:
     leaf_value: npt.NDArray[np.float64]
     cat_boundaries: npt.NDArray[np.int32]
     cat_threshold: npt.NDArray[np.uint32]
+    leaf_count: npt.NDArray[np.int32]
+    internal_count: npt.NDArray[np.int32]
 
     def __post_init__(self) -> None:
         # Kernels run without the GIL and share one model across threads: nobody may write.

@@ -131,6 +131,35 @@ def scores(
 
 
 @njit(nogil=True, cache=True)
+def splits_visited(
+    X: npt.NDArray[np.float64],
+    tree_root: npt.NDArray[np.int32],
+    split_feature: npt.NDArray[np.int32],
+    threshold: npt.NDArray[np.float64],
+    decision_type: npt.NDArray[np.uint8],
+    left_child: npt.NDArray[np.int32],
+    right_child: npt.NDArray[np.int32],
+    cat_boundaries: npt.NDArray[np.int32],
+    cat_threshold: npt.NDArray[np.uint32],
+) -> npt.NDArray[np.int64]:
+    """Per row: how many splits its paths pass through, over all trees (a tree walk's work)."""
+    n_rows = X.shape[0]
+    out = np.zeros(n_rows, dtype=np.int64)
+    for tree in range(tree_root.shape[0]):
+        for row in range(n_rows):
+            node = tree_root[tree]
+            while node >= 0:
+                out[row] += 1
+                if _goes_left(
+                    X[row, split_feature[node]], decision_type[node], threshold[node], cat_boundaries, cat_threshold
+                ):
+                    node = left_child[node]
+                else:
+                    node = right_child[node]
+    return out
+
+
+@njit(nogil=True, cache=True)
 def path_attributions(
     X: npt.NDArray[np.float64],
     tree_root: npt.NDArray[np.int32],

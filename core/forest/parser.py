@@ -53,6 +53,8 @@ class _Tree:
     leaf_value: npt.NDArray[np.float64]
     cat_boundaries: npt.NDArray[np.int64]
     cat_threshold: npt.NDArray[np.int64]
+    leaf_count: npt.NDArray[np.int64]
+    internal_count: npt.NDArray[np.int64]
 
 
 def parse_model(text: str, *, source: str) -> ParsedModel:
@@ -199,8 +201,11 @@ def _parse_tree(block: dict[str, str], num_features: int) -> _Tree:
             if num_cat
             else np.empty(0, dtype=np.int64)
         ),
+        leaf_count=_ints(block, "leaf_count", num_leaves),
+        internal_count=_ints(block, "internal_count", nodes),
     )
     _check_structure(tree, num_features, num_cat)
+    _check_counts(tree)
     return tree
 
 
@@ -238,6 +243,13 @@ def _check_structure(tree: _Tree, num_features: int, num_cat: int) -> None:
     cat_index = tree.threshold[categorical]
     if np.any((cat_index != np.floor(cat_index)) | (cat_index < 0) | (cat_index >= num_cat)):
         raise _BadTree(f"a categorical split's threshold is not a category-set index 0..{num_cat - 1}")
+
+
+def _check_counts(tree: _Tree) -> None:
+    """Row counts are LightGBM `data_size_t` (int32); TreeSHAP divides by the internal ones."""
+    for name, counts in (("leaf_count", tree.leaf_count), ("internal_count", tree.internal_count)):
+        if counts.shape[0] and (counts.min() < 0 or counts.max() > 2**31 - 1):
+            raise _BadTree(f"{name} holds a count outside 0..2**31-1; {_RESAVE}")
 
 
 def _flatten(trees: list[_Tree], source: str) -> ForestArrays:
@@ -278,6 +290,8 @@ def _flatten(trees: list[_Tree], source: str) -> ForestArrays:
         leaf_value=_join([t.leaf_value for t in trees], np.float64),
         cat_boundaries=_join(bounds, np.int32),
         cat_threshold=_join([t.cat_threshold for t in trees], np.uint32),
+        leaf_count=_join([t.leaf_count for t in trees], np.int32),
+        internal_count=_join([t.internal_count for t in trees], np.int32),
     )
 
 

@@ -151,7 +151,7 @@ def test_reasons_are_the_top_positive_reason_codes_of_non_approvals(
     model: LoadedModel, features: np.ndarray, amount: np.ndarray
 ) -> None:
     out = Scorer(model, ruleset()).score(features, amount)
-    attributions = model.forest.path_attributions(features)[:, :-1]
+    attributions = model.forest.contributions(features)[:, :-1]
     # Plain reference: add up each reason code's features, keep the positive ones, largest first.
     lengths = set()
     explained = 0
