@@ -19,7 +19,6 @@ from core.forest import Forest
 
 TOLERANCE = 1e-9
 ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM's kZeroThreshold = 1e-35f
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # database=None: no .hypothesis/ directory in the repository; deadline=None: training time varies.
 MODELS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -288,8 +287,9 @@ def test_categorical_bitsets_on_handmade_splits(decision_type: int) -> None:
     assert_contributions_match(text, grid)
 
 
-def test_service_model_matches_lightgbm() -> None:
-    text = (REPO_ROOT / "models" / "default" / "model.txt").read_text()
+def test_service_model_matches_lightgbm(model_dir: Path) -> None:
+    # The service's kind of model (trained by the suite's fixture, since a fresh clone has no models/).
+    text = (model_dir / "model.txt").read_text()
     forest = Forest.from_string(text)
     rng = np.random.default_rng(8)
     X = rng.normal(size=(30, forest.num_features)) * rng.choice([0.0, 1.0, 10.0, 1000.0], size=(30, forest.num_features))
