@@ -9,27 +9,26 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
-import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import InvalidInputError, ModelLoadError
 from core.forest import Forest
+from tests.core.lightgbm_models import (
+    ZERO_THRESHOLD,
+    FloatArray,
+    feature_matrix,
+    labels,
+    numerical_thresholds,
+    train,
+)
 
 TOLERANCE = 1e-9
-ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM's kZeroThreshold = 1e-35f
 # database=None: no .hypothesis/ directory in the repository; deadline=None: training time varies.
 MODELS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-FloatArray = npt.NDArray[np.float64]
 
-
-def train(X: FloatArray, y: FloatArray, params: dict[str, Any], rounds: int, categorical: list[int] | None = None) -> str:
-    """Train quietly and deterministically; return the model text."""
-    base = {"verbose": -1, "deterministic": True, "num_threads": 1, "force_col_wise": True, "seed": 7}
-    dataset = lgb.Dataset(X, y, categorical_feature=categorical or "auto", params={"verbose": -1})
-    return str(lgb.train({**base, **params}, dataset, num_boost_round=rounds).model_to_string())
 
 
 def assert_contributions_match(text: str, X: FloatArray) -> Forest:
@@ -48,14 +47,6 @@ def assert_contributions_match(text: str, X: FloatArray) -> Forest:
     np.testing.assert_allclose(got.sum(axis=1), raw, rtol=0, atol=TOLERANCE)
     return forest
 
-
-def numerical_thresholds(text: str) -> list[float]:
-    found: list[float] = []
-    for thresholds, types in re.findall(r"^threshold=(.*)\ndecision_type=(.*)$", text, flags=re.M):
-        for value, decision_type in zip(thresholds.split(), types.split(), strict=True):
-            if not int(decision_type) & 1:
-                found.append(float(value))
-    return found
 
 
 def edge_values(thresholds: list[float], rng: np.random.Generator, most: int = 20) -> FloatArray:
@@ -84,27 +75,6 @@ def probe_rows(X_train: FloatArray, values: FloatArray, rng: np.random.Generator
     return np.ascontiguousarray(np.vstack([X_train[:60], mixed, single]))
 
 
-def feature_matrix(rng: np.random.Generator, n_rows: int, n_features: int, special_fraction: float) -> FloatArray:
-    """Continuous, small-integer (many zeros) and sparse columns, with NaN, +-inf and +-0 mixed in."""
-    columns = []
-    for column in range(n_features):
-        if column % 3 == 0:
-            values = rng.normal(size=n_rows)
-        elif column % 3 == 1:
-            values = rng.integers(-3, 4, size=n_rows).astype(np.float64)
-        else:
-            values = np.where(rng.random(n_rows) < 0.7, 0.0, rng.exponential(size=n_rows))
-        columns.append(values)
-    X = np.column_stack(columns)
-    mask = rng.random(X.shape) < special_fraction
-    X[mask] = rng.choice(np.array([np.nan, np.inf, -np.inf, 0.0, -0.0]), size=int(mask.sum()))
-    return X
-
-
-def labels(rng: np.random.Generator, X: FloatArray, objective: str) -> FloatArray:
-    signal = np.nan_to_num(X, nan=0.5, posinf=3.0, neginf=-3.0) @ rng.normal(size=X.shape[1])
-    signal += 0.3 * rng.normal(size=X.shape[0])
-    return (signal > np.median(signal)).astype(np.float64) if objective == "binary" else signal
 
 
 @MODELS
