@@ -63,19 +63,30 @@ async def _observed(metrics: Metrics, method: str, context: grpc.aio.ServicerCon
     except FraudscoreError as exc:
         code, message = status_of(exc)
         count(code)
-        await context.abort(code, message)
+        await _abort(context, code, message)
     except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
+        # grpc cancels the handler when the client goes away or its deadline passes.
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         count(code)
         raise
     except Exception as exc:
         log.exception("unexpected error in %s", method)
         code, message = status_of(exc)
         count(code)
-        await context.abort(code, message)
+        await _abort(context, code, message)
     finally:
         if code is None:
             count(grpc.StatusCode.OK)
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with a status; a call already ended (the client's deadline passed or it
+    went away) has no one to tell, and grpc would log a failed send for every such call."""
+    if context.done():
+        raise asyncio.CancelledError
+    await context.abort(code, message)
 
 
 def _unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:

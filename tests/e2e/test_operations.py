@@ -277,3 +277,29 @@ def test_a_retry_while_the_first_call_runs_waits_for_the_same_answer(tmp_path: P
         assert value(s, "fraudscore_decisions_total") == 1  # scored once
     finally:
         assert srv.stop() == 0
+
+
+def test_calls_whose_client_deadline_passes_in_the_queue_end_quietly(tmp_path: Path, model_dir: Path) -> None:
+    srv = start_server(tmp_path, model_dir=model_dir, extra_env={
+        "FRAUDSCORE_FAULT_INJECTION": "model-slow", "FRAUDSCORE_MAX_BATCH": "1"})  # 200 ms per transaction
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.FraudScoringStub(ch)
+            calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=0.3) for _ in range(5)]
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+        expired = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert expired >= 2  # five calls of 200 ms each cannot all finish within 300 ms
+        deadline = time.monotonic() + 5
+        while value(scrape(srv), "fraudscore_requests_total", code="DEADLINE_EXCEEDED") < expired:
+            assert time.monotonic() < deadline, "expired calls were not counted"
+            time.sleep(0.05)
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
