@@ -70,3 +70,28 @@ def labels(rng: np.random.Generator, X: FloatArray, objective: str) -> FloatArra
     if objective == "binary":
         return (signal > np.median(signal)).astype(np.float64)
     return signal
+
+
+def categorical_model(
+    rng: np.random.Generator, objective: str, n_rows: int, n_categories: int, rounds: int,
+    max_cat_to_onehot: int, use_missing: bool, nan_fraction: float,
+) -> tuple[str, FloatArray]:
+    """A model on two categorical columns (NaN mixed in) and one numerical; returns (text, X)."""
+    categories = rng.integers(0, n_categories, size=(n_rows, 2)).astype(np.float64)
+    categories[rng.random(categories.shape) < nan_fraction] = np.nan
+    X = np.column_stack([categories, rng.normal(size=n_rows)])
+    effect = rng.normal(size=n_categories + 1)
+    signal = effect[np.nan_to_num(categories[:, 0], nan=n_categories).astype(int)] + 0.5 * X[:, 2]
+    y = (signal > np.median(signal)).astype(np.float64) if objective == "binary" else signal
+    params = {
+        "objective": objective,
+        "num_leaves": 15,
+        "min_data_in_leaf": 2,
+        "min_data_per_group": 1,
+        "cat_smooth": 0.0,
+        "cat_l2": 0.0,
+        "min_data_in_bin": 1,
+        "max_cat_to_onehot": max_cat_to_onehot,
+        "use_missing": use_missing,
+    }
+    return train(X, y, params, rounds, categorical=[0, 1]), X

@@ -18,6 +18,7 @@ from core.forest import Forest
 from tests.core.lightgbm_models import (
     ZERO_THRESHOLD,
     FloatArray,
+    categorical_model,
     feature_matrix,
     labels,
     numerical_thresholds,
@@ -150,24 +151,8 @@ def test_categorical_models_match_lightgbm(
     nan_fraction: float,
 ) -> None:
     rng = np.random.default_rng(seed)
-    categories = rng.integers(0, n_categories, size=(n_rows, 2)).astype(np.float64)
-    categories[rng.random(categories.shape) < nan_fraction] = np.nan
-    X = np.column_stack([categories, rng.normal(size=n_rows)])
-    effect = rng.normal(size=n_categories + 1)
-    signal = effect[np.nan_to_num(categories[:, 0], nan=n_categories).astype(int)] + 0.5 * X[:, 2]
-    y = (signal > np.median(signal)).astype(np.float64) if objective == "binary" else signal
-    params = {
-        "objective": objective,
-        "num_leaves": 15,
-        "min_data_in_leaf": 2,
-        "min_data_per_group": 1,
-        "cat_smooth": 0.0,
-        "cat_l2": 0.0,
-        "min_data_in_bin": 1,
-        "max_cat_to_onehot": max_cat_to_onehot,
-        "use_missing": use_missing,
-    }
-    text = train(X, y, params, rounds, categorical=[0, 1])
+    text, X = categorical_model(rng, objective, n_rows, n_categories, rounds, max_cat_to_onehot, use_missing,
+                                nan_fraction)
     probes = np.concatenate([CATEGORY_PROBES, np.arange(n_categories + 5, dtype=np.float64)])
     values = np.concatenate([probes, edge_values(numerical_thresholds(text), rng)])
     assert_contributions_match(text, probe_rows(X, values, rng))

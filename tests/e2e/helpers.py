@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,6 +67,18 @@ def offline_probabilities(model_dir: Path, txns: Sequence[pb.Transaction]) -> np
     model = load_model_dir(model_dir)
     features = replay_features(history_of(txns))
     return model.forest.predict(features)
+
+
+def status_codes(calls: Sequence[grpc.Future]) -> list[grpc.StatusCode]:
+    """The status code each finished call ended with (OK for an answer)."""
+    codes = []
+    for call in calls:
+        try:
+            call.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+    return codes
 
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, ServerProcess, start_server
-from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, txn, uid, value
+from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, status_codes, txn, uid, value
 
 SERVICE = "fraudscore.v1.FraudScoring"
 
@@ -130,12 +130,7 @@ def test_sigterm_drains_snapshots_state_and_a_restart_restores_it(tmp_path: Path
             stub = pb_grpc.FraudScoringStub(ch)
             for _ in range(100):
                 calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=10) for _ in range(8)]
-                for call in calls:
-                    try:
-                        call.result()
-                        results.append(grpc.StatusCode.OK)
-                    except grpc.RpcError as exc:
-                        results.append(exc.code())
+                results.extend(status_codes(calls))
                 if any(code != grpc.StatusCode.OK for code in results):
                     return
 
@@ -212,13 +207,7 @@ def test_a_burst_beyond_the_queue_bound_is_shed_and_counted(tmp_path: Path, mode
             assert value(scrape(srv), "fraudscore_idempotent_replays_total") == 0
             # A burst of concurrent calls: each one is answered or shed, nothing else.
             calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=60) for _ in range(40)]
-            codes = []
-            for call in calls:
-                try:
-                    call.result()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as exc:
-                    codes.append(exc.code())
+            codes = status_codes(calls)
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert grpc.StatusCode.OK in codes
         shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -286,13 +275,7 @@ def test_calls_whose_client_deadline_passes_in_the_queue_end_quietly(tmp_path: P
         with grpc.insecure_channel(srv.target) as ch:
             stub = pb_grpc.FraudScoringStub(ch)
             calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=0.3) for _ in range(5)]
-            codes = []
-            for call in calls:
-                try:
-                    call.result()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as exc:
-                    codes.append(exc.code())
+            codes = status_codes(calls)
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
         expired = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED)
         assert expired >= 2  # five calls of 200 ms each cannot all finish within 300 ms
