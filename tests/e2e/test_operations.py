@@ -289,3 +289,19 @@ def test_calls_whose_client_deadline_passes_in_the_queue_end_quietly(tmp_path: P
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def test_a_stream_keeps_several_messages_in_flight(tmp_path: Path, model_dir: Path) -> None:
+    srv = start_server(tmp_path, model_dir=model_dir, extra_env={"FRAUDSCORE_FAULT_INJECTION": "model-slow"})
+    try:
+        seq = [txn() for _ in range(12)]
+        with grpc.insecure_channel(srv.target) as ch:
+            results = list(pb_grpc.FraudScoringStub(ch).ScoreStream(
+                iter(pb.ScoreRequest(transaction=t) for t in seq), timeout=60))
+        assert [r.transaction_id for r in results] == [t.transaction_id for t in seq]
+        s = scrape(srv)
+        # One message per round trip would take 12 pipeline calls of 200 ms each.
+        assert value(s, "fraudscore_batch_size_sum") == 12
+        assert value(s, "fraudscore_batch_size_count") <= 6
+    finally:
+        assert srv.stop() == 0
