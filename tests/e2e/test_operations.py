@@ -285,7 +285,12 @@ def test_calls_whose_client_deadline_passes_in_the_queue_end_quietly(tmp_path: P
         while value(scrape(srv), "fraudscore_requests_total", method="Score") < len(calls):
             assert time.monotonic() < deadline, "not every call was counted"
             time.sleep(0.05)
-        assert value(scrape(srv), "fraudscore_requests_total", method="Score", code="DEADLINE_EXCEEDED") >= 1
+        # Expired in the queue, or cancelled by grpc at the deadline: counted either way
+        # (grpc's deadline timer and our clock may disagree by a hair about which came first).
+        s = scrape(srv)
+        gave_up = sum(value(s, "fraudscore_requests_total", method="Score", code=c)
+                      for c in ("DEADLINE_EXCEEDED", "CANCELLED"))
+        assert gave_up >= 1
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
