@@ -22,7 +22,6 @@ _CURRENCY_EXPONENT: dict[str, int] = {
     "BHD": 3, "IQD": 3, "JOD": 3, "KWD": 3, "LYD": 3, "OMR": 3, "TND": 3,
 }
 
-MISSING_KEY = np.uint64(0)
 # Identifier columns: a list from protobuf messages, or an object array from a history.
 Strings = Sequence[str] | np.ndarray
 

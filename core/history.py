@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from core.identifiers import looks_like_pan as is_pan
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -177,12 +179,8 @@ def _to_numpy(values: Any, dtype: DType) -> np.ndarray:
 
 
 def looks_like_pan(values: np.ndarray) -> np.ndarray:
-    """Boolean mask: which strings are 13 to 19 digits only, the shape of a raw card number."""
-    return np.fromiter(
-        (isinstance(v, str) and 13 <= len(v) <= 19 and v.isascii() and v.isdigit() for v in values),
-        dtype=bool,
-        count=len(values),
-    )
+    """Boolean mask: which strings look like a raw card number (the API's rule, core.identifiers)."""
+    return np.fromiter((isinstance(v, str) and is_pan(v) for v in values), dtype=bool, count=len(values))
 
 
 def validate_history(history: History, *, source: str = "<in-memory history>") -> None:

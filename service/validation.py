@@ -13,6 +13,7 @@ import re
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.errors import InvalidInputError
+from core.identifiers import looks_like_pan
 
 MAX_ID_CHARS = 128
 MAX_AMOUNT_MINOR = 10**15
@@ -22,28 +23,8 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _MCC = re.compile(r"[0-9]{4}")
-_PAN_SEPARATORS = str.maketrans("", "", " -._/")
 _CHANNELS = frozenset(pb.Channel.values())
 _OUTCOMES = frozenset(v for v in pb.Outcome.values() if v != pb.OUTCOME_UNSPECIFIED)
-
-
-def luhn_ok(digits: str) -> bool:
-    """The Luhn checksum of a string of digits."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
-def looks_like_pan(value: str) -> bool:
-    """True for 13–19 digits (spaces, dashes, dots, underscores, slashes ignored) passing the Luhn check."""
-    digits = value.translate(_PAN_SEPARATORS)
-    return 13 <= len(digits) <= 19 and digits.isdigit() and digits.isascii() and luhn_ok(digits)
 
 
 def _identifier(prefix: str, name: str, value: str, *, required: bool) -> None:

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.errors import InvalidInputError
-from service.validation import looks_like_pan, luhn_ok, validate_outcome, validate_transaction
+from core.identifiers import looks_like_pan, luhn_ok
+from service.validation import validate_outcome, validate_transaction
 from tests.e2e.helpers import BASE_TIME_MS, txn
 
 
