@@ -7,8 +7,9 @@ The same encoding serves a live batch and a whole offline history.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import xxhash
@@ -24,6 +25,8 @@ _CURRENCY_EXPONENT: dict[str, int] = {
 
 # Identifier columns: a list from protobuf messages, or an object array from a history.
 Strings = Sequence[str] | np.ndarray
+T = TypeVar("T")
+_DEDUP_FROM = 256  # below this many values a table costs more than it saves
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +72,20 @@ class KeyHasher:
 
     def keys(self, values: Strings) -> np.ndarray:
         """Keys of many identifiers as a uint64 array."""
-        return np.fromiter((self.key(v) for v in values), dtype=np.uint64, count=len(values))
+        return mapped(values, self.key, np.uint64)
+
+
+def mapped(values: Strings, fn: Callable[[str], T], dtype: type) -> np.ndarray:
+    """`fn` of every value as an array, computed once per distinct value.
+
+    A long column (a history being replayed) repeats its cards, merchants and countries
+    many times: deduplicating in C (`dict.fromkeys`, `map` over a dict lookup) and calling
+    `fn` per distinct value made offline encoding several times faster.
+    """
+    if len(values) < _DEDUP_FROM:
+        return np.fromiter(map(fn, values), dtype=dtype, count=len(values))
+    table = {v: fn(v) for v in dict.fromkeys(values)}
+    return np.fromiter(map(table.__getitem__, values), dtype=dtype, count=len(values))
 
 
 def currency_exponent(currency: str) -> int:
@@ -79,8 +95,13 @@ def currency_exponent(currency: str) -> int:
 
 def amount_major(amount_minor: np.ndarray, currency: Strings) -> np.ndarray:
     """Amounts in major units, as float64."""
-    scale = np.fromiter((10.0 ** -currency_exponent(c) for c in currency), dtype=np.float64, count=len(currency))
-    return np.asarray(amount_minor, dtype=np.float64) * scale
+    scale = mapped(currency, _minor_unit, np.float64)
+    amount: np.ndarray = np.asarray(amount_minor, dtype=np.float64) * scale
+    return amount
+
+
+def _minor_unit(currency: str) -> float:
+    return float(10.0 ** -currency_exponent(currency))
 
 
 def mcc_code(category: str) -> int:
@@ -114,7 +135,6 @@ def encode_columns(
     longitude: np.ndarray,
 ) -> EncodedBatch:
     """Encode already-validated columns into an `EncodedBatch`."""
-    n = len(card_id)
     return EncodedBatch(
         card_key=hasher.keys(card_id),
         customer_key=hasher.keys(customer_id),
@@ -124,8 +144,8 @@ def encode_columns(
         amount=amount_major(amount_minor, currency),
         event_time_ms=np.ascontiguousarray(event_time_ms, dtype=np.int64),
         channel=np.ascontiguousarray(channel, dtype=np.int64),
-        merchant_category=np.fromiter((mcc_code(c) for c in merchant_category), dtype=np.int64, count=n),
-        country=np.fromiter((country_code(c) for c in country), dtype=np.int64, count=n),
+        merchant_category=mapped(merchant_category, mcc_code, np.int64),
+        country=mapped(country, country_code, np.int64),
         latitude=np.ascontiguousarray(latitude, dtype=np.float64),
         longitude=np.ascontiguousarray(longitude, dtype=np.float64),
     )

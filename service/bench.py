@@ -177,7 +177,13 @@ def replayed_rows(n_history: int = 20_000) -> tuple[Any, Rows]:
     return history, replay_features(history)
 
 
-def bench_features(history: Any) -> list[str]:
+def offline_history() -> Any:
+    """A simulated month of 20,000 cards (~790,000 transactions): state outgrows the CPU caches
+    as it would offline, unlike the small week the online rows use."""
+    return simulate(num_days=30, num_cards=20_000, num_merchants=2_000, seed=3)
+
+
+def bench_features(history: Any, *, rounds: int = 3) -> list[str]:
     """Online per-batch cost, offline replay throughput, and state memory per entity."""
     batch = encode_history(history, KeyHasher())
     n_rows = min(4096, len(history))
@@ -191,15 +197,20 @@ def bench_features(history: Any) -> list[str]:
                 engine.compute(batch.slice(start, start + n))
         us = _best_us(run, repeats=3) / n_rows
         lines.append(f"  online, batch {n:>4}: {us:.3f} µs per transaction" + (f" (goal {goal} µs)" if goal else ""))
-    engine = FeatureEngine(EntityState.empty())
-    t0 = time.perf_counter()
-    engine.compute(batch)
-    kernel_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    replay_features(history)
-    replay_s = time.perf_counter() - t0
-    lines.append(f"  offline: kernels alone {len(history) / kernel_s:,.0f} txn/s (goal ≥ 1,000,000 on one core); "
-                 f"whole replay incl. encoding and outcome interleaving {len(history) / replay_s:,.0f} txn/s")
+    month = offline_history()
+    month_batch = encode_history(month, KeyHasher())
+    kernel_s = replay_s = float("inf")
+    for _ in range(rounds):  # best of a few, each on fresh state with the service's capacities
+        engine = FeatureEngine(EntityState.empty())
+        t0 = time.perf_counter()
+        engine.compute(month_batch)
+        kernel_s = min(kernel_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        replay_features(month)
+        replay_s = min(replay_s, time.perf_counter() - t0)
+    lines.append(f"  offline, {len(month):,} transactions of {20_000:,} cards: kernels alone "
+                 f"{len(month) / kernel_s:,.0f} txn/s (goal ≥ 1,000,000 on one core); whole replay incl. "
+                 f"encoding and outcome interleaving {len(month) / replay_s:,.0f} txn/s")
     state = EntityState.empty(card_capacity=16, merchant_capacity=16, customer_capacity=16, device_capacity=16,
                               ip_capacity=16)
     per_entity = {t.kind: (t.keys.itemsize + t.last_seen_ms.itemsize + t.values[0].nbytes + t.tags[0].nbytes)

@@ -22,20 +22,27 @@ import numpy as np
 
 # Slot layouts. The kernels index with these constants; changing them changes the
 # feature-set version (this file is part of its hash).
-CARD_T, CARD_N10M, CARD_N1H, CARD_N24H, CARD_N7D, CARD_S1H, CARD_S24H = 0, 1, 2, 3, 4, 5, 6
-CARD_MEAN, CARD_VAR, CARD_COUNT, CARD_LOC_T, CARD_LAT, CARD_LON, CARD_FRAUD, CARD_FRAUD_T = (
-    7, 8, 9, 10, 11, 12, 13, 14)
-CARD_VALUES = 15
-CARD_DEV1, CARD_DEV2, CARD_IP1, CARD_IP2, CARD_COUNTRY = 0, 1, 2, 3, 4
-CARD_TAGS = 5
+# Card values: state time; decayed counts (1 min .. 30 d) and amount sums; log-amount
+# moments; the latest location; confirmed fraud.
+(CARD_T, CARD_N1M, CARD_N10M, CARD_N1H, CARD_N24H, CARD_N7D, CARD_N30D, CARD_S1H, CARD_S24H, CARD_S7D,
+ CARD_MEAN, CARD_VAR, CARD_COUNT, CARD_LOC_T, CARD_LAT, CARD_LON, CARD_FRAUD, CARD_FRAUD_T) = range(18)
+CARD_VALUES = 18
+# Card tags: the last two devices and IPs, the last country, a 128-bit Bloom filter of merchants
+# (two words), and 64-bit distinct-count sketches of merchants and devices for the current and
+# the previous 12-hour bucket.
+(CARD_DEV1, CARD_DEV2, CARD_IP1, CARD_IP2, CARD_COUNTRY, CARD_MERCHANT_BLOOM_LO, CARD_MERCHANT_BLOOM_HI,
+ CARD_MERCHANTS_NOW, CARD_MERCHANTS_BEFORE, CARD_DEVICES_NOW, CARD_DEVICES_BEFORE) = range(11)
+CARD_TAGS = 11
 
-MERCHANT_T, MERCHANT_N1H, MERCHANT_N24H, MERCHANT_N30D = 0, 1, 2, 3
-MERCHANT_MEAN, MERCHANT_VAR, MERCHANT_COUNT, MERCHANT_FRAUD, MERCHANT_FRAUD_T = 4, 5, 6, 7, 8
-MERCHANT_VALUES = 9
+(MERCHANT_T, MERCHANT_N10M, MERCHANT_N1H, MERCHANT_N24H, MERCHANT_N7D, MERCHANT_N30D, MERCHANT_S1H, MERCHANT_S24H,
+ MERCHANT_MEAN, MERCHANT_VAR, MERCHANT_COUNT, MERCHANT_FRAUD7, MERCHANT_FRAUD30, MERCHANT_FRAUD_T) = range(14)
+MERCHANT_VALUES = 14
+MERCHANT_TAGS = 0
 
-SMALL_T, SMALL_N, SMALL_SWITCHES = 0, 1, 2  # customer, device, IP: a time and one or two counters
-SMALL_VALUES = 3
-DEVICE_LAST_CARD = 0
+# Customer, device and IP share one layout: decayed counts and sums, and card switches.
+SMALL_T, SMALL_N10M, SMALL_N1H, SMALL_N24H, SMALL_S1H, SMALL_S24H, SMALL_SWITCHES = range(7)
+SMALL_VALUES = 7
+SMALL_LAST_CARD = 0
 SMALL_TAGS = 1
 
 MAX_PROBE = 16
@@ -137,7 +144,8 @@ class EntityState:
 
 
 _LAYOUT = {  # kind: (values, tags) per entity, in EntityState field order
-    "card": (CARD_VALUES, CARD_TAGS), "merchant": (MERCHANT_VALUES, 1), "customer": (SMALL_VALUES, SMALL_TAGS),
+    "card": (CARD_VALUES, CARD_TAGS), "merchant": (MERCHANT_VALUES, MERCHANT_TAGS),
+    "customer": (SMALL_VALUES, SMALL_TAGS),
     "device": (SMALL_VALUES, SMALL_TAGS), "ip": (SMALL_VALUES, SMALL_TAGS),
 }
 _TABLE_ARRAYS = ("keys", "last_seen_ms", "values", "tags", "counters")

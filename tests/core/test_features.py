@@ -33,7 +33,9 @@ NAN = math.nan
 EARTH_RADIUS_KM = 6371.0088
 EW_MIN_ALPHA = 1.0 / 64.0
 MIN_STD = 0.1
-TAU_MS = {"10m": 10.0 * MIN_MS, "1h": 1.0 * HOUR_MS, "24h": 1.0 * DAY_MS, "7d": 7.0 * DAY_MS, "30d": 30.0 * DAY_MS}
+TAU_MS = {"1m": 1.0 * MIN_MS, "10m": 10.0 * MIN_MS, "1h": 1.0 * HOUR_MS, "24h": 1.0 * DAY_MS, "7d": 7.0 * DAY_MS,
+          "30d": 30.0 * DAY_MS}
+SKETCH_BUCKET_MS = 12 * HOUR_MS
 COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 
@@ -190,15 +192,59 @@ class Moments:
 
 
 @dataclass
+class MerchantMemory:
+    """The card's merchants as the documented Bloom filter: bit positions key mod 128 and (key >> 7) mod 128,
+    forgotten all at once when 64 of the 128 are set."""
+
+    bits: set[int] = field(default_factory=set)
+
+    def novelty(self, key: int, known: bool) -> float:
+        if key == 0:
+            return NAN
+        positions = {key % 128, (key >> 7) % 128}
+        seen = positions <= self.bits
+        if len(self.bits) >= 64:
+            self.bits.clear()
+        self.bits |= positions
+        return (0.0 if seen else 1.0) if known else NAN
+
+
+@dataclass
+class DistinctSketch:
+    """Keys seen per 12-hour bucket (as bit positions key >> 58), for the bucket of the card's latest
+    event time and the one before; an event sees the kept buckets from its own bucket's predecessor
+    on (all kept buckets when it is late)."""
+
+    buckets: dict[int, set[int]] = field(default_factory=dict)
+
+    def estimate_and_add(self, key: int, bucket: int, state_bucket: int) -> float:
+        kept = {b: bits for b, bits in self.buckets.items() if b in (state_bucket, state_bucket - 1)}
+        visible: set[int] = set()
+        for b, bits in kept.items():
+            if bucket <= state_bucket or b >= bucket - 1:
+                visible |= bits
+        zeros = 64 - len(visible)
+        estimate = 64.0 * math.log(64.0 / max(zeros, 1))
+        newest = max(bucket, state_bucket)
+        self.buckets = {b: bits for b, bits in kept.items() if b in (newest, newest - 1)}
+        if key != 0 and bucket in (newest, newest - 1):
+            self.buckets.setdefault(bucket, set()).add(key >> 58)
+        return estimate
+
+
+@dataclass
 class Card:
     as_of: float = 0.0  # the latest event time seen; counters are kept as of it (zero counters need no time)
     count: float = 0.0
-    txns: dict[str, float] = field(default_factory=lambda: {"10m": 0.0, "1h": 0.0, "24h": 0.0, "7d": 0.0})
-    amounts: dict[str, float] = field(default_factory=lambda: {"1h": 0.0, "24h": 0.0})
+    txns: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("1m", "10m", "1h", "24h", "7d", "30d"), 0.0))
+    amounts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("1h", "24h", "7d"), 0.0))
     moments: Moments = field(default_factory=Moments)
     devices: list[int] = field(default_factory=list)  # the last two distinct, most recent first
     ips: list[int] = field(default_factory=list)
     country: int | None = None
+    merchants: MerchantMemory = field(default_factory=MerchantMemory)
+    distinct_merchants: DistinctSketch = field(default_factory=DistinctSketch)
+    distinct_devices: DistinctSketch = field(default_factory=DistinctSketch)
     location: tuple[float, float, float] | None = None  # (time, lat, lon) of the latest located transaction
     fraud: float = 0.0
     fraud_as_of: float = 0.0
@@ -208,18 +254,20 @@ class Card:
 class Merchant:
     as_of: float = 0.0
     count: float = 0.0
-    txns: dict[str, float] = field(default_factory=lambda: {"1h": 0.0, "24h": 0.0, "30d": 0.0})
+    txns: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("10m", "1h", "24h", "7d", "30d"), 0.0))
+    amounts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("1h", "24h"), 0.0))
     moments: Moments = field(default_factory=Moments)
-    fraud: float = 0.0
+    fraud: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("7d", "30d"), 0.0))
     fraud_as_of: float = 0.0
 
 
 @dataclass
 class Small:
-    """Customer, device or IP: a decayed count (and for a device, card switches)."""
+    """Customer, device or IP: decayed counts and sums, and card switches."""
 
     as_of: float = 0.0
-    txns: float = 0.0
+    txns: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("10m", "1h", "24h"), 0.0))
+    amounts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("1h", "24h"), 0.0))
     switches: float = 0.0
     last_card: int = 0
 
@@ -254,14 +302,14 @@ class Reference:
         if r.weight == 0.0:  # a legitimate outcome changes nothing
             return
         t = float(r.time_ms)
-        entities: list[Card | Merchant] = []
         if r.card:
-            entities.append(self.cards.setdefault(r.card, Card()))
+            c = self.cards.setdefault(r.card, Card())
+            c.fraud = with_event(c.fraud, c.fraud_as_of, t, TAU_MS["30d"], r.weight)
+            c.fraud_as_of = max(c.fraud_as_of, t)
         if r.merchant:
-            entities.append(self.merchants.setdefault(r.merchant, Merchant()))
-        for e in entities:
-            e.fraud = with_event(e.fraud, e.fraud_as_of, t, TAU_MS["30d"], r.weight)
-            e.fraud_as_of = max(e.fraud_as_of, t)
+            m = self.merchants.setdefault(r.merchant, Merchant())
+            m.fraud = {w: with_event(v, m.fraud_as_of, t, TAU_MS[w], r.weight) for w, v in m.fraud.items()}
+            m.fraud_as_of = max(m.fraud_as_of, t)
 
     def transaction(self, txn: Txn) -> dict[str, float]:
         t = float(txn.time_ms)
@@ -273,12 +321,14 @@ class Reference:
             "merchant_category": float(txn.mcc) if txn.mcc >= 0 else NAN,
             "hour_of_day_utc": when.hour + when.minute / 60 + when.second / 3600 + when.microsecond / 3.6e9,
             "day_of_week_utc": float(when.weekday()),
+            # Solar time: the sun crosses 15° of longitude an hour, 240,000 ms a degree.
+            "hour_of_day_local": NAN if math.isnan(txn.lon) else ((t + txn.lon * 240_000.0) % DAY_MS) / HOUR_MS,
         }
         f |= self._card(txn, t, x)
         f |= self._merchant(txn, t, x)
-        f["customer_txn_count_24h"] = self._count(self.customers, txn.customer, t, "24h")
-        f["device_txn_count_1h"], f["device_card_switches_24h"] = self._device(txn.device, txn.card, t)
-        f["ip_txn_count_1h"] = self._count(self.ips, txn.ip, t, "1h")
+        f |= self._small("customer", self.customers, txn.customer, txn, t)
+        f |= self._small("device", self.devices, txn.device, txn, t)
+        f |= self._small("ip", self.ips, txn.ip, txn, t)
         return f
 
     def _card(self, txn: Txn, t: float, x: float) -> dict[str, float]:
@@ -295,6 +345,10 @@ class Reference:
         f["card_txn_count_total"] = c.count
         f["card_new_device"] = novelty(c.devices, txn.device, known)
         f["card_new_ip"] = novelty(c.ips, txn.ip, known)
+        f["card_new_merchant"] = c.merchants.novelty(txn.merchant, known)
+        bucket, state_bucket = txn.time_ms // SKETCH_BUCKET_MS, int(c.as_of) // SKETCH_BUCKET_MS
+        f["card_distinct_merchants_24h"] = c.distinct_merchants.estimate_and_add(txn.merchant, bucket, state_bucket)
+        f["card_distinct_devices_24h"] = c.distinct_devices.estimate_and_add(txn.device, bucket, state_bucket)
         if txn.country < 0:
             f["card_new_country"] = NAN
         else:
@@ -326,16 +380,16 @@ class Reference:
         if txn.merchant == 0:
             return dict.fromkeys(names, NAN)
         m = self.merchants.setdefault(txn.merchant, Merchant())
-        fraud = decayed(m.fraud, m.fraud_as_of, t, TAU_MS["30d"])
-        f = {
-            "merchant_txn_count_1h": decayed(m.txns["1h"], m.as_of, t, TAU_MS["1h"]),
-            "merchant_txn_count_24h": decayed(m.txns["24h"], m.as_of, t, TAU_MS["24h"]),
-            "merchant_amount_zscore": m.moments.zscore(m.count, x),
-            "merchant_fraud_count_30d": fraud,
-            "merchant_fraud_rate_30d": fraud / (decayed(m.txns["30d"], m.as_of, t, TAU_MS["30d"]) + 1),
-        }
+        f = {f"merchant_txn_count_{w}": decayed(m.txns[w], m.as_of, t, TAU_MS[w]) for w in ("10m", "1h", "24h", "7d")}
+        f |= {f"merchant_amount_sum_{w}": decayed(m.amounts[w], m.as_of, t, TAU_MS[w]) for w in m.amounts}
+        f["merchant_amount_zscore"] = m.moments.zscore(m.count, x)
+        f |= {f"merchant_fraud_count_{w}": decayed(v, m.fraud_as_of, t, TAU_MS[w]) for w, v in m.fraud.items()}
+        f["merchant_fraud_rate_30d"] = f["merchant_fraud_count_30d"] / (decayed(m.txns["30d"], m.as_of, t,
+                                                                                 TAU_MS["30d"]) + 1)
         for w in m.txns:
             m.txns[w] = with_event(m.txns[w], m.as_of, t, TAU_MS[w], 1.0)
+        for w in m.amounts:
+            m.amounts[w] = with_event(m.amounts[w], m.as_of, t, TAU_MS[w], txn.amount)
         m.moments.add(m.count, x)
         m.count += 1
         m.as_of = max(m.as_of, t)
@@ -343,27 +397,22 @@ class Reference:
         return f
 
     @staticmethod
-    def _count(table: dict[int, Small], key: int, t: float, window: str) -> float:
+    def _small(kind: str, table: dict[int, Small], key: int, txn: Txn, t: float) -> dict[str, float]:
+        names = [n for n in FEATURE_NAMES if n.startswith(f"{kind}_")]
         if key == 0:
-            return NAN
+            return dict.fromkeys(names, NAN)
         e = table.setdefault(key, Small())
-        before = decayed(e.txns, e.as_of, t, TAU_MS[window])
-        e.txns = with_event(e.txns, e.as_of, t, TAU_MS[window], 1.0)
+        f = {f"{kind}_txn_count_{w}": decayed(v, e.as_of, t, TAU_MS[w]) for w, v in e.txns.items()}
+        f |= {f"{kind}_amount_sum_{w}": decayed(v, e.as_of, t, TAU_MS[w]) for w, v in e.amounts.items()}
+        f[f"{kind}_card_switches_24h"] = decayed(e.switches, e.as_of, t, TAU_MS["24h"])
+        switched = e.last_card not in (0, txn.card)  # a different card than the entity's previous one
+        e.txns = {w: with_event(v, e.as_of, t, TAU_MS[w], 1.0) for w, v in e.txns.items()}
+        e.amounts = {w: with_event(v, e.as_of, t, TAU_MS[w], txn.amount) for w, v in e.amounts.items()}
+        e.switches = with_event(e.switches, e.as_of, t, TAU_MS["24h"], 1.0 if switched else 0.0)
+        e.last_card = txn.card
         e.as_of = max(e.as_of, t)
-        return before
-
-    def _device(self, key: int, card: int, t: float) -> tuple[float, float]:
-        if key == 0:
-            return NAN, NAN
-        d = self.devices.setdefault(key, Small())
-        count = decayed(d.txns, d.as_of, t, TAU_MS["1h"])
-        switches = decayed(d.switches, d.as_of, t, TAU_MS["24h"])
-        switched = d.last_card not in (0, card)  # a different card than the device's previous one
-        d.txns = with_event(d.txns, d.as_of, t, TAU_MS["1h"], 1.0)
-        d.switches = with_event(d.switches, d.as_of, t, TAU_MS["24h"], 1.0 if switched else 0.0)
-        d.last_card = card
-        d.as_of = max(d.as_of, t)
-        return count, switches
+        assert set(f) == set(names)
+        return f
 
     def features(self, events: Sequence[Event]) -> np.ndarray:
         """The feature matrix of the transactions among `events`, in registry order."""
@@ -525,6 +574,56 @@ def test_device_card_switches_decay_while_the_same_card_keeps_using_the_device()
     assert switches[3] == pytest.approx(math.exp(-10), rel=1e-9)
 
 
+def test_new_merchant_flag_remembers_the_cards_merchants() -> None:
+    card, shops = KEYS["card"][0], KEYS["merchant"][:3]
+    visits = [shops[0], shops[1], shops[0], shops[2], shops[1]]
+    f, _ = run_engine([Txn(card, m, BASE_MS + i * HOUR_MS) for i, m in enumerate(visits)])
+    flags = f[:, COL["card_new_merchant"]]
+    assert math.isnan(flags[0])  # a new card: nothing to compare with
+    assert flags[1:].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_new_merchant_memory_is_forgotten_once_half_full_so_false_seen_stays_bounded() -> None:
+    # Merchants with disjoint Bloom positions: after 32 of them (64 bits set), the filter is cleared.
+    card = KEYS["card"][0]
+    merchants = [1 + i + (i + 64) * 128 for i in range(40)]  # positions i+1 and i+64+... all distinct
+    events = [Txn(card, m, BASE_MS + i * MIN_MS) for i, m in enumerate(merchants)]
+    events.append(Txn(card, merchants[0], BASE_MS + 41 * MIN_MS))
+    f, _ = run_engine(events, batch=1)
+    assert_matches_reference(f, Reference().features(events))
+    assert f[-1, COL["card_new_merchant"]] == 1.0  # forgotten with the rest at the 33rd merchant
+
+
+def test_distinct_merchants_and_devices_over_the_current_and_previous_12_hours() -> None:
+    card = KEYS["card"][0]
+    start = BASE_MS + 12 * HOUR_MS  # buckets are 12 hours from the epoch: this one is 12:00–24:00 UTC
+    events: list[Event] = [Txn(card, KEYS["merchant"][i % 5], start + i * MIN_MS, device=KEYS["device"][i % 2])
+                           for i in range(10)]
+    events.append(Txn(card, KEYS["merchant"][0], start + 11 * HOUR_MS))  # 23:00, the same bucket as the first ten
+    events.append(Txn(card, KEYS["merchant"][0], start + 23 * HOUR_MS))  # 11:00 next day: the bucket before counts
+    events.append(Txn(card, KEYS["merchant"][0], start + 50 * HOUR_MS))  # two buckets on: all forgotten
+    f, _ = run_engine(events)
+    assert_matches_reference(f, Reference().features(events))
+    merchants, devices = f[:, COL["card_distinct_merchants_24h"]], f[:, COL["card_distinct_devices_24h"]]
+    estimate = [64 * math.log(64 / (64 - k)) for k in range(6)]  # linear counting without collisions
+    distinct_bits = len({KEYS["merchant"][i] >> 58 for i in range(5)})
+    assert merchants[0] == 0.0 and devices[0] == 0.0
+    assert merchants[10] == pytest.approx(estimate[distinct_bits], rel=1e-12)
+    assert merchants[11] == merchants[10]
+    assert devices[10] == pytest.approx(estimate[len({KEYS["device"][i] >> 58 for i in range(2)})], rel=1e-12)
+    assert merchants[12] == 0.0 and devices[12] == 0.0
+
+
+def test_local_hour_follows_longitude() -> None:
+    card, merchant = KEYS["card"][0], KEYS["merchant"][0]
+    events = [Txn(card, merchant, BASE_MS + 6 * HOUR_MS, lat=0.0, lon=lon) for lon in (0.0, 15.0, -90.0, 180.0)]
+    events.append(Txn(card, merchant, BASE_MS + 6 * HOUR_MS))
+    f, _ = run_engine(events)
+    local = f[:, COL["hour_of_day_local"]]
+    assert local[:4].tolist() == pytest.approx([6.0, 7.0, 0.0, 18.0], abs=1e-12)
+    assert math.isnan(local[4])
+
+
 # --------------------------------------------------------------------------- batching
 
 
@@ -572,7 +671,7 @@ def test_unknown_identifiers_give_nan_and_create_no_state() -> None:
     out = engine.compute(encode([Txn(0, 0, BASE_MS, country=3, lat=1.0, lon=1.0)] * 2))
     unknown = [n for n in FEATURE_NAMES if n.split("_")[0] in ("card", "merchant", "customer", "device", "ip")
                and n != "merchant_category"]
-    assert len(unknown) == NUM_FEATURES - 5
+    assert len(unknown) == NUM_FEATURES - 6  # the transaction's own: amount, channel, MCC, three times
     assert np.isnan(out[:, [COL[n] for n in unknown]]).all()
     assert np.isfinite(out[:, [COL[n] for n in FEATURE_NAMES if n not in unknown and n != "merchant_category"]]).all()
     engine.apply_outcomes(np.zeros(1, dtype=np.uint64), np.zeros(1, dtype=np.uint64),
@@ -833,3 +932,14 @@ def test_docs_table_lists_every_feature_in_registry_order() -> None:
     text = (REPO / "docs" / "features.md").read_text()
     listed = re.findall(r"^\|\s*\d+\s*\|\s*`([a-z0-9_]+)`", text, flags=re.MULTILINE)
     assert listed == list(FEATURE_NAMES)
+
+
+def test_kernel_column_blocks_match_the_registry() -> None:
+    # The kernels write without bounds checks, so their column count must be the registry's.
+    from core.features import kernels
+
+    assert kernels.KERNEL_FEATURES == NUM_FEATURES
+    blocks = {"card": kernels.CARD_COL, "merchant": kernels.MERCHANT_COL, "customer": kernels.CUSTOMER_COL,
+              "device": kernels.DEVICE_COL, "ip": kernels.IP_COL}
+    for kind, col in blocks.items():
+        assert FEATURE_NAMES[col].startswith(f"{kind}_") and not FEATURE_NAMES[col - 1].startswith(f"{kind}_")

@@ -6,6 +6,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.encode import KeyHasher
 from core.features import FEATURE_NAMES, NUM_FEATURES, EntityState, FeatureEngine
@@ -186,3 +188,18 @@ def test_replay_equals_what_the_service_would_have_computed(
     labelled = report_after_ms is not None or label_delay_ms is not None
     assert (replayed[:, CARD_FRAUD] > 0).any() == labelled
     assert (replayed[:, MERCHANT_FRAUD] > 0).any() == labelled
+
+
+@settings(max_examples=50, deadline=None)
+@given(distinct=st.lists(st.sampled_from(["", "a", "card-1", "card-2", "ü", "US", "5411", "12345"]), max_size=30),
+       repeat=st.sampled_from([1, 5, 300]))
+def test_encoding_a_long_column_equals_encoding_value_by_value(distinct: list[str], repeat: int) -> None:
+    # Long columns are encoded once per distinct value; the result must not depend on it.
+    from core.encode import country_code, mapped, mcc_code
+
+    hasher = KeyHasher(b"k")
+    values = distinct * repeat
+    column = np.array(values, dtype=object)
+    assert hasher.keys(column).tolist() == [hasher.key(v) for v in values]
+    assert mapped(column, mcc_code, np.int64).tolist() == [mcc_code(v) for v in values]
+    assert mapped(values, country_code, np.int64).tolist() == [country_code(v) for v in values]
