@@ -1,4 +1,9 @@
-"""The server's parts wired together: settings → rules, model, state → pipeline, batcher, metrics."""
+"""The server's parts wired together: settings → rules, model, state → pipeline, batcher, metrics.
+
+Snapshots: the entity state and, beside it, the idempotency records (answers and outcome
+reports seen), written together periodically and at shutdown, restored at start. Why the
+two stay consistent: `App.snapshot` and docs/design.md ("Idempotency across restarts").
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fraudscore.v1 import fraudscore_pb2 as pb
 from prometheus_client import start_http_server
 
 from core.encode import KeyHasher
@@ -20,14 +26,18 @@ from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.model import LoadedModel, load_model_dir
 from core.rules import Ruleset, load_ruleset, parse_ruleset
 from core.scoring import Scorer
-from service.batcher import MicroBatcher
+from service.batcher import Item, MicroBatcher
 from service.config import DEFAULT_ID_HASH_KEY, Settings
-from service.idempotency import IdempotencyCache
+from service.idempotency import IdempotencyCache, Remembered
+from service.idempotency_store import RECORDS_FILE, load_records, save_records
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
 
 log = logging.getLogger("fraudscore.app")
 SNAPSHOT_FILE = "state.npz"
+# How long a snapshot waits for answers already in its state copy to reach their calls. They
+# arrive within a few event-loop turns; running out means a bug, and the snapshot is skipped.
+DELIVERY_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
@@ -74,6 +84,36 @@ def restore_state(settings: Settings) -> EntityState:
                              ip_capacity=settings.entity_capacity)
 
 
+def restore_idempotency(settings: Settings, answers: IdempotencyCache[Any], outcomes: IdempotencyCache[Any]) -> None:
+    """Saved answers and outcome reports, if intact; restored whether or not the state snapshot was.
+
+    Records without the state they describe make a retry return its first answer without
+    counting (the count went with the state): no transaction counts twice. The reverse,
+    state without its records, would count retries twice; a refused records file cannot
+    be helped, and the state is kept all the same (losing every entity's history would cost
+    more than counting a few retries twice), with an error saying so.
+    """
+    if settings.state_dir is None:
+        return
+    path = settings.state_dir / RECORDS_FILE
+    if not path.exists():
+        if (settings.state_dir / SNAPSHOT_FILE).exists():
+            log.warning("no idempotency records beside the state snapshot; retries of transactions scored "
+                        "before this restart will be scored and counted again", extra={"path": str(path)})
+        return
+    try:
+        saved = load_records(path)
+    except ValueError as exc:
+        log.error("idempotency records refused; starting with no idempotency records: retries of transactions "
+                  "scored before this restart will be scored and counted again",
+                  extra={"path": str(path), "reason": str(exc)})
+        return
+    kept_answers, kept_outcomes = answers.restore(saved.answers), outcomes.restore(saved.outcomes)
+    log.info("idempotency records restored", extra={
+        "path": str(path), "answers": kept_answers, "outcomes": kept_outcomes,
+        "dropped_expired_or_over_bound": len(saved.answers) + len(saved.outcomes) - kept_answers - kept_outcomes})
+
+
 class App:
     """Everything a running server holds. Built on the event loop thread; state is the pipeline thread's."""
 
@@ -92,6 +132,12 @@ class App:
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
         self.outcomes_seen: IdempotencyCache[Any] = IdempotencyCache(
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
+        restore_idempotency(settings, self.idempotency, self.outcomes_seen)
+        # Pipeline thread only: the work in state whose answers may not have reached the loop yet.
+        self._last_batch: list[Item] = []
+        self._outcomes_applied: list[asyncio.Future[Any]] = []
+        # Event loop only: those futures, handed over by a snapshot copy, not yet seen settled.
+        self._undelivered: list[asyncio.Future[Any]] = []
         self.queued_items: dict[str, Any] = {}  # transaction_id → Item still waiting for the pipeline
         self.outcomes_in_flight = 0
         self.metrics_port = 0
@@ -138,7 +184,7 @@ class App:
         self._executor = executor
         s = self.settings
         await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
-        self._batcher = MicroBatcher(self.pipeline.run, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
+        self._batcher = MicroBatcher(self._run_batch, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
                                      max_queue=s.max_queue, answer_over_budget=self.pipeline.answer_over_budget)
         self._batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
@@ -154,19 +200,63 @@ class App:
         """The latest event or report time accepted now: the server's clock plus the allowed skew."""
         return int((time.time() + self.settings.max_clock_skew_s) * 1000)
 
+    def _run_batch(self, items: list[Item]) -> list[pb.ScoreResponse]:
+        """Pipeline thread: score a batch, and note it as the latest work in state."""
+        try:
+            return self.pipeline.run(items)
+        finally:
+            self._last_batch = items
+
+    def apply_outcome(self, request: pb.ReportOutcomeRequest, recorded: asyncio.Future[Any]) -> None:
+        """Pipeline thread: feed an outcome report into state; `recorded` is its outcomes_seen future."""
+        try:
+            self.pipeline.apply_outcome(request)
+        finally:
+            self._outcomes_applied.append(recorded)  # only kept here; settled and read on the loop
+
+    def _copy_between_batches(self) -> tuple[EntityState, list[asyncio.Future[Any]]]:
+        """Pipeline thread: a copy of state, and the futures of the work in it that may be unsettled."""
+        applied, self._outcomes_applied = self._outcomes_applied, []
+        return self.pipeline.snapshot_copy(), [item.future for item in self._last_batch] + applied
+
     async def snapshot(self) -> None:
-        """Copy state between batches on the pipeline thread, write it from another thread.
+        """Copy state between batches on the pipeline thread; write records, then state, from another thread.
+
+        Every transaction and outcome report in the copy has its idempotency record saved:
+        the copy runs on the pipeline thread after all earlier work, and returns the futures
+        of the last batch and of the outcome reports applied since the previous copy. The
+        batcher settles a batch's futures before it hands over the next batch, so once those
+        have settled on the loop, everything in the copy has, and the caches, read after
+        that, hold a record for each (a superset: work done after the copy may be in too).
+        The records file is renamed into place before the state file, so a crash between the
+        two leaves newer records with older state, never the reverse.
 
         One at a time (the lock), and a write runs to its end even if its caller is cancelled
         (the shield), so an older snapshot can never replace a newer one.
         """
-        if self.settings.state_dir is None:
+        state_dir = self.settings.state_dir
+        if state_dir is None:
             return
         async with self._snapshot_lock:
-            copy = await self.run_on_pipeline(self.pipeline.snapshot_copy)
-            path = self.settings.state_dir / SNAPSHOT_FILE
-            await asyncio.shield(asyncio.to_thread(copy.save, path, feature_set_version=FEATURE_SET_VERSION))
-        log.info("state snapshot written", extra={"path": str(path), "cards": copy.card.occupancy()})
+            copy, applied = await self.run_on_pipeline(self._copy_between_batches)
+            self._undelivered.extend(applied)
+            await self._until_settled()
+            answers = await self.idempotency.completed()
+            outcomes = await self.outcomes_seen.completed()
+            await asyncio.shield(asyncio.to_thread(_write_snapshot, state_dir, copy, answers, outcomes))
+        log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE),
+                                                  "cards": copy.card.occupancy(), "answers": len(answers),
+                                                  "outcomes": len(outcomes)})
+
+    async def _until_settled(self) -> None:
+        pending = [f for f in self._undelivered if not f.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=DELIVERY_TIMEOUT_S)
+            if late:
+                self._undelivered.clear()
+                raise RuntimeError(f"{len(late)} answers in the state copy were not delivered within "
+                                   f"{DELIVERY_TIMEOUT_S} s; snapshot skipped")
+        self._undelivered.clear()
 
     async def _snapshot_every(self, interval_s: float) -> None:
         while True:
@@ -194,3 +284,10 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+
+
+def _write_snapshot(state_dir: Path, state: EntityState, answers: Remembered[pb.ScoreResponse],
+                    outcomes: Remembered[bool]) -> None:
+    """Records first, then state: if the records cannot be written, the state is not either."""
+    save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes)
+    state.save(state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION)

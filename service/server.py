@@ -257,7 +257,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             raise OverloadedError(app.outcomes_in_flight, app.settings.max_queue)
         app.outcomes_seen.register(txn_id, 0, done)
         app.outcomes_in_flight += 1
-        job = asyncio.ensure_future(app.run_on_pipeline(app.pipeline.apply_outcome, request))
+        job = asyncio.ensure_future(app.run_on_pipeline(app.apply_outcome, request, done))
         job.add_done_callback(functools.partial(self._outcome_applied, txn_id, done))
         # Shielded: once queued, the report is applied even if this caller goes away, and
         # a retry finds it recorded instead of applying it twice.
