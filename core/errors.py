@@ -5,7 +5,8 @@
     ├── ModelLoadError                   a model file or directory cannot be used (path, reason)
     ├── RulesLoadError                   a rules file cannot be used (path, reason)
     ├── DataError                        a history file cannot be read (path, row, column, reason)
-    └── IdempotencyConflictError         a transaction_id was seen before with a different payload
+    ├── IdempotencyConflictError         a transaction_id was seen before with a different payload
+    └── StateStoreError                  a state store broke its contract, or a batch cannot be worked (kind, reason)
 
 Each subclass carries structured fields; `service/errors.py` is the one place that maps
 them to gRPC status codes. Messages say what was expected, what arrived and what to do,
@@ -74,3 +75,12 @@ class IdempotencyConflictError(FraudscoreError):
             "transaction_id was already scored with a different payload; "
             "a retry must resend the identical transaction, a new transaction needs a new id"
         )
+
+
+class StateStoreError(FraudscoreError):
+    """A state store returned rows the engine cannot use, or a batch's entities cannot be worked on."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{kind} state: {reason}")

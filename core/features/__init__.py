@@ -1,4 +1,4 @@
-"""Real-time features: registry, bounded entity state and the Numba kernels that fill them."""
+"""Real-time features: registry, bounded entity state, the state store interface and the Numba kernels."""
 
 from core.features.engine import FeatureEngine
 from core.features.registry import (
@@ -10,8 +10,9 @@ from core.features.registry import (
     Feature,
 )
 from core.features.state import EntityState
+from core.features.store import LocalStore, StateStore, StoredRows
 
 __all__ = [
     "CATEGORICAL_FEATURES", "FEATURES", "FEATURE_NAMES", "FEATURE_SET_VERSION", "NUM_FEATURES",
-    "EntityState", "Feature", "FeatureEngine",
+    "EntityState", "Feature", "FeatureEngine", "LocalStore", "StateStore", "StoredRows",
 ]

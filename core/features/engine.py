@@ -1,13 +1,31 @@
-"""The feature engine: one object, one call per batch, the same online and offline."""
+"""The feature engine: one object, one call per batch, the same online and offline.
+
+Built on an `EntityState`, the kernels run in place on the process's own tables (the
+fast path). Built on any other `StateStore`, each batch fetches the rows of its entities
+into a small working `EntityState`, runs the same kernels there and stores every row
+back (docs/state-store.md), so both give the same features.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import TypeVar
 
 import numpy as np
 
 from core.encode import EncodedBatch
+from core.errors import StateStoreError
 from core.features import kernels
 from core.features.registry import NUM_FEATURES
-from core.features.state import EntityState, EntityTable
+from core.features.state import MAX_PROBE, EntityState, EntityTable
+from core.features.store import LocalStore, StateStore, StoredRows, write_rows
+
+_T = TypeVar("_T")
+_KINDS: tuple[str, ...] = tuple(f.name for f in fields(EntityState))
+# A working table that evicted is rebuilt 4× larger; keys that still collide after this many
+# tries share their low bits far beyond chance (keys are keyed hashes), and no size will do.
+_WORKING_TRIES = 4
 
 
 def _arrays(t: EntityTable) -> tuple[np.ndarray, ...]:
@@ -17,21 +35,55 @@ def _arrays(t: EntityTable) -> tuple[np.ndarray, ...]:
 class FeatureEngine:
     """Computes the registry's features for a batch and advances the entity state.
 
+    `state` is an `EntityState` (kernels in place) or any `StateStore` (fetch, work, store
+    back per batch; a `LocalStore` takes this path too, which is how its tests check it).
+    `working_headroom` sizes the store path's working tables: at least this many slots per
+    entity of the batch, so they never need to evict.
+
     Not thread-safe by design: exactly one thread (the pipeline thread, or the offline
     replay loop) owns an engine and its state, so no locks are needed and every feature
     is deterministic for a given order of events.
     """
 
-    __slots__ = ("state",)
+    __slots__ = ("_state", "_store", "_working_headroom")
 
-    def __init__(self, state: EntityState) -> None:
-        self.state = state
+    def __init__(self, state: EntityState | StateStore, *, working_headroom: int = 4) -> None:
+        if working_headroom < 1:
+            raise ValueError(f"working_headroom must be at least 1 slot per entity, got {working_headroom}")
+        self._working_headroom = working_headroom
+        # `_state` is set when the kernels may work on the tables in place; the hot path tests
+        # only that (`is None` is the cheapest branch there is). `_store` is always where the
+        # state lives, so the store path needs no None check of its own.
+        self._state: EntityState | None = None
+        self._store: StateStore
+        if isinstance(state, EntityState):
+            self._state = state
+            self._store = LocalStore(state)
+        elif callable(getattr(state, "fetch", None)) and callable(getattr(state, "store", None)):
+            self._store = state
+        else:
+            raise TypeError(f"FeatureEngine needs an EntityState or a StateStore, got {type(state).__name__}")
+
+    @property
+    def state(self) -> EntityState:
+        """The in-process tables, for snapshots and metrics.
+
+        Only an engine built on an `EntityState` has them; on another store this raises
+        AttributeError (so `hasattr(engine, "state")` is false): its state, snapshots and
+        retention are that store's.
+        """
+        if self._state is None:
+            raise AttributeError(f"this FeatureEngine keeps its state in a {type(self._store).__name__}, "
+                                 "not in process; snapshots and table metrics belong to that store")
+        return self._state
 
     def compute(self, batch: EncodedBatch) -> np.ndarray:
         """Features of every transaction, as of its moment, in registry order: float64 (n, NUM_FEATURES)."""
+        s = self._state
+        if s is None:
+            return self._compute_through_store(batch)
         out = np.empty((len(batch), NUM_FEATURES), dtype=np.float64)
-        s = self.state
-        kernels.compute_features(  # type: ignore[call-arg]
+        kernels.compute_features(  # type: ignore[call-arg, unused-ignore]
             batch.card_key, batch.customer_key, batch.merchant_key, batch.device_key, batch.ip_key,
             batch.amount, batch.event_time_ms, batch.channel, batch.merchant_category, batch.country,
             batch.latitude, batch.longitude,
@@ -43,8 +95,91 @@ class FeatureEngine:
     def apply_outcomes(self, card_key: np.ndarray, merchant_key: np.ndarray,
                        reported_time_ms: np.ndarray, fraud_weight: np.ndarray) -> None:
         """Feed outcome reports (fraud_weight 1.0 for fraud or chargeback, 0.0 for legitimate)."""
+        s = self._state
+        if s is None:
+            self._apply_outcomes_through_store(card_key, merchant_key, reported_time_ms, fraud_weight)
+            return
         kernels.apply_outcomes(
             np.ascontiguousarray(card_key, dtype=np.uint64), np.ascontiguousarray(merchant_key, dtype=np.uint64),
             np.ascontiguousarray(reported_time_ms, dtype=np.int64), np.ascontiguousarray(fraud_weight, dtype=np.float64),
-            *_arrays(self.state.card), *_arrays(self.state.merchant),
+            *_arrays(s.card), *_arrays(s.merchant),
         )
+
+    # The store paths live in their own methods: a closure over the fast paths' arguments
+    # would turn them into cell variables and cost those paths ~30 ns a call.
+
+    def _compute_through_store(self, batch: EncodedBatch) -> np.ndarray:
+        keys = {"card": batch.card_key, "merchant": batch.merchant_key, "customer": batch.customer_key,
+                "device": batch.device_key, "ip": batch.ip_key}
+        return _through_store(self._store, keys, lambda working: FeatureEngine(working).compute(batch),
+                              headroom=self._working_headroom)
+
+    def _apply_outcomes_through_store(self, card_key: np.ndarray, merchant_key: np.ndarray,
+                                      reported_time_ms: np.ndarray, fraud_weight: np.ndarray) -> None:
+        keys = {"card": np.asarray(card_key, dtype=np.uint64), "merchant": np.asarray(merchant_key, dtype=np.uint64)}
+        _through_store(self._store, keys, lambda working: FeatureEngine(working).apply_outcomes(
+            card_key, merchant_key, reported_time_ms, fraud_weight), headroom=self._working_headroom)
+
+
+def _through_store(store: StateStore, batch_keys: Mapping[str, np.ndarray], run: Callable[[EntityState], _T], *,
+                   headroom: int) -> _T:
+    """Fetch the batch's entities from `store`, `run` the kernels on a working copy, store every row back.
+
+    The working tables hold `headroom` slots per entity and must not evict (an evicted row
+    would be lost to the store); if one did, the batch runs again on 4× larger ones.
+    """
+    wanted = {kind: _unique_keys(keys) for kind, keys in batch_keys.items()}
+    wanted = {kind: keys for kind, keys in wanted.items() if keys.size}
+    fetched = {kind: _checked(kind, store.fetch(kind, keys), keys) for kind, keys in wanted.items()}
+    for _ in range(_WORKING_TRIES):
+        working = _working_state(wanted, fetched, headroom)
+        result = run(working)
+        crowded = [t.kind for t in working.tables() if t.evictions]
+        if not crowded:
+            break
+        # Nothing was stored yet, so the batch can simply run again on roomier tables.
+        headroom *= 4
+    else:
+        raise StateStoreError(", ".join(crowded), f"the batch's keys collide in working tables of up to "
+                              f"{headroom // 4}× their number of slots; are the keys hashed?")
+    for t in working.tables():
+        if t.kind in wanted:
+            store.store(t.kind, StoredRows.of_table(t))
+    return result
+
+
+def _unique_keys(keys: np.ndarray) -> np.ndarray:
+    unique = np.unique(keys)
+    return unique[1:] if unique.size and unique[0] == 0 else unique
+
+
+def _capacity(entities: int) -> int:
+    return max(MAX_PROBE, 1 << max(entities - 1, 0).bit_length())
+
+
+def _checked(kind: str, rows: object, asked: np.ndarray) -> StoredRows:
+    """`rows` if they are StoredRows of keys among `asked` (sorted, as np.unique gives them)."""
+    if not isinstance(rows, StoredRows):
+        raise StateStoreError(kind, f"fetch returned {type(rows).__name__}, expected StoredRows")
+    at = np.searchsorted(asked, rows.keys)
+    if len(rows) and (at.max() >= asked.size or (asked[at] != rows.keys).any()):
+        raise StateStoreError(kind, "fetch returned keys it was not asked for")
+    return rows
+
+
+def _working_state(wanted: Mapping[str, np.ndarray], fetched: Mapping[str, StoredRows],
+                   headroom: int) -> EntityState:
+    """Tables sized for `headroom` slots per wanted entity, holding the fetched rows."""
+    capacities = {f"{kind}_capacity": _capacity(headroom * wanted[kind].size if kind in wanted else 0)
+                  for kind in _KINDS}
+    working = EntityState.empty(**capacities)
+    for t in working.tables():
+        if t.kind in fetched:
+            rows = fetched[t.kind]
+            try:
+                write_rows(t, rows)
+            except ValueError as exc:
+                raise StateStoreError(t.kind, str(exc)) from None
+            if t.counters[0] != len(rows):  # each new key is one insert; a repeated key is not
+                raise StateStoreError(t.kind, "fetch returned a key twice")
+    return working

@@ -1,0 +1,184 @@
+"""The state store interface: entity rows as plain arrays in, plain arrays out.
+
+The feature kernels run on in-process hash tables (`EntityState`). A `StateStore` is
+anything that can hand out the rows of some entities and take them back, so state can
+later live in a shared store (Redis, say) when replicas must share it. `FeatureEngine`
+fetches the rows a batch needs, runs the same kernels on a small working copy, and
+stores every row back (see docs/state-store.md). `LocalStore` puts an `EntityState`
+behind the interface, for tests and as the model of what a store must do.
+
+A row is one entity of one kind: its key, `last_seen_ms`, and its `values` and `tags`
+slots in the layout of `core.features.state` (V and T per kind, read from the arrays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numba import njit
+
+from core.features.kernels import find_slot
+from core.features.state import MAX_PROBE, EntityState, EntityTable
+
+_U64, _I64, _F64 = np.dtype(np.uint64), np.dtype(np.int64), np.dtype(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRows:
+    """Rows of m entities of one kind; row i of every array belongs to `keys[i]`.
+
+    `keys` uint64 (m,), unique and non-zero; `last_seen_ms` int64 (m,); `values` float64
+    (m, V); `tags` uint64 (m, T). With m = 0 the column counts V and T are not read.
+    """
+
+    keys: np.ndarray
+    last_seen_ms: np.ndarray
+    values: np.ndarray
+    tags: np.ndarray
+
+    def __post_init__(self) -> None:
+        # Rows may come from another process: the kernels index without bounds checks.
+        m = self.keys.shape[0] if self.keys.ndim == 1 else -1
+        if not (self.keys.dtype == _U64 and self.keys.ndim == 1
+                and self.last_seen_ms.dtype == _I64 and self.last_seen_ms.shape == (m,)
+                and self.values.dtype == _F64 and self.values.ndim == 2 and self.values.shape[0] == m
+                and self.tags.dtype == _U64 and self.tags.ndim == 2 and self.tags.shape[0] == m):
+            got = ", ".join(f"{name} {a.dtype} {a.shape}" for name, a in (
+                ("keys", self.keys), ("last_seen_ms", self.last_seen_ms), ("values", self.values),
+                ("tags", self.tags)))
+            raise ValueError(f"StoredRows expects keys uint64 (m,), last_seen_ms int64 (m,), values float64 "
+                             f"(m, V) and tags uint64 (m, T); got {got}")
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    @classmethod
+    def empty(cls, num_values: int = 0, num_tags: int = 0) -> StoredRows:
+        """No rows: what `fetch` returns when the store has none of the keys."""
+        return cls(np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64),
+                   np.empty((0, num_values), dtype=np.float64), np.empty((0, num_tags), dtype=np.uint64))
+
+    @classmethod
+    def of_table(cls, table: EntityTable) -> StoredRows:
+        """Every entity of `table`, copied out (the table may change afterwards; these rows do not)."""
+        occupied = np.flatnonzero(table.keys)
+        return cls(table.keys[occupied], table.last_seen_ms[occupied], table.values[occupied],
+                   table.tags[occupied])
+
+
+class StateStore(Protocol):
+    """Where entity rows live between batches.
+
+    The contract an implementation (a remote one included) must keep:
+
+    - `fetch(kind, keys)` returns the stored row of every key it holds, each once, in any
+      order; keys it does not hold are left out (the engine starts them from zeros). `keys`
+      are unique and non-zero. The returned arrays are only read by the caller.
+    - `store(kind, rows)` makes those rows the stored state of their keys, replacing
+      whatever was there, whole rows at once. The caller does not touch the arrays again,
+      so the store may keep them.
+    - One writer per key: between a `fetch` of a key and the `store` of its new row nobody
+      else writes that key (the engine does a read-modify-write). A store shared by
+      writers that can touch the same key must add compare-and-set; this interface does
+      not carry versions yet.
+    - Atomicity across kinds, and across the calls of one batch, is the caller's: the
+      engine fetches everything first and stores only after the kernels succeeded, but a
+      crash between two `store` calls leaves the kinds stored so far.
+    - Retention (eviction, a TTL on `last_seen_ms`) is the store's: an entity it drops
+      simply comes back new, as after an eviction from the local tables.
+    """
+
+    def fetch(self, kind: str, keys: np.ndarray, /) -> StoredRows:
+        """The stored rows of those of `keys` (uint64, unique, non-zero) the store holds."""
+        ...
+
+    def store(self, kind: str, rows: StoredRows, /) -> None:
+        """Replace the stored rows of `rows.keys` with `rows`."""
+        ...
+
+
+class LocalStore:
+    """An `EntityState` behind the `StateStore` interface.
+
+    `fetch` only reads; `store` claims slots as the kernels do, so it may evict the least
+    recently seen entity of a full probe window (counted in the table's `evictions`).
+    An engine built on the `EntityState` itself runs the kernels in place instead, which
+    is the fast path; this adapter serves the generic path and its tests.
+    """
+
+    __slots__ = ("_tables",)
+
+    def __init__(self, state: EntityState) -> None:
+        self._tables = {t.kind: t for t in state.tables()}
+
+    def fetch(self, kind: str, keys: np.ndarray, /) -> StoredRows:
+        """The rows of those of `keys` that the tables hold (copies)."""
+        t = self._table(kind)
+        slots = _find_slots(t.keys, np.ascontiguousarray(keys, dtype=np.uint64))
+        slots = slots[slots >= 0]
+        return StoredRows(t.keys[slots], t.last_seen_ms[slots], t.values[slots], t.tags[slots])
+
+    def store(self, kind: str, rows: StoredRows, /) -> None:
+        """Write `rows` into the tables, claiming a slot for each new key."""
+        write_rows(self._table(kind), rows)
+
+    def _table(self, kind: str) -> EntityTable:
+        try:
+            return self._tables[kind]
+        except KeyError:
+            raise ValueError(f"unknown entity kind {kind!r}; expected one of {', '.join(self._tables)}") from None
+
+
+def write_rows(table: EntityTable, rows: StoredRows) -> None:
+    """Put `rows` into `table`, each in the slot `find_slot` gives its key, with its own `last_seen_ms`.
+
+    Refuses rows of another layout or with key 0 (the empty-slot marker): the kernels index
+    the tables without bounds checks.
+    """
+    if not len(rows):
+        return
+    layout = (table.values.shape[1], table.tags.shape[1])
+    if (rows.values.shape[1], rows.tags.shape[1]) != layout:
+        raise ValueError(f"{table.kind} rows have {rows.values.shape[1]} values and {rows.tags.shape[1]} tags, "
+                         f"the tables {layout[0]} and {layout[1]}: a store of another feature set?")
+    if not rows.keys.all():
+        raise ValueError(f"{table.kind} rows include key 0, which marks an empty slot")
+    _write_rows(table.keys, table.last_seen_ms, table.counters, table.values, table.tags,
+                np.ascontiguousarray(rows.keys), np.ascontiguousarray(rows.last_seen_ms),
+                np.ascontiguousarray(rows.values), np.ascontiguousarray(rows.tags))
+
+
+@njit(nogil=True, cache=True)
+def _write_rows(keys: np.ndarray, last_seen: np.ndarray, counters: np.ndarray, values: np.ndarray,
+                tags: np.ndarray, row_keys: np.ndarray, row_last_seen: np.ndarray, row_values: np.ndarray,
+                row_tags: np.ndarray) -> None:
+    for i in range(row_keys.shape[0]):
+        s = find_slot(keys, last_seen, counters, row_keys[i], row_last_seen[i])
+        j = s - 1 if s > 0 else -s - 1
+        # find_slot never moves last_seen backwards; a stored row is taken as it is.
+        last_seen[j] = row_last_seen[i]
+        values[j, :] = row_values[i, :]
+        tags[j, :] = row_tags[i, :]
+
+
+@njit(nogil=True, cache=True)
+def _find_slots(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Slot of each query key, -1 when absent; `find_slot`'s probe sequence, without inserting."""
+    mask = np.uint64(keys.shape[0] - 1)
+    slots = np.full(query.shape[0], -1, dtype=np.int64)
+    for i in range(query.shape[0]):
+        key = query[i]
+        if key == 0:
+            continue
+        start = key & mask
+        for p in range(MAX_PROBE):
+            j = np.intp((start + np.uint64(p)) & mask)
+            if keys[j] == key:
+                slots[i] = j
+                break
+            # Slots are never emptied (eviction overwrites), so a key is always before the first empty one.
+            if keys[j] == 0:
+                break
+    return slots
