@@ -88,7 +88,7 @@ def replay_features(
         stop = min(n, done + chunk)
         if applied < order.size:
             stop = min(stop, max(int(cut_at[applied]), done + 1))
-        out[done:stop] = engine.compute(batch.slice(done, stop))
+        engine.compute(batch.slice(done, stop), out=out[done:stop])
         if on_progress is not None:
             on_progress(stop - done)
         done = stop

@@ -77,12 +77,25 @@ class FeatureEngine:
                                  "not in process; snapshots and table metrics belong to that store")
         return self._state
 
-    def compute(self, batch: EncodedBatch) -> np.ndarray:
-        """Features of every transaction, as of its moment, in registry order: float64 (n, NUM_FEATURES)."""
+    def compute(self, batch: EncodedBatch, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of every transaction, as of its moment, in registry order: float64 (n, NUM_FEATURES).
+
+        `out`, when given, receives them (a C-contiguous float64 array of that shape, such as
+        a row range of a whole history's matrix) and is returned, saving a copy.
+        """
         s = self._state
         if s is None:
-            return self._compute_through_store(batch)
-        out = np.empty((len(batch), NUM_FEATURES), dtype=np.float64)
+            features = self._compute_through_store(batch)
+            if out is None:
+                return features
+            out[...] = features
+            return out
+        if out is None:
+            out = np.empty((len(batch), NUM_FEATURES), dtype=np.float64)
+        elif out.shape != (len(batch), NUM_FEATURES) or out.dtype != np.float64 or not out.flags.c_contiguous:
+            # The kernels write without bounds checks: a wrong `out` must never reach them.
+            raise ValueError(f"out must be C-contiguous float64 of shape {(len(batch), NUM_FEATURES)}, "
+                             f"got {out.dtype} {out.shape}")
         kernels.compute_features(  # type: ignore[call-arg, unused-ignore]
             batch.card_key, batch.customer_key, batch.merchant_key, batch.device_key, batch.ip_key,
             batch.amount, batch.event_time_ms, batch.channel, batch.merchant_category, batch.country,

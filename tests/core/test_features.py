@@ -943,3 +943,17 @@ def test_kernel_column_blocks_match_the_registry() -> None:
               "device": kernels.DEVICE_COL, "ip": kernels.IP_COL}
     for kind, col in blocks.items():
         assert FEATURE_NAMES[col].startswith(f"{kind}_") and not FEATURE_NAMES[col - 1].startswith(f"{kind}_")
+
+
+def test_compute_into_a_given_array_or_refuse_one_of_the_wrong_shape() -> None:
+    events = [Txn(KEYS["card"][i % 3], KEYS["merchant"][0], BASE_MS + i * MIN_MS) for i in range(6)]
+    expected, _ = run_engine(events, batch=1 << 30)
+    engine = FeatureEngine(small_state())
+    whole = np.full((8, NUM_FEATURES), 7.0)
+    assert engine.compute(encode(events), out=whole[1:7]) is not None
+    assert_bitwise_equal(whole[1:7], expected)
+    assert (whole[[0, 7]] == 7.0).all()  # rows outside the range untouched
+    for bad in (np.empty((5, NUM_FEATURES)), np.empty((6, NUM_FEATURES), dtype=np.float32),
+                np.empty((NUM_FEATURES, 6)).T):
+        with pytest.raises(ValueError, match="out must be"):
+            engine.compute(encode(events), out=bad)
