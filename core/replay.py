@@ -101,9 +101,12 @@ def score_history(
     ruleset: Ruleset,
     *,
     label_delay_ms: int | None = None,
+    reasons_method: str = "path",
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Score a whole history offline exactly as the service would have, one row per transaction.
+
+    `reasons_method` must be the server's (`FRAUDSCORE_REASONS_METHOD`) for identical reasons.
 
     Columns: transaction_id, fraud_probability, risk_score, decision, source, reasons
     (codes joined by "|"), then every feature in registry order. Without a model the
@@ -111,7 +114,7 @@ def score_history(
     """
     features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=on_progress)
     amount = amount_major(history.amount_minor, history.currency)
-    scorer = Scorer(model, ruleset)
+    scorer = Scorer(model, ruleset, reasons_method=reasons_method)
     scored = scorer.score(features, amount) if model is not None else scorer.fallback(features, amount)
     return {
         "transaction_id": history.transaction_id,

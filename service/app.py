@@ -122,7 +122,7 @@ class App:
         self.serving = False
         self.ruleset = load_rules(settings.rules_file)
         model, reason = load_model(settings.model_dir)
-        self.scorer = Scorer(model, self.ruleset)
+        self.scorer = Scorer(model, self.ruleset, reasons_method=settings.reasons_method)
         self.hasher = KeyHasher(settings.id_hash_key.encode())
         self.engine = FeatureEngine(restore_state(settings))
         self.metrics = Metrics(state=lambda: self.engine.state)

@@ -130,7 +130,7 @@ def _replay(args: argparse.Namespace) -> int:
     label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
     with tqdm(total=len(history), desc="replay", unit="txn", mininterval=0.5) as bar:
         table = score_history(history, model, load_rules(args.rules), label_delay_ms=label_delay_ms,
-                              on_progress=bar.update)
+                              reasons_method=args.reasons_method, on_progress=bar.update)
     write_table(table, args.out)
     decisions = {d: int((table["decision"] == d).sum()) for d in ("APPROVE", "REVIEW", "DECLINE")}
     print(f"scored {len(history)} transactions with model {model.version} into {args.out}: {decisions}")
@@ -189,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rules", type=Path, help="rules file (default: packaged rules)")
     r.add_argument("--label-delay-hours", type=float,
                    help="fraud labels feed the features this long after the transaction at the earliest")
+    r.add_argument("--reasons-method", choices=("path", "shap"), default="path",
+                   help="how model reasons are attributed; use the server's FRAUDSCORE_REASONS_METHOD (default: path)")
     r.set_defaults(run=_replay)
 
     b = sub.add_parser("bench", help="features, forest (against LightGBM) and serving (against bare gRPC), as ratios")

@@ -68,6 +68,10 @@ class Settings:
     """Cards tracked in state (power of two); least recently seen are evicted beyond it."""
     entity_capacity: int = DEFAULT_ENTITY_CAPACITY
     """Merchants, customers, devices and IPs tracked, each (power of two)."""
+    reasons_method: str = "path"
+    """How a REVIEW or DECLINE answer's model reasons are attributed: "path" (Saabas: each split
+    on the transaction's path credits its feature; about a prediction's cost) or "shap" (exact
+    TreeSHAP, as LightGBM's pred_contrib; ~0.2 ms a flagged transaction). docs/reasons.md."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR. Logs are JSON lines on stderr."""
     fault_injection: str = ""
@@ -107,6 +111,7 @@ class Settings:
         for name in ("card_capacity", "entity_capacity"):
             v = getattr(self, name)
             need(v >= 16 and v & (v - 1) == 0, name, "must be a power of two ≥ 16")
+        need(self.reasons_method in ("path", "shap"), "reasons_method", "must be \"path\" or \"shap\"")
         need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
         need(self.fault_injection in ("", "model-raise", "model-slow"), "fault_injection",
              "must be empty, \"model-raise\" or \"model-slow\"")

@@ -16,7 +16,6 @@ import contextlib
 import gc
 import ipaddress
 import itertools
-import random
 import signal
 import time
 from collections import Counter
@@ -40,24 +39,66 @@ def check_loopback(target: str) -> None:
         raise ValueError(f"load targets must be loopback addresses (127.0.0.0/8, ::1, localhost), got {host!r}")
 
 
-def transactions(prefix: str, n: int, *, seed: int = 1, cards: int = 20_000) -> list[pb.Transaction]:
-    """`n` distinct transactions over a pool of cards and merchants, current time.
+POOL_DAYS, POOL_CARDS, POOL_MERCHANTS, POOL_SEED = 30, 20_000, 2_000, 5
+
+
+class _Pool:
+    """A simulated month of payments (~790,000, 1 % fraud), its clock shifted so that its last
+    event is the moment it was built; handed out in order, so event times advance as they
+    would in production. Past its end it starts again with new cards (ids prefixed by lap).
+
+    Load must look like the traffic the model was trained for: synthetic calls that all
+    share a timestamp, an IP or a handful of merchants look like an attack to the model,
+    and a run would measure the cost of explaining declines instead of the common path.
+    """
+
+    def __init__(self) -> None:
+        from core.simulate import simulate
+
+        h = simulate(num_days=POOL_DAYS, num_cards=POOL_CARDS, num_merchants=POOL_MERCHANTS, seed=POOL_SEED)
+        shift = int(time.time() * 1000) - int(h.event_time_ms[-1])
+        self.columns: dict[str, list[Any]] = {
+            name: getattr(h, name).tolist() for name in (
+                "card_id", "customer_id", "merchant_id", "merchant_category", "amount_minor", "currency",
+                "channel", "country", "latitude", "longitude", "device_id", "ip_address")}
+        self.columns["event_time_ms"] = (h.event_time_ms + shift).tolist()
+        self.size = len(h)
+        self.next = 0
+
+    def take(self, prefix: str, n: int) -> list[pb.Transaction]:
+        c = self.columns
+        out = []
+        for k in range(self.next, self.next + n):
+            lap, i = divmod(k, self.size)
+            card = c["card_id"][i] if lap == 0 else f"lap{lap}-{c['card_id'][i]}"
+            txn = pb.Transaction(
+                transaction_id=f"{prefix}-{k}", card_id=card, customer_id=c["customer_id"][i],
+                merchant_id=c["merchant_id"][i], merchant_category=c["merchant_category"][i],
+                amount_minor=c["amount_minor"][i], currency=c["currency"][i], event_time_ms=c["event_time_ms"][i],
+                channel=c["channel"][i], country=c["country"][i], device_id=c["device_id"][i],
+                ip_address=c["ip_address"][i])
+            lat, lon = c["latitude"][i], c["longitude"][i]
+            if lat == lat and lon == lon:  # not NaN
+                txn.latitude, txn.longitude = lat, lon
+            out.append(txn)
+        self.next += n
+        return out
+
+
+_pool: _Pool | None = None
+
+
+def transactions(prefix: str, n: int) -> list[pb.Transaction]:
+    """The next `n` payments of the simulated month (see `_Pool`), with ids `prefix-k`.
 
     Built ahead of a run so the client spends its CPU on calls; then moved out of the
     garbage collector's sight (gc.freeze), whose full passes over a few hundred thousand
     messages would otherwise stall the client for tens of milliseconds at a time.
     """
-    rng = random.Random(seed)
-    now_ms = int(time.time() * 1000)
-    out = []
-    for i in range(n):
-        card = rng.randrange(cards)
-        out.append(pb.Transaction(
-            transaction_id=f"{prefix}-{i}", card_id=f"card_lg_{card}", customer_id=f"cust_lg_{card}",
-            merchant_id=f"m_lg_{rng.randrange(800)}", merchant_category="5411",
-            amount_minor=rng.randrange(100, 50_000), currency="USD", event_time_ms=now_ms,
-            channel=pb.ECOMMERCE, country="US", device_id=f"dev_lg_{card}", ip_address="10.1.2.3",
-        ))
+    global _pool
+    if _pool is None:
+        _pool = _Pool()
+    out = _pool.take(prefix, n)
     gc.freeze()
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ _SOURCE_NAMES = {int(s): s.name for s in Source}
 _OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRMED_LEGITIMATE: 0.0}
 
 
+_MAX_UINT32 = 2**32 - 1
 FAULT_SLOW_S = 0.2  # the `model-slow` hook: each model call takes this much longer
 
 
@@ -105,27 +107,25 @@ class Pipeline:
         return responses
 
     def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
-        scores = risk_score(scored.fraud_probability)
+        # Per batch, not per transaction: the metrics (one increment per decision and source
+        # seen), the fields every answer shares, the clock. Per transaction only what differs.
+        decisions, sources = scored.decision.tolist(), scored.source.tolist()
+        for (decision, source), count in Counter(zip(decisions, sources, strict=True)).items():
+            self.metrics.decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc(count)
+        probabilities, scores = scored.fraud_probability.tolist(), risk_score(scored.fraud_probability).tolist()
+        degraded, model_version, ruleset_version = scored.degraded, scored.model_version, scored.ruleset_version
+        now_ns = time.perf_counter_ns()
         out = []
-        decisions = self.metrics.decisions
         for i, item in enumerate(items):
-            decision = int(scored.decision[i])
-            source = int(scored.source[i])
-            decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc()
-            out.append(pb.ScoreResponse(
-                transaction_id=item.payload.transaction_id,
-                fraud_probability=float(scored.fraud_probability[i]),
-                risk_score=int(scores[i]),
-                decision=decision,  # type: ignore[arg-type]  # an int of the enum is valid at run time
-                reasons=[pb.Reason(code=r.code, description=r.description, weight=r.weight)
-                         for r in scored.reasons[i]],
-                source=source,  # type: ignore[arg-type]
-                degraded=scored.degraded,
-                model_version=scored.model_version,
-                ruleset_version=scored.ruleset_version,
-                feature_set_version=FEATURE_SET_VERSION,
-                server_latency_us=min((time.perf_counter_ns() - item.received_ns) // 1000, 2**32 - 1),
-            ))
+            answer = pb.ScoreResponse(
+                transaction_id=item.payload.transaction_id, fraud_probability=probabilities[i], risk_score=scores[i],
+                decision=decisions[i], source=sources[i],
+                server_latency_us=min((now_ns - item.received_ns) // 1000, _MAX_UINT32), degraded=degraded,
+                model_version=model_version, ruleset_version=ruleset_version, feature_set_version=FEATURE_SET_VERSION)
+            if scored.reasons[i]:
+                answer.reasons.extend(pb.Reason(code=r.code, description=r.description, weight=r.weight)
+                                      for r in scored.reasons[i])
+            out.append(answer)
         return out
 
     def apply_outcome(self, req: pb.ReportOutcomeRequest) -> None:
@@ -168,3 +168,6 @@ def warm_up(scorer: Scorer, hasher: KeyHasher) -> None:
     scorer.fallback(features, batch.amount)
     if scorer.model is not None:
         scorer.score(features, batch.amount)
+        # Reasons run only for flagged transactions, which the warm-up's may not be.
+        scorer.model.forest.path_attributions(features)
+        scorer.model.forest.contributions(features)

@@ -147,11 +147,13 @@ def test_shadow_rules_give_no_reason_and_no_decision(
     assert out.hits.hits[:, 0].all()  # counted for metrics
 
 
+@pytest.mark.parametrize("method", ["path", "shap"])
 def test_reasons_are_the_top_positive_reason_codes_of_non_approvals(
-    model: LoadedModel, features: np.ndarray, amount: np.ndarray
+    model: LoadedModel, features: np.ndarray, amount: np.ndarray, method: str
 ) -> None:
-    out = Scorer(model, ruleset()).score(features, amount)
-    attributions = model.forest.contributions(features)[:, :-1]
+    out = Scorer(model, ruleset(), reasons_method=method).score(features, amount)
+    attribute = model.forest.contributions if method == "shap" else model.forest.path_attributions
+    attributions = attribute(features)[:, :-1]
     # Plain reference: add up each reason code's features, keep the positive ones, largest first.
     lengths = set()
     explained = 0
@@ -286,3 +288,8 @@ def test_fallback_probability_is_the_largest_of_default_and_enforced_hits(
         expected = ("APPROVE" if "APPROVE" in actions else "DECLINE" if "DECLINE" in actions
                     else "REVIEW" if "REVIEW" in actions else "APPROVE")
         assert out.decision[i] == Decision[expected]
+
+
+def test_reasons_method_must_be_known(model: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="reasons_method"):
+        Scorer(model, ruleset(), reasons_method="lime")
