@@ -184,10 +184,18 @@ class App:
         self._executor = executor
         s = self.settings
         await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
+        # Once more, timed, compiled now: the batcher's first estimate of a pipeline call.
+        started = time.monotonic()
+        await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
+        warm_s = time.monotonic() - started
         self._batcher = MicroBatcher(self._run_batch, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
-                                     max_queue=s.max_queue, answer_over_budget=self.pipeline.answer_over_budget)
+                                     max_queue=s.max_queue, fallback=self.pipeline.answer_fallback,
+                                     shed_to_fallback=s.shed_mode == "fallback")
+        self._batcher.timer.observe(2, warm_s)
         self._batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
+        self.metrics.pipeline_busy.set_function(lambda: self.batcher.busy_s)
+        self.metrics.pipeline_expected.set_function(lambda: self.batcher.timer.expected_s(s.max_batch))
         if s.metrics_port:
             self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.metrics_host,
                                                         registry=self.metrics.registry)

@@ -1,15 +1,26 @@
-"""The micro-batcher: concurrent calls share one pipeline call.
+"""The micro-batcher: concurrent calls share one pipeline call, and every call gets its
+answer inside its budget.
 
 While the pipeline thread works on a batch, new requests queue; when it is free, the
 next batch takes everything queued (up to `max_batch`). A request that arrives at an
 idle pipeline is not held back unless `max_wait_us` > 0 asks it to wait for company.
 Queue entries are groups (a ScoreBatch call stays together, split at `max_batch`).
-The queue is bounded: past `max_queue` transactions, `submit` raises OverloadedError.
 
-When a batch is taken, each item is checked against two clocks: past the client's own
-deadline nobody waits for it (DeadlineExpiredError, nothing recorded); past the service
-budget it is answered at once by `answer_over_budget` (the fallback rules, degraded)
-without entering the pipeline or its state.
+Every item carries two deadlines: the client's own, and the service budget (never later).
+The batcher measures how long pipeline calls take (`PipelineTimer`) and answers an item
+by the `fallback` (the rules alone, degraded, touching no state) as soon as it can tell
+the model path would miss the budget:
+
+- on arrival, when the queue ahead of it and the batch in flight would take longer than
+  its budget (reason `expected_over_budget`);
+- while it waits, or while its batch is in flight, by a watch that runs every
+  `watch_interval_s` while the pipeline is busy: a stalled or slow pipeline thread cannot
+  hold an answer past its budget (same reason; a late pipeline answer is then dropped);
+- when a batch is taken and the budget has already run out (reason `over_budget`).
+
+Past the client's own deadline nobody waits: DeadlineExpiredError, nothing recorded. The
+queue is bounded: past `max_queue` transactions, `submit` raises OverloadedError, or with
+`shed_to_fallback` answers the group by the fallback (reason `queue_full`).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from service.errors import DeadlineExpiredError, NotServingError, OverloadedErro
 
 log = logging.getLogger("fraudscore.batcher")
 
+WATCH_INTERVAL_S = 0.002  # event-loop timers are millisecond-grained; 2 ms is as fine as they go
+
 
 @dataclass(slots=True)
 class Item:
@@ -41,6 +54,50 @@ class Item:
 
 
 Answer = Callable[[list[Item]], Sequence[Any]]
+Fallback = Callable[[list[Item], str], Sequence[Any]]
+
+
+class PipelineTimer:
+    """Expected wall time of a pipeline call of n transactions, learnt from the calls made.
+
+    A line `fixed + per_item · n` fitted by least squares with exponential forgetting (the
+    last ~`memory` calls count), so it follows the load (batch sizes) and the machine.
+    """
+
+    __slots__ = ("_decay", "_s1", "_sd", "_sn", "_snd", "_snn", "fixed_s", "per_item_s")
+
+    def __init__(self, *, memory: int = 100) -> None:
+        self._decay = 1.0 - 1.0 / memory
+        self._s1 = self._sn = self._sd = self._snn = self._snd = 0.0
+        self.fixed_s = 0.0
+        self.per_item_s = 0.0
+
+    @property
+    def measured(self) -> bool:
+        return self._s1 > 0.0
+
+    def observe(self, n: int, seconds: float) -> None:
+        if self.measured:
+            # One stalled call must not make every later one look hopeless (calls predicted
+            # late skip the pipeline, so no fast call would ever correct it): a call counts
+            # as at most four times what was expected; a lasting slowdown is learnt in a few.
+            seconds = min(seconds, 4.0 * self.expected_s(n) + 0.001)
+        k = self._decay
+        self._s1 = self._s1 * k + 1.0
+        self._sn = self._sn * k + n
+        self._sd = self._sd * k + seconds
+        self._snn = self._snn * k + n * n
+        self._snd = self._snd * k + n * seconds
+        spread = self._s1 * self._snn - self._sn * self._sn
+        slope = (self._s1 * self._snd - self._sn * self._sd) / spread if spread > 1e-9 * self._s1 * self._snn else 0.0
+        if slope <= 0.0:  # one batch size seen so far, or noise: the mean call, all of it fixed
+            self.fixed_s, self.per_item_s = self._sd / self._s1, 0.0
+        else:
+            self.per_item_s = slope
+            self.fixed_s = max(0.0, (self._sd - slope * self._sn) / self._s1)
+
+    def expected_s(self, n: int) -> float:
+        return self.fixed_s + self.per_item_s * n
 
 
 class MicroBatcher:
@@ -54,33 +111,63 @@ class MicroBatcher:
         max_batch: int,
         max_wait_us: int,
         max_queue: int,
-        answer_over_budget: Answer | None = None,
+        fallback: Fallback | None = None,
+        shed_to_fallback: bool = False,
+        watch_interval_s: float = WATCH_INTERVAL_S,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self._max_batch = max_batch
         self._max_wait_s = max_wait_us / 1e6
         self._max_queue = max_queue
-        self._answer_over_budget = answer_over_budget
+        self._fallback = fallback
+        self._shed_to_fallback = shed_to_fallback and fallback is not None
+        self._watch_interval_s = watch_interval_s
         self._groups: deque[list[Item]] = deque()
         self._queued = 0
         self._wakeup = asyncio.Event()
+        self._busy = asyncio.Event()  # set while a batch is in the pipeline
+        self._in_flight: list[Item] = []
+        self._in_flight_since = 0.0
         self._closing = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.timer = PipelineTimer()
 
     @property
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def busy_s(self) -> float:
+        """How long the batch in the pipeline has been running (0 when idle)."""
+        return time.monotonic() - self._in_flight_since if self._busy.is_set() else 0.0
+
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._loop(), name="micro-batcher")]
+        if self._fallback is not None:
+            self._tasks.append(loop.create_task(self._watch(), name="budget-watch"))
 
     def submit(self, items: list[Item]) -> None:
-        """Queue a group; raises OverloadedError (and queues nothing) when it does not fit."""
+        """Queue a group, or answer it at once by the fallback when the model path would be late.
+
+        Raises OverloadedError (queuing nothing) when the queue is full and shedding refuses.
+        """
         if self._closing:
             raise NotServingError("draining")
         if self._queued + len(items) > self._max_queue:
-            raise OverloadedError(self._queued, self._max_queue)
+            if not self._shed_to_fallback:
+                raise OverloadedError(self._queued, self._max_queue)
+            self._answer_by_fallback(items, "queue_full")
+            return
+        # An idle pipeline always gets the call (the watch still answers it in time if the
+        # pipeline turns out slow): that is how a recovered pipeline is noticed.
+        idle = not self._busy.is_set() and not self._groups
+        if self._fallback is not None and self.timer.measured and not idle:
+            now = time.monotonic()
+            if now + self._wait_s(self._queued, len(items)) >= min(i.deadline for i in items):
+                self._answer_by_fallback(items, "expected_over_budget")
+                return
         for start in range(0, len(items), self._max_batch):
             self._groups.append(items[start:start + self._max_batch])
         self._queued += len(items)
@@ -90,8 +177,63 @@ class MicroBatcher:
         """Stop taking work, finish everything queued, then return."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        if self._tasks:
+            await self._tasks[0]
+            for task in self._tasks[1:]:
+                task.cancel()
+            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+
+    def _wait_s(self, ahead: int, own: int) -> float:
+        """Expected seconds until `own` items queued behind `ahead` others have their answers."""
+        timer = self.timer
+        if self._busy.is_set():
+            elapsed = time.monotonic() - self._in_flight_since
+            expected = timer.expected_s(len(self._in_flight))
+            # A call past twice its expected time is stuck or slow: expect as long again.
+            current = expected - elapsed if elapsed < 2.0 * expected else elapsed
+        else:
+            current = 0.0
+        full, rest = divmod(ahead + own, self._max_batch)
+        return current + full * timer.expected_s(self._max_batch) + (timer.expected_s(rest) if rest else 0.0)
+
+    def _answer_by_fallback(self, items: list[Item], reason: str) -> None:
+        fallback = self._fallback
+        if fallback is None:
+            raise RuntimeError("no fallback to answer with")  # callers check first
+        waiting = [i for i in items if not i.future.done()]
+        if waiting:
+            _resolve(waiting, fallback(waiting, reason))
+
+    async def _watch(self) -> None:
+        """While a batch runs, answer by the fallback whatever would otherwise miss its budget."""
+        while True:
+            await self._busy.wait()
+            await asyncio.sleep(self._watch_interval_s)
+            if self._busy.is_set():
+                self._answer_the_late()
+
+    def _answer_the_late(self) -> None:
+        now = time.monotonic() + self._watch_interval_s  # the next look may come too late
+        late = [i for i in self._in_flight if not i.future.done() and i.deadline <= now + self._wait_s(0, 0)]
+        ahead = 0
+        kept: deque[list[Item]] = deque()
+        for group in self._groups:
+            # Items of a group share a deadline, unless a retry extended one (server._extend).
+            done_by = now + self._wait_s(ahead, len(group))
+            on_time = [i for i in group if i.deadline > done_by]
+            if len(on_time) < len(group):
+                late.extend(i for i in group if i.deadline <= done_by)
+                self._queued -= len(group) - len(on_time)
+            if on_time:
+                kept.append(on_time)
+                ahead += len(on_time)
+        if late:
+            self._groups = kept
+            gone = time.monotonic()
+            for item in late:  # nobody waits for a call past its client's own deadline
+                if item.client_deadline <= gone and not item.future.done():
+                    item.future.set_exception(DeadlineExpiredError())
+            self._answer_by_fallback(late, "expected_over_budget")
 
     def _take(self) -> list[Item]:
         batch: list[Item] = []
@@ -117,6 +259,8 @@ class MicroBatcher:
                 continue
             if self._max_wait_s > 0 and not self._closing:
                 await self._wait_for_company()
+                if not self._groups:  # the watch answered them all meanwhile
+                    continue
             batch = self._take()
             try:
                 await self._process(batch)
@@ -137,22 +281,30 @@ class MicroBatcher:
                 continue
             if item.client_deadline <= now:
                 item.future.set_exception(DeadlineExpiredError())
-            elif item.deadline <= now and self._answer_over_budget is not None:
+            elif item.deadline <= now and self._fallback is not None:
                 over_budget.append(item)
             else:
                 live.append(item)
-        if over_budget and self._answer_over_budget is not None:
-            _resolve(over_budget, self._answer_over_budget(over_budget))
-        if live:
+        if over_budget:
+            self._answer_by_fallback(over_budget, "over_budget")
+        if not live:
+            return
+        self._in_flight, self._in_flight_since = live, time.monotonic()
+        self._busy.set()
+        try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, live)
-            _resolve(live, results)
+        finally:
+            self._busy.clear()
+            self._in_flight = []
+        self.timer.observe(len(live), time.monotonic() - self._in_flight_since)
+        _resolve(live, results)
 
 
 def _resolve(items: list[Item], results: Sequence[Any]) -> None:
     if len(results) != len(items):
         raise RuntimeError(f"pipeline returned {len(results)} answers for {len(items)} transactions")
     for item, result in zip(items, results, strict=True):
-        if not item.future.done():
+        if not item.future.done():  # answered already by the fallback (the pipeline was late)
             item.future.set_result(result)
 
 

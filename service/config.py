@@ -46,13 +46,20 @@ class Settings:
     """How long the first request of a batch may wait for company while the pipeline is idle.
     0: never wait; requests that arrive while a batch runs are batched together anyway."""
     max_queue: int = 2048
-    """Transactions waiting for the pipeline at most; past it new calls get RESOURCE_EXHAUSTED."""
+    """Transactions waiting for the pipeline at most; past it new calls are shed (`shed_mode`).
+    Calls that would miss their budget are answered by the fallback before the queue fills."""
+    shed_mode: str = "refuse"
+    """Past `max_queue`: "refuse" answers RESOURCE_EXHAUSTED (the client retries with backoff);
+    "fallback" answers at once from the fallback rules (degraded, reason queue_full)."""
     max_batch_request: int = 1000
     """Most transactions in one ScoreBatch call."""
+    max_stream_messages: int = 10_000_000
+    """Most messages in one ScoreStream; past it the stream ends with RESOURCE_EXHAUSTED (open a new one)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
-    max_concurrent_rpcs: int = 10_000
-    """Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED before any work."""
+    max_concurrent_rpcs: int = 1024
+    """Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED before any work, the
+    cheapest refusal there is (under overload every call the server reads costs CPU)."""
     max_clock_skew_s: float = 300.0
     """event_time_ms and reported_time_ms may be at most this far ahead of the server's clock:
     a future-dated event would freeze its entities' decayed counters until then."""
@@ -75,7 +82,8 @@ class Settings:
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR. Logs are JSON lines on stderr."""
     fault_injection: str = ""
-    """Test hook: "model-raise" makes every model call raise; "model-slow" adds 200 ms to each."""
+    """Test hook: "model-raise" makes every model call raise; "model-slow" adds 200 ms to each;
+    "pipeline-stall" holds the pipeline thread for 2 s in the first batch."""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -113,8 +121,10 @@ class Settings:
             need(v >= 16 and v & (v - 1) == 0, name, "must be a power of two ≥ 16")
         need(self.reasons_method in ("path", "shap"), "reasons_method", "must be \"path\" or \"shap\"")
         need(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", "must be DEBUG, INFO, WARNING or ERROR")
-        need(self.fault_injection in ("", "model-raise", "model-slow"), "fault_injection",
-             "must be empty, \"model-raise\" or \"model-slow\"")
+        need(self.fault_injection in ("", "model-raise", "model-slow", "pipeline-stall"), "fault_injection",
+             "must be empty, \"model-raise\", \"model-slow\" or \"pipeline-stall\"")
+        need(self.shed_mode in ("refuse", "fallback"), "shed_mode", "must be \"refuse\" or \"fallback\"")
+        need(self.max_stream_messages >= 1, "max_stream_messages", "must be ≥ 1")
 
     def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **changes)

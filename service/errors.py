@@ -4,6 +4,7 @@
     ├── InvalidInputError ............ INVALID_ARGUMENT   (bad request; nothing changed)
     ├── IdempotencyConflictError ..... FAILED_PRECONDITION (same id, different payload)
     ├── OverloadedError .............. RESOURCE_EXHAUSTED (shed: queue full; retry with backoff)
+    ├── StreamTooLongError ........... RESOURCE_EXHAUSTED (a stream past its message limit; open a new one)
     ├── DeadlineExpiredError ......... DEADLINE_EXCEEDED  (deadline passed before any work)
     ├── NotServingError .............. UNAVAILABLE        (starting or draining; retry elsewhere)
     └── anything else ................ INTERNAL           (text never sent: it may hold identifiers)
@@ -23,6 +24,13 @@ class OverloadedError(FraudscoreError):
         super().__init__(f"server overloaded: {queued} transactions queued, limit {limit}; retry with backoff")
 
 
+class StreamTooLongError(FraudscoreError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"a ScoreStream carries at most {limit} messages (FRAUDSCORE_MAX_STREAM_MESSAGES); "
+                         "every message before this one was answered: open a new stream for the rest")
+
+
 class DeadlineExpiredError(FraudscoreError):
     def __init__(self) -> None:
         super().__init__("deadline passed before scoring started; nothing was scored or recorded")
@@ -37,6 +45,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (IdempotencyConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamTooLongError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotServingError, grpc.StatusCode.UNAVAILABLE),
 )

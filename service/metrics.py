@@ -65,6 +65,11 @@ class Metrics:
         self.model_loaded = Gauge("fraudscore_model_loaded", "1 when a model is loaded, 0 when serving fallback only",
                                   registry=r)
         self.queue_depth = Gauge("fraudscore_queue_depth", "Transactions waiting for the pipeline", registry=r)
+        self.pipeline_busy = Gauge("fraudscore_pipeline_busy_seconds",
+                                   "How long the batch in the pipeline has been running (0 when idle)", registry=r)
+        self.pipeline_expected = Gauge(
+            "fraudscore_pipeline_expected_seconds",
+            "Expected wall time of a full batch (FRAUDSCORE_MAX_BATCH), learnt from recent batches", registry=r)
         self.idempotency_entries = Gauge("fraudscore_idempotency_entries",
                                          "Answers remembered for identical retries", registry=r)
         self.idempotency_evictions = Gauge(

@@ -32,6 +32,7 @@ _OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRM
 
 _MAX_UINT32 = 2**32 - 1
 FAULT_SLOW_S = 0.2  # the `model-slow` hook: each model call takes this much longer
+FAULT_STALL_S = 2.0  # the `pipeline-stall` hook: the first batch holds the pipeline thread this long
 
 
 class InjectedFault(RuntimeError):
@@ -71,6 +72,7 @@ class Pipeline:
         self.fault_injection = fault_injection
         # Why the model path is unavailable before trying it (e.g. "no_model"); empty when it is loaded.
         self.fallback_reason = fallback_reason
+        self._stalled = False
 
     def _score(self, batch: EncodedBatch) -> tuple[ScoredBatch, str]:
         features: np.ndarray | None = None
@@ -82,6 +84,9 @@ class Pipeline:
                 raise InjectedFault("fault injection: model-raise")
             if self.fault_injection == "model-slow":
                 time.sleep(FAULT_SLOW_S)
+            if self.fault_injection == "pipeline-stall" and not self._stalled:
+                self._stalled = True
+                time.sleep(FAULT_STALL_S)
             return self.scorer.score(features, batch.amount), ""
         except Exception as exc:
             reason = "features_error" if features is None else "model_error"
@@ -137,13 +142,14 @@ class Pipeline:
             np.array([_OUTCOME_FRAUD_WEIGHT[req.outcome]], dtype=np.float64),
         )
 
-    def answer_over_budget(self, items: list[Item]) -> list[pb.ScoreResponse]:
-        """Fallback answers for items whose budget ran out in the queue. Runs on the event loop:
-        touches no state, so these transactions never enter the features."""
+    def answer_fallback(self, items: list[Item], reason: str) -> list[pb.ScoreResponse]:
+        """Fallback answers (degraded) for items the model path cannot answer within their budget,
+        counted by `reason`. Runs on the event loop: touches no state, so these transactions
+        never enter the features."""
         txns = [item.payload for item in items]
         amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
                               [t.currency for t in txns])
-        self.metrics.fallbacks.labels("over_budget").inc(len(items))
+        self.metrics.fallbacks.labels(reason).inc(len(items))
         return self._responses(items, self.scorer.fallback(None, amount))
 
     def snapshot_copy(self) -> EntityState:

@@ -31,7 +31,13 @@ from core.errors import FraudscoreError, IdempotencyConflictError, InvalidInputE
 from service.app import App
 from service.batcher import Item
 from service.config import Settings
-from service.errors import DeadlineExpiredError, NotServingError, OverloadedError, status_of
+from service.errors import (
+    DeadlineExpiredError,
+    NotServingError,
+    OverloadedError,
+    StreamTooLongError,
+    status_of,
+)
 from service.metrics import Metrics
 from service.validation import validate_outcome, validate_transaction
 
@@ -204,8 +210,11 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
 
         async def read() -> None:
             index = 0
+            limit = self.app.settings.max_stream_messages
             try:
                 async for request in request_iterator:
+                    if index >= limit:
+                        raise StreamTooLongError(limit)
                     if not request.HasField("transaction"):
                         raise InvalidInputError(f"stream[{index}].transaction", "required")
                     validate_transaction(request.transaction, prefix=f"stream[{index}].transaction.",

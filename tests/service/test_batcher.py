@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batcher import Item, MicroBatcher
+from service.batcher import Item, MicroBatcher, PipelineTimer
 from service.errors import DeadlineExpiredError, NotServingError, OverloadedError
 
 
@@ -71,16 +71,24 @@ async def test_a_group_is_split_at_max_batch_and_kept_in_order(executor) -> None
     await b.drain()
 
 
+class Fallback:
+    """The fallback stand-in: answers -payload and records (payloads, reason) per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], str]] = []
+
+    def __call__(self, items: list[Item], reason: str) -> list[int]:
+        self.calls.append(([i.payload for i in items], reason))
+        return [-i.payload for i in items]
+
+
 async def test_expired_and_over_budget_requests_never_reach_the_pipeline(executor) -> None:
     loop = asyncio.get_running_loop()
     rec = Recorder()
-    fallback_calls: list[list[int]] = []
-
-    def fallback(items: list[Item]) -> list[int]:
-        fallback_calls.append([i.payload for i in items])
-        return [-i.payload for i in items]
-
-    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=0, max_queue=100, answer_over_budget=fallback)
+    fallback = Fallback()
+    # The watch is slowed down here so that the queue meets these items first.
+    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback,
+                     watch_interval_s=10.0)
     b.start()
     rec.gate.clear()
     blocker = make_item(loop, 1)
@@ -98,9 +106,105 @@ async def test_expired_and_over_budget_requests_never_reach_the_pipeline(executo
     with pytest.raises(DeadlineExpiredError):
         await client_gone.future
     assert await over_budget.future == -4
-    assert fallback_calls == [[4]]
+    assert fallback.calls == [([4], "over_budget")]
     assert all(2 not in batch and 4 not in batch for batch in rec.batches)
     await b.drain()
+
+
+async def test_a_stalled_pipeline_cannot_hold_an_answer_past_its_budget(executor) -> None:
+    loop = asyncio.get_running_loop()
+    rec = Recorder()
+    fallback = Fallback()
+    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
+    b.start()
+    rec.gate.clear()  # the pipeline thread is stuck on the first batch
+    started = time.monotonic()
+    in_flight = make_item(loop, 1, budget_s=0.03)
+    b.submit([in_flight])
+    await asyncio.sleep(0.005)
+    queued = [make_item(loop, i, budget_s=0.03) for i in (2, 3)]
+    patient = make_item(loop, 5, budget_s=30)
+    gone = make_item(loop, 6, client_s=0.0)  # its client has given up already
+    for item in (*queued, patient, gone):
+        b.submit([item])
+    answers = await asyncio.gather(in_flight.future, *(i.future for i in queued))
+    assert answers == [-1, -2, -3]
+    assert time.monotonic() - started < 0.03  # each within its budget
+    with pytest.raises(DeadlineExpiredError):
+        await gone.future
+    assert {reason for _, reason in fallback.calls} == {"expected_over_budget"}
+    assert not patient.future.done()
+    rec.gate.set()  # the pipeline recovers: its late answer for item 1 is dropped
+    assert await patient.future == 50
+    assert await in_flight.future == -1
+    assert rec.batches[0] == [1]
+    await b.drain()
+
+
+async def test_calls_the_measured_pipeline_cannot_answer_in_time_get_the_fallback_on_arrival(executor) -> None:
+    loop = asyncio.get_running_loop()
+    fallback = Fallback()
+
+    def slow(items: list[Item]) -> list[int]:
+        time.sleep(0.02)
+        return [i.payload * 10 for i in items]
+
+    b = MicroBatcher(slow, executor, max_batch=4, max_wait_us=0, max_queue=100, fallback=fallback)
+    b.start()
+    warm = make_item(loop, 1)
+    b.submit([warm])
+    assert await warm.future == 10
+    assert b.timer.expected_s(1) >= 0.02
+    busy = make_item(loop, 4)
+    b.submit([busy])
+    await asyncio.sleep(0.001)  # now in the pipeline for ~20 ms
+    hurried = make_item(loop, 2, budget_s=0.01)  # cannot be scored in 10 ms behind it
+    b.submit([hurried])
+    assert hurried.future.done() and hurried.future.result() == -2
+    relaxed = make_item(loop, 3, budget_s=1.0)
+    b.submit([relaxed])
+    assert await relaxed.future == 30
+    assert await busy.future == 40
+    assert fallback.calls == [([2], "expected_over_budget")]
+    # An idle pipeline takes even a hurried call (the watch answers it if the pipeline is slow):
+    # that is how a pipeline that got fast again is noticed.
+    probe = make_item(loop, 5, budget_s=0.01)
+    b.submit([probe])
+    assert not probe.future.done()
+    assert await probe.future == -5
+    assert fallback.calls[-1] == ([5], "expected_over_budget")
+    await b.drain()
+
+
+async def test_past_the_queue_bound_the_fallback_answers_when_configured(executor) -> None:
+    loop = asyncio.get_running_loop()
+    rec = Recorder()
+    fallback = Fallback()
+    b = MicroBatcher(rec, executor, max_batch=2, max_wait_us=0, max_queue=2, fallback=fallback,
+                     shed_to_fallback=True)
+    rec.gate.clear()
+    b.start()
+    first = [make_item(loop, i) for i in range(2)]
+    b.submit(first)
+    extra = make_item(loop, 9)
+    b.submit([extra])  # no exception: answered at once
+    assert extra.future.result() == -9 and b.queued <= 2
+    rec.gate.set()
+    assert await asyncio.gather(*(i.future for i in first)) == [0, 10]
+    assert fallback.calls == [([9], "queue_full")]
+    await b.drain()
+
+
+def test_pipeline_timer_learns_fixed_and_per_item_cost() -> None:
+    timer = PipelineTimer(memory=50)
+    assert not timer.measured
+    timer.observe(4, 0.004)
+    assert timer.expected_s(4) == pytest.approx(0.004) and timer.per_item_s == 0.0  # one size: all fixed
+    for n in [1, 8, 32, 64] * 100:  # the first, slower call is forgotten
+        timer.observe(n, 0.0001 + 0.00002 * n)
+    assert timer.fixed_s == pytest.approx(0.0001, rel=0.05)
+    assert timer.per_item_s == pytest.approx(0.00002, rel=0.05)
+    assert timer.expected_s(100) == pytest.approx(0.0021, rel=0.05)
 
 
 async def test_the_queue_is_bounded(executor) -> None:
