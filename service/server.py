@@ -53,41 +53,52 @@ def _fingerprint(txn: pb.Transaction) -> int:
     return xxhash.xxh64_intdigest(txn.SerializeToString(deterministic=True))
 
 
-@contextlib.asynccontextmanager
-async def _observed(metrics: Metrics, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """The one place errors become status codes; counts every call by method and code.
+class _Calls:
+    """One method's request metrics, their children looked up once (a label lookup per call
+    costs more than the count itself)."""
 
-    An error is counted before `context.abort` sends its status: a client that reads the
-    metrics right after its error must find it there.
-    """
-    started = time.perf_counter()
-    code: grpc.StatusCode | None = None
+    __slots__ = ("_by_code", "_duration", "_requests", "method")
 
-    def count(final: grpc.StatusCode) -> None:
-        metrics.requests.labels(method, final.name).inc()
-        metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._requests, self.method = metrics.requests, method
+        self._duration = metrics.request_duration.labels(method)
+        self._by_code: dict[grpc.StatusCode, Any] = {}
 
-    try:
-        yield
-    except FraudscoreError as exc:
-        code, message = status_of(exc)
-        count(code)
-        await _abort(context, code, message)
-    except asyncio.CancelledError:
+    def count(self, code: grpc.StatusCode, started: float) -> None:
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._requests.labels(self.method, code.name)
+        child.inc()
+        self._duration.observe(time.perf_counter() - started)
+
+
+async def _failed(exc: BaseException, calls: _Calls, started: float, context: grpc.aio.ServicerContext) -> None:
+    """The one place errors become status codes. Counts the call, then ends it (re-raising a
+    cancellation). An error is counted before `context.abort` sends its status: a client
+    that reads the metrics right after its error must find it there."""
+    if isinstance(exc, asyncio.CancelledError):
         # grpc cancels the handler when the client goes away or its deadline passes.
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-        count(code)
-        raise
-    except Exception as exc:
-        log.exception("unexpected error in %s", method)
-        code, message = status_of(exc)
-        count(code)
-        await _abort(context, code, message)
-    finally:
-        if code is None:
-            count(grpc.StatusCode.OK)
+        calls.count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+        raise exc
+    if not isinstance(exc, FraudscoreError):
+        log.exception("unexpected error in %s", calls.method, exc_info=exc)
+    code, message = status_of(exc)
+    calls.count(code, started)
+    await _abort(context, code, message)
+
+
+@contextlib.asynccontextmanager
+async def _observed(calls: _Calls, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """`_failed` around a streaming call; counts it OK when it ends without error."""
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException as exc:  # _failed re-raises what it does not answer
+        await _failed(exc, calls, started, context)
+    else:
+        calls.count(grpc.StatusCode.OK, started)
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -102,9 +113,15 @@ def _unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[...,
     def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @wraps(fn)
         async def handler(self: FraudScoringService, request: Any, context: grpc.aio.ServicerContext) -> R:
-            async with _observed(self.app.metrics, method, context):
-                return await fn(self, request, context)
-            raise AssertionError("unreachable: errors end in context.abort, which raises")
+            calls = self.calls[method]
+            started = time.perf_counter()
+            try:
+                result = await fn(self, request, context)
+            except BaseException as exc:  # _failed re-raises what it does not answer
+                await _failed(exc, calls, started, context)
+                raise AssertionError("unreachable: errors end in context.abort, which raises") from exc
+            calls.count(grpc.StatusCode.OK, started)
+            return result
         return handler
     return decorate
 
@@ -112,6 +129,7 @@ def _unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[...,
 class FraudScoringService(pb_grpc.FraudScoringServicer):
     def __init__(self, app: App) -> None:
         self.app = app
+        self.calls = {m: _Calls(app.metrics, m) for m in ("Score", "ScoreBatch", "ScoreStream", "ReportOutcome")}
 
     def _submit(self, txns: list[pb.Transaction], context: grpc.aio.ServicerContext) -> list[asyncio.Future[Any]]:
         """Idempotency check, then queue the new transactions. All-or-nothing; runs without awaiting."""
@@ -227,7 +245,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 return
             await window.put(None)
 
-        async with _observed(self.app.metrics, "ScoreStream", context):
+        async with _observed(self.calls["ScoreStream"], context):
             reader = asyncio.get_running_loop().create_task(read())
             try:
                 while (entry := await window.get()) is not None:
