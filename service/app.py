@@ -138,7 +138,6 @@ class App:
         self._outcomes_applied: list[asyncio.Future[Any]] = []
         # Event loop only: those futures, handed over by a snapshot copy, not yet seen settled.
         self._undelivered: list[asyncio.Future[Any]] = []
-        self.queued_items: dict[str, Any] = {}  # transaction_id → Item still waiting for the pipeline
         self.outcomes_in_flight = 0
         self.metrics_port = 0
         self._snapshot_lock = asyncio.Lock()

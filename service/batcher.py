@@ -297,15 +297,21 @@ class MicroBatcher:
             self._busy.clear()
             self._in_flight = []
         self.timer.observe(len(live), time.monotonic() - self._in_flight_since)
-        _resolve(live, results)
+        _resolve(live, results, release=True)
 
 
-def _resolve(items: list[Item], results: Sequence[Any]) -> None:
+def _resolve(items: list[Item], results: Sequence[Any], *, release: bool = False) -> None:
     if len(results) != len(items):
         raise RuntimeError(f"pipeline returned {len(results)} answers for {len(items)} transactions")
     for item, result in zip(items, results, strict=True):
         if not item.future.done():  # answered already by the fallback (the pipeline was late)
             item.future.set_result(result)
+        if release:
+            # The idempotency record keeps the item (a retry may extend a queued item's
+            # deadline) as long as the answer; the transaction itself is not needed after
+            # the pipeline (`release` only then: a fallback answer may come while the
+            # pipeline thread still reads the item).
+            item.payload = None
 
 
 def _fail(items: list[Item], exc: BaseException | None) -> None:

@@ -32,6 +32,7 @@ class _Entry(Generic[T]):
     fingerprint: int
     future: asyncio.Future[T]
     expires_at: float  # on the cache's clock (monotonic)
+    pending: object = None  # e.g. the queued batcher Item, so that a retry can extend its deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,18 +106,35 @@ class IdempotencyCache(Generic[T]):
             self._order = deque(e for e in self._order if self._entries.get(e.transaction_id) is e)
 
     def lookup(self, transaction_id: str, fingerprint: int) -> asyncio.Future[T] | None:
-        """The first call's future, None when unseen; raises IdempotencyConflictError on a different payload."""
+        """The first call's future, None when unseen; raises IdempotencyConflictError on a different payload.
+
+        A first call that failed without an answer (cancelled, or an error such as its
+        deadline passing in the queue) changed nothing: it is forgotten here, and the retry
+        is scored as new.
+        """
         self._expire(self._clock())
         entry = self._entries.get(transaction_id)
         if entry is None:
             return None
+        f = entry.future
+        if f.done() and (f.cancelled() or f.exception() is not None):
+            del self._entries[transaction_id]
+            return None
         if entry.fingerprint != fingerprint:
             raise IdempotencyConflictError()
-        return entry.future
+        return f
 
-    def register(self, transaction_id: str, fingerprint: int, future: asyncio.Future[T]) -> None:
-        """Remember a new call's future."""
-        self._append(_Entry(transaction_id, fingerprint, future, self._clock() + self._ttl_s))
+    def register(self, transaction_id: str, fingerprint: int, future: asyncio.Future[T], *,
+                 pending: object = None) -> None:
+        """Remember a new call's future, and optionally what it waits in (see `pending`)."""
+        self._append(_Entry(transaction_id, fingerprint, future, self._clock() + self._ttl_s, pending))
+
+    def pending(self, transaction_id: str) -> object:
+        """What `register` was given as `pending` for a call still waiting for its answer, else None."""
+        entry = self._entries.get(transaction_id)
+        if entry is None or entry.future.done():
+            return None
+        return entry.pending
 
     def forget(self, transaction_id: str, future: asyncio.Future[T]) -> None:
         """Drop the entry if it still belongs to `future` (the call failed without scoring)."""

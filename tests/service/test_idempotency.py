@@ -48,6 +48,22 @@ async def test_lookup_register_conflict_expiry_and_bound() -> None:
     assert cache.lookup("x", 0) is None
 
 
+async def test_a_first_call_that_failed_is_forgotten_and_its_retry_scored_as_new() -> None:
+    loop = asyncio.get_running_loop()
+    cache: IdempotencyCache[int] = IdempotencyCache(ttl_s=10.0, max_entries=10)
+    cancelled, failed, answered = loop.create_future(), loop.create_future(), loop.create_future()
+    for key, future in (("c", cancelled), ("f", failed), ("a", answered)):
+        cache.register(key, 1, future, pending=f"item-{key}")
+    assert cache.pending("a") == "item-a"  # still waiting: a retry can find (and extend) it
+    cancelled.cancel()
+    failed.set_exception(RuntimeError("deadline passed in the queue"))
+    answered.set_result(7)
+    assert cache.pending("a") is None  # answered: nothing is waiting any more
+    assert cache.lookup("c", 1) is None and cache.lookup("f", 1) is None
+    assert cache.lookup("a", 1) is answered
+    assert len(cache) == 1
+
+
 async def test_forget_only_removes_the_owner() -> None:
     loop = asyncio.get_running_loop()
     cache: IdempotencyCache[int] = IdempotencyCache(ttl_s=10.0, max_entries=10)
