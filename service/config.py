@@ -57,9 +57,11 @@ class Settings:
     """Most messages in one ScoreStream; past it the stream ends with RESOURCE_EXHAUSTED (open a new one)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
-    max_concurrent_rpcs: int = 1024
-    """Calls handled at once; past it gRPC answers RESOURCE_EXHAUSTED before any work, the
-    cheapest refusal there is (under overload every call the server reads costs CPU)."""
+    max_concurrent_rpcs: int = 256
+    """Calls in the server at once (a stream counts as one); past it gRPC answers
+    RESOURCE_EXHAUSTED before any work, the cheapest refusal there is. Under overload a call
+    waits inside gRPC before the server sees it, where no budget can be applied: keep this
+    near peak rate × budget (docs/design.md, "Serving under pressure")."""
     max_clock_skew_s: float = 300.0
     """event_time_ms and reported_time_ms may be at most this far ahead of the server's clock:
     a future-dated event would freeze its entities' decayed counters until then."""
