@@ -1,4 +1,4 @@
-"""The rules engine: named, vectorized conditions over features and transaction fields.
+"""The rules engine: named conditions over features and transaction fields, compiled at load.
 
 A ruleset file (JSON) has the rules applied on top of the model and the fallback rules
 that decide alone when the model path is unavailable:
@@ -9,7 +9,9 @@ that decide alone when the model path is unavailable:
             "probability": float (fallback only: the estimate when it hits), "note": str}
 
 All conditions of a rule must hold (AND). A missing value (NaN) never satisfies a
-condition. Evaluation is one NumPy comparison per condition over the whole batch.
+condition. Each RuleSet compiles its conditions into a small program of flat arrays when
+it is made; one Numba kernel (core.rules_kernel) runs it over the whole batch, a second
+applies the decisions, so a batch costs two compiled calls whatever the number of rules.
 
 Precedence (docs/rules.md): an enforce-mode APPROVE hit (an allowlist) wins; then any
 DECLINE hit; then a REVIEW hit raises an APPROVE to REVIEW; otherwise the model's
@@ -19,27 +21,27 @@ decision (or APPROVE in fallback) stands. Shadow rules are evaluated and counted
 from __future__ import annotations
 
 import hashlib
-import operator
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
+from core import rules_kernel as kernel
 from core.errors import RulesLoadError
-from core.features import FEATURE_NAMES
+from core.features import FEATURE_NAMES, NUM_FEATURES
 
 EXTRA_FIELDS = ("amount", "fraud_probability")
 FIELDS = (*FEATURE_NAMES, *EXTRA_FIELDS)
-_OPS: dict[str, Callable[[np.ndarray, Any], np.ndarray]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-    "==": operator.eq, "!=": operator.ne,
-    "in": lambda col, values: np.isin(col, values),
-    "not in": lambda col, values: ~np.isin(col, values),
-}
+_OPS = {name: code for code, name in enumerate(kernel.OP_NAMES)}
+_SET_OPS = (kernel.IN, kernel.NOT_IN)
+_COLUMNS = {**{name: i for i, name in enumerate(FEATURE_NAMES)},
+            "amount": kernel.AMOUNT_COLUMN, "fraud_probability": kernel.PROBABILITY_COLUMN}
+_ABSENT = np.empty(0, dtype=np.float64)
+_NO_FEATURES = np.empty((0, NUM_FEATURES), dtype=np.float64)
 
 
 class Decision(IntEnum):
@@ -69,46 +71,108 @@ class Rule:
     probability: float = 0.5
 
 
+def _effects(rules: tuple[Rule, ...]) -> npt.NDArray[np.int8]:
+    return np.array([kernel.NO_EFFECT if r.shadow else int(r.action) for r in rules], dtype=np.int8)
+
+
 @dataclass(frozen=True, slots=True)
 class RuleHits:
-    """hits[i, r]: rule r matched transaction i (rules in priority order)."""
+    """hits[i, r]: rule r matched transaction i (rules in priority order).
+
+    `effect` is what each rule does when it hits (precomputed by RuleSet; derived from
+    `rules` when left out).
+    """
 
     rules: tuple[Rule, ...]
-    hits: np.ndarray
+    hits: npt.NDArray[np.bool_]
+    effect: npt.NDArray[np.int8] | None = field(default=None, repr=False, compare=False)
 
-    def decide(self, base: np.ndarray) -> np.ndarray:
+    def decide(self, base: np.ndarray) -> npt.NDArray[np.int8]:
         """Apply enforce-mode hits to base decisions (int8 array of Decision values) by precedence."""
-        out = base.astype(np.int8, copy=True)
-        enforce = np.array([not r.shadow for r in self.rules], dtype=bool)
-        def any_hit(action: Decision) -> np.ndarray:
-            cols = enforce & np.array([r.action == action for r in self.rules], dtype=bool)
-            if not cols.any():
-                return np.zeros(out.shape[0], dtype=bool)
-            return np.asarray(self.hits[:, cols].any(axis=1), dtype=bool)
-        out[any_hit(Decision.REVIEW) & (out == Decision.APPROVE)] = Decision.REVIEW
-        out[any_hit(Decision.DECLINE)] = Decision.DECLINE
-        out[any_hit(Decision.APPROVE)] = Decision.APPROVE
-        return out
+        effect = _effects(self.rules) if self.effect is None else self.effect
+        hits = np.ascontiguousarray(self.hits, dtype=np.bool_)
+        base = np.ascontiguousarray(base, dtype=np.int8)
+        # The kernel indexes without bounds checks: shapes that disagree must never reach it.
+        if hits.ndim != 2 or base.shape != (hits.shape[0],) or effect.shape != (hits.shape[1],):
+            raise ValueError(f"hits must be (n, {effect.shape[0]}) for base (n,), "
+                             f"got hits {hits.shape} and base {base.shape}")
+        decided: npt.NDArray[np.int8] = kernel.decide(hits, effect, base)
+        return decided
+
+
+@dataclass(frozen=True, slots=True)
+class RuleProgram:
+    """A RuleSet compiled for core.rules_kernel (its module docstring describes the arrays)."""
+
+    program: npt.NDArray[np.int64]      # (conditions, 4): column, op, lo, hi
+    rule_start: npt.NDArray[np.int64]   # (rules + 1,): rule r's conditions are rule_start[r]:rule_start[r + 1]
+    constants: npt.NDArray[np.float64]  # comparison values and sorted set members
+    effect: npt.NDArray[np.int8]        # (rules,): NO_EFFECT for a shadow rule, else its Decision
+
+
+def compile_rules(rules: tuple[Rule, ...]) -> RuleProgram:
+    """The program the kernel runs for `rules`, in their order."""
+    program: list[tuple[int, int, int, int]] = []
+    constants: list[float] = []
+    rule_start = [0]
+    for rule in rules:
+        for c in rule.conditions:
+            column, op = _COLUMNS.get(c.field), _OPS.get(c.op)
+            if column is None or op is None:
+                raise ValueError(f"rule {rule.name!r}: unknown field {c.field!r} or op {c.op!r}")
+            lo = len(constants)
+            if op in _SET_OPS:
+                # Sorted and unique for the kernel's binary search; NaN equals nothing, so it never counts.
+                members = np.unique(np.asarray(c.value, dtype=np.float64).ravel())
+                constants.extend(members[~np.isnan(members)].tolist())
+            elif isinstance(c.value, tuple):
+                raise ValueError(f"rule {rule.name!r}: op {c.op!r} needs one number, got {c.value!r}")
+            else:
+                constants.append(float(c.value))
+            program.append((column, op, lo, len(constants)))
+        rule_start.append(len(program))
+    # Explicit dtypes and shapes even when empty: Numba types the kernel by them.
+    return RuleProgram(
+        program=np.array(program, dtype=np.int64).reshape(len(program), kernel.PROGRAM_WIDTH),
+        rule_start=np.array(rule_start, dtype=np.int64),
+        constants=np.array(constants, dtype=np.float64),
+        effect=_effects(rules),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    rules: tuple[Rule, ...]
+    """Rules in priority order, compiled into `program` when the set is made."""
 
-    def evaluate(self, columns: Mapping[str, np.ndarray], n: int) -> RuleHits:
-        """Evaluate every rule over a batch of `n`; `columns` maps field name → float64 array."""
-        hits = np.zeros((n, len(self.rules)), dtype=bool)
-        for r, rule in enumerate(self.rules):
-            mask = np.ones(n, dtype=bool)
-            for c in rule.conditions:
-                col = columns.get(c.field)
-                if col is None:  # e.g. fraud_probability in fallback: the rule cannot match
-                    mask[:] = False
-                    break
-                with np.errstate(invalid="ignore"):
-                    mask &= _OPS[c.op](col, c.value) & ~np.isnan(col)
-            hits[:, r] = mask
-        return RuleHits(self.rules, hits)
+    rules: tuple[Rule, ...]
+    program: RuleProgram = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "program", compile_rules(self.rules))
+
+    def evaluate(self, features: np.ndarray | None, amount: np.ndarray,
+                 fraud_probability: np.ndarray | None = None) -> RuleHits:
+        """Evaluate every rule over a batch.
+
+        `features` is the (n, NUM_FEATURES) matrix in FEATURE_NAMES order, or None when it could
+        not be computed; `amount` (n,); `fraud_probability` (n,), or None in fallback. A condition
+        on an absent column never holds.
+        """
+        amount = np.ascontiguousarray(amount, dtype=np.float64)
+        n = amount.shape[0] if amount.ndim == 1 else -1
+        # The kernel indexes without bounds checks: shapes that disagree must never reach it.
+        x = _NO_FEATURES if features is None else np.ascontiguousarray(features, dtype=np.float64)
+        p = _ABSENT if fraud_probability is None else np.ascontiguousarray(fraud_probability, dtype=np.float64)
+        if n < 0 or (features is not None and x.shape != (n, NUM_FEATURES)) or (
+                fraud_probability is not None and p.shape != (n,)):
+            raise ValueError(f"expected amount (n,), features (n, {NUM_FEATURES}) or None, fraud_probability "
+                             f"(n,) or None; got {amount.shape}, {None if features is None else x.shape}, "
+                             f"{None if fraud_probability is None else p.shape}")
+        program = self.program
+        hits: npt.NDArray[np.bool_] = kernel.evaluate(
+            x, features is not None, amount, p, fraud_probability is not None,
+            program.program, program.rule_start, program.constants)
+        return RuleHits(self.rules, hits, program.effect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,13 +292,3 @@ def load_ruleset(path: Path) -> Ruleset:
         raise RulesLoadError(str(path), f"cannot read: {exc.strerror}") from None
     return parse_ruleset(data, source=str(path))
 
-
-def rule_columns(features: np.ndarray | None, amount: np.ndarray, n: int,
-                 fraud_probability: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The named columns rules may refer to. Without features (nothing computed), features are absent."""
-    cols: dict[str, np.ndarray] = {"amount": amount}
-    if features is not None:
-        cols.update({name: features[:, i] for i, name in enumerate(FEATURE_NAMES)})
-    if fraud_probability is not None:
-        cols["fraud_probability"] = fraud_probability
-    return cols

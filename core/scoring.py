@@ -13,7 +13,7 @@ import numpy as np
 
 from core.model import LoadedModel
 from core.reasons import top_reasons
-from core.rules import Decision, RuleHits, Ruleset, rule_columns
+from core.rules import Decision, RuleHits, Ruleset
 
 
 class Source(IntEnum):
@@ -54,9 +54,21 @@ def risk_score(p: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _rule_reasons(hits: RuleHits, i: int) -> list[Reason]:
-    return [Reason(r.reason_code, r.description, 1.0)
-            for r, hit in zip(hits.rules, hits.hits[i], strict=True) if hit and not r.shadow]
+def _rule_reasons(hits: RuleHits) -> list[list[Reason]]:
+    """Each transaction's enforce-mode rule hits as reasons, in rule order."""
+    rules, width = hits.rules, hits.hits.shape[1]
+    reasons: list[list[Reason]] = [[] for _ in range(hits.hits.shape[0])]
+    made: list[Reason | None] = [None] * width  # one (frozen) Reason per rule, shared by its hits
+    # Only the hits, not every (transaction, rule) pair: that loop took ~0.3 ms for a batch of 256.
+    for k in np.flatnonzero(hits.hits).tolist():
+        i, r = divmod(k, width)
+        rule = rules[r]
+        if not rule.shadow:
+            reason = made[r]
+            if reason is None:
+                reason = made[r] = Reason(rule.reason_code, rule.description, 1.0)
+            reasons[i].append(reason)
+    return reasons
 
 
 REASONS_METHODS = ("path", "shap")
@@ -94,10 +106,10 @@ class Scorer:
         base = np.full(n, Decision.APPROVE, dtype=np.int8)
         base[p >= t.review] = Decision.REVIEW
         base[p >= t.decline] = Decision.DECLINE
-        hits = self.ruleset.rules.evaluate(rule_columns(features, amount, n, p), n)
+        hits = self.ruleset.rules.evaluate(features, amount, p)
         decision = hits.decide(base)
         source = np.where(decision != base, Source.RULES, Source.MODEL).astype(np.int8)
-        reasons = [_rule_reasons(hits, i) for i in range(n)]
+        reasons = _rule_reasons(hits)
         # Model reasons only where the answer is not APPROVE: an approval needs no explanation.
         explain = np.flatnonzero(decision != Decision.APPROVE)
         if explain.size and self.top_reasons > 0:
@@ -113,7 +125,7 @@ class Scorer:
         """The fallback ruleset alone; features may be None when they could not be computed."""
         n = amount.shape[0]
         fb = self.ruleset.fallback
-        hits = fb.evaluate(rule_columns(features, amount, n), n)
+        hits = fb.evaluate(features, amount)
         decision = hits.decide(np.full(n, Decision.APPROVE, dtype=np.int8))
         probs = np.array([r.probability for r in fb.rules], dtype=np.float64)
         enforce = np.array([not r.shadow for r in fb.rules], dtype=bool)
@@ -121,6 +133,6 @@ class Scorer:
         if probs.size:
             # Shadow rules are counted only: they must not move the answered probability either.
             p = np.maximum(p, np.where(hits.hits & enforce, probs, 0.0).max(axis=1))
-        reasons = [tuple(_rule_reasons(hits, i)) for i in range(n)]
+        reasons = [tuple(r) for r in _rule_reasons(hits)]
         source = np.full(n, Source.RULES_FALLBACK, dtype=np.int8)
         return ScoredBatch(p, decision, source, True, reasons, "", self.ruleset.version, hits)

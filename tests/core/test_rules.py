@@ -1,9 +1,10 @@
-"""core.rules: validation of rules files, evaluation against a per-row reference, precedence."""
+"""core.rules: validation of rules files, compiled evaluation against a per-row reference, precedence."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES
 from core.rules import Condition, Decision, Rule, RuleHits, RuleSet, load_ruleset, parse_ruleset
+from core.rules_kernel import SCAN_MEMBERS
 
 FEW = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -42,6 +44,20 @@ def document(rules: list[Any] | None = None, fallback_rules: list[Any] | None = 
 
 def when(field: str = "amount", op: str = ">", value: Any = 100) -> list[dict[str, Any]]:
     return [{"field": field, "op": op, "value": value}]
+
+
+def evaluate(ruleset: RuleSet, columns: Mapping[str, np.ndarray], n: int) -> RuleHits:
+    """Evaluate named columns as the scorer passes them: a feature matrix (None when no feature is
+    named, NaN in the features not named: either way their conditions fail), amount (NaN when not
+    named) and fraud_probability (None when not named)."""
+    named = [i for i, name in enumerate(FEATURE_NAMES) if name in columns]
+    features = None
+    if named:
+        features = np.full((n, len(FEATURE_NAMES)), math.nan)
+        for i in named:
+            features[:, i] = columns[FEATURE_NAMES[i]]
+    amount = columns.get("amount", np.full(n, math.nan))
+    return ruleset.evaluate(features, amount, columns.get("fraud_probability"))
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -200,7 +216,7 @@ def test_rules_are_ordered_by_priority_then_name() -> None:
     # Hit columns follow the same order.
     rs = parse_ruleset(document(rules=[rule("late", priority=50, when=when(op=">", value=10)),
                                        rule("early", priority=1, when=when(op="<", value=10))]))
-    hits = rs.rules.evaluate({"amount": np.array([5.0, 50.0])}, 2)
+    hits = evaluate(rs.rules, {"amount": np.array([5.0, 50.0])}, 2)
     assert [r.name for r in hits.rules] == ["early", "late"]
     np.testing.assert_array_equal(hits.hits, [[True, False], [False, True]])
 
@@ -255,7 +271,7 @@ def reference_condition(cond: dict[str, Any], row: dict[str, float]) -> bool:
 def test_evaluation_matches_a_per_row_reference(rules: list[dict[str, Any]], batch: tuple[int, dict]) -> None:
     n, columns = batch
     ruleset = parse_ruleset(document(rules=rules)).rules
-    hits = ruleset.evaluate(columns, n)
+    hits = evaluate(ruleset, columns, n)
     assert hits.hits.shape == (n, len(rules)) and hits.hits.dtype == bool
     by_name = {r["name"]: r for r in rules}
     for i in range(n):
@@ -269,7 +285,7 @@ def test_evaluation_matches_a_per_row_reference(rules: list[dict[str, Any]], bat
 def test_nan_never_matches_any_condition(op: str) -> None:
     value: Any = [0.0, 1.0] if op in ("in", "not in") else 1.0
     ruleset = parse_ruleset(document(rules=[rule("r", when=when(field="card_new_device", op=op, value=value))])).rules
-    hits = ruleset.evaluate({"card_new_device": np.array([math.nan, math.nan])}, 2)
+    hits = evaluate(ruleset, {"card_new_device": np.array([math.nan, math.nan])}, 2)
     assert not hits.hits.any()
 
 
@@ -282,7 +298,7 @@ def test_a_missing_column_means_no_match() -> None:
                             {"field": "card_txn_count_10m", "op": "<", "value": 100}]),
         rule("amount_only", when=when(op=">=", value=0)),
     ])).rules
-    hits = ruleset.evaluate({"amount": np.array([1.0, 2.0, 3.0])}, 3)
+    hits = evaluate(ruleset, {"amount": np.array([1.0, 2.0, 3.0])}, 3)
     assert dict(zip([r.name for r in hits.rules], hits.hits.all(axis=0).tolist(), strict=True)) == {
         "amount_only": True, "mixed": False, "p_low": False, "p_not_in": False,
     }
@@ -291,12 +307,144 @@ def test_a_missing_column_means_no_match() -> None:
 
 def test_an_empty_batch_and_an_empty_ruleset() -> None:
     ruleset = parse_ruleset(document(rules=[rule("r")])).rules
-    empty = ruleset.evaluate({"amount": np.empty(0)}, 0)
+    empty = evaluate(ruleset, {"amount": np.empty(0)}, 0)
     assert empty.hits.shape == (0, 1)
     assert empty.decide(np.empty(0, dtype=np.int8)).shape == (0,)
-    none = RuleSet(()).evaluate({"amount": np.array([1e9])}, 1)
+    none = evaluate(RuleSet(()), {"amount": np.array([1e9])}, 1)
     assert none.hits.shape == (1, 0)
     np.testing.assert_array_equal(none.decide(np.array([Decision.REVIEW], dtype=np.int8)), [Decision.REVIEW])
+
+
+
+def test_an_empty_ruleset_with_and_without_features_and_probability() -> None:
+    for n in (0, 1, 5):
+        features = np.zeros((n, len(FEATURE_NAMES)))
+        for hits in (RuleSet(()).evaluate(features, np.ones(n), np.ones(n)), RuleSet(()).evaluate(None, np.ones(n))):
+            assert hits.hits.shape == (n, 0) and hits.hits.dtype == bool
+            base = np.full(n, Decision.DECLINE, dtype=np.int8)
+            np.testing.assert_array_equal(hits.decide(base), base)
+
+
+@pytest.mark.parametrize(("features", "amount", "probability"), [
+    pytest.param(np.zeros((2, len(FEATURE_NAMES) - 1)), np.ones(2), None, id="a feature short"),
+    pytest.param(np.zeros((3, len(FEATURE_NAMES))), np.ones(2), None, id="a row too many"),
+    pytest.param(np.zeros(len(FEATURE_NAMES)), np.ones(1), None, id="one-dimensional features"),
+    pytest.param(None, np.ones(2), np.ones(3), id="probability longer than amount"),
+    pytest.param(None, np.ones((2, 1)), None, id="two-dimensional amount"),
+])
+def test_shapes_that_disagree_are_refused_before_the_kernel(
+    features: np.ndarray | None, amount: np.ndarray, probability: np.ndarray | None
+) -> None:
+    ruleset = parse_ruleset(document(rules=[rule("r", when=when(field=FEATURE_NAMES[-1]))])).rules
+    with pytest.raises(ValueError, match="expected amount"):
+        ruleset.evaluate(features, amount, probability)
+    hits = ruleset.evaluate(None, np.ones(2))
+    with pytest.raises(ValueError, match="hits must be"):
+        hits.decide(np.ones(3, dtype=np.int8))
+
+
+# --- compiled evaluation against a plain interpreter ----------------------------------------------
+
+# Columns the random rules name: both ends of the feature matrix, a few inside, and the extra fields.
+PLAIN_FIELDS = (FEATURE_NAMES[0], "card_txn_count_10m", "card_new_device", FEATURE_NAMES[-1],
+                "amount", "fraud_probability")
+SPECIAL = [math.nan, math.inf, -math.inf, 0.0, -0.0]
+PLAIN_VALUES = st.one_of(st.integers(-3, 3).map(float), st.sampled_from([0.5, 1e300, *SPECIAL]))
+# Sets small enough to be scanned and large enough to be halved first (core.rules_kernel.SCAN_MEMBERS).
+PLAIN_SETS = st.one_of(st.lists(PLAIN_VALUES, max_size=5),
+                       st.lists(st.integers(-40, 40).map(float), min_size=SCAN_MEMBERS + 1, max_size=70))
+
+
+@st.composite
+def plain_rules(draw: st.DrawFn) -> tuple[Rule, ...]:
+    """Rules made directly (not parsed), so condition values may be NaN or ±inf too."""
+    rules = []
+    for r in range(draw(st.integers(0, 6))):
+        conds = []
+        for _ in range(draw(st.integers(1, 3))):
+            op = draw(st.sampled_from(OPS))
+            value = tuple(draw(PLAIN_SETS)) if op in ("in", "not in") else draw(PLAIN_VALUES)
+            conds.append(Condition(draw(st.sampled_from(PLAIN_FIELDS)), op, value))
+        rules.append(Rule(f"r{r}", tuple(conds), draw(st.sampled_from(list(Decision))), f"R{r}", f"rule {r}",
+                          shadow=draw(st.booleans())))
+    return tuple(rules)
+
+
+@st.composite
+def plain_batches(draw: st.DrawFn) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """features (n, F) or None, amount, fraud_probability or None; n from 0, 1 often."""
+    n = draw(st.one_of(st.sampled_from([0, 1]), st.integers(0, 40)))
+    cells = st.one_of(PLAIN_VALUES, st.integers(-40, 40).map(float))
+
+    def column() -> np.ndarray:
+        return np.array(draw(st.lists(cells, min_size=n, max_size=n)), dtype=np.float64)
+
+    features = None
+    if draw(st.booleans()):
+        # Columns no rule names get noise (a kernel reading the wrong column would show).
+        features = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).normal(0.0, 3.0, (n, len(FEATURE_NAMES)))
+        for name in PLAIN_FIELDS[:4]:
+            features[:, FEATURE_NAMES.index(name)] = column()
+    amount = column()
+    probability = column() if draw(st.booleans()) else None
+    return features, amount, probability
+
+
+def plain_evaluate(rules: tuple[Rule, ...], features: np.ndarray | None, amount: np.ndarray,
+                   probability: np.ndarray | None) -> list[list[bool]]:
+    """Per transaction, per rule, per condition, in plain Python floats."""
+    def value(field: str, i: int) -> float | None:
+        if field == "amount":
+            return float(amount[i])
+        if field == "fraud_probability":
+            return None if probability is None else float(probability[i])
+        return None if features is None else float(features[i, FEATURE_NAMES.index(field)])
+
+    def holds(c: Condition, x: float | None) -> bool:
+        if x is None or math.isnan(x):
+            return False
+        if c.op in ("in", "not in"):
+            members = c.value if isinstance(c.value, tuple) else (c.value,)
+            found = any(x == m for m in members)
+            return found if c.op == "in" else not found
+        v = float(c.value)  # type: ignore[arg-type]
+        return {"<": x < v, "<=": x <= v, ">": x > v, ">=": x >= v, "==": x == v, "!=": x != v}[c.op]
+
+    return [[all(holds(c, value(c.field, i)) for c in r.conditions) for r in rules] for i in range(amount.shape[0])]
+
+
+@FEW
+@given(rules=plain_rules(), batch=plain_batches())
+def test_compiled_evaluation_matches_a_plain_interpreter(
+    rules: tuple[Rule, ...], batch: tuple[np.ndarray | None, np.ndarray, np.ndarray | None]
+) -> None:
+    features, amount, probability = batch
+    hits = RuleSet(rules).evaluate(features, amount, probability)
+    n = amount.shape[0]
+    assert hits.hits.shape == (n, len(rules)) and hits.hits.dtype == bool and hits.rules == rules
+    np.testing.assert_array_equal(hits.hits, np.array(plain_evaluate(rules, features, amount, probability),
+                                                      dtype=bool).reshape(n, len(rules)))
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, SCAN_MEMBERS, SCAN_MEMBERS + 1, 2 * SCAN_MEMBERS + 1, 100, 257])
+def test_set_membership_of_every_member_and_every_gap(size: int) -> None:
+    # Members 0, 3, 6, …: each one and each value beside it, so every halving step meets a hit and a miss.
+    members = tuple(3.0 * k for k in range(size))
+    ruleset = RuleSet(tuple(Rule(op, (Condition("amount", op, members),), Decision.REVIEW, "R", op)
+                            for op in ("in", "not in")))
+    amount = np.array([*np.arange(-2.0, 3.0 * size + 2.0), math.inf, -math.inf, math.nan])
+    hits = ruleset.evaluate(None, amount)
+    np.testing.assert_array_equal(hits.hits[:, 0], [x in members for x in amount.tolist()])
+    np.testing.assert_array_equal(hits.hits[:, 1], [not math.isnan(x) and x not in members for x in amount.tolist()])
+
+
+def test_inputs_in_other_dtypes_and_layouts_are_evaluated_alike() -> None:
+    ruleset = RuleSet((Rule("r", (Condition(FEATURE_NAMES[1], ">=", 1.0), Condition("amount", "in", (2.0, 3.0))),
+                            Decision.DECLINE, "R", "r"),))
+    wide = np.zeros((3, 2 * len(FEATURE_NAMES)))
+    wide[:, 2] = [0.0, 1.0, 5.0]  # column 1 of every other column
+    hits = ruleset.evaluate(wide[:, ::2], np.array([2, 2, 4], dtype=np.int32), np.ones(3, dtype=np.float32))
+    np.testing.assert_array_equal(hits.hits[:, 0], [False, True, False])
 
 
 # --- precedence -----------------------------------------------------------------------------------
@@ -335,12 +483,30 @@ def test_precedence_over_every_combination_of_hits_and_base_decision() -> None:
     np.testing.assert_array_equal(base_array, bases)  # the input is not modified
 
 
+
+@FEW
+@given(rules=plain_rules(), data=st.data())
+def test_decide_matches_the_precedence_reference(rules: tuple[Rule, ...], data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 30))
+    hits = np.array(data.draw(st.lists(st.lists(st.booleans(), min_size=len(rules), max_size=len(rules)),
+                                       min_size=n, max_size=n)), dtype=bool).reshape(n, len(rules))
+    base = np.array(data.draw(st.lists(st.sampled_from(list(Decision)), min_size=n, max_size=n)), dtype=np.int8)
+    expected = [reference_decision(Decision(b), {r.action for r, hit in zip(rules, row, strict=True)
+                                                 if hit and not r.shadow})
+                for b, row in zip(base.tolist(), hits.tolist(), strict=True)]
+    decided = RuleHits(rules, hits).decide(base)
+    np.testing.assert_array_equal(decided, np.array(expected, dtype=np.int8))
+    # The effects a RuleSet precomputes at load give the same decisions as those derived from the rules.
+    compiled = RuleSet(rules).evaluate(None, np.zeros(n))
+    np.testing.assert_array_equal(RuleHits(rules, hits, compiled.effect).decide(base), decided)
+
+
 @pytest.mark.parametrize("action", list(Decision))
 def test_shadow_rules_are_counted_but_never_decide(action: Decision) -> None:
     ruleset = parse_ruleset(document(rules=[
         rule("shadow", when=when(op=">=", value=0), action=action.name, mode="shadow"),
     ])).rules
-    hits = ruleset.evaluate({"amount": np.array([1.0, 2.0, math.nan])}, 3)
+    hits = evaluate(ruleset, {"amount": np.array([1.0, 2.0, math.nan])}, 3)
     np.testing.assert_array_equal(hits.hits[:, 0], [True, True, False])
     assert hits.hits.sum() == 2
     for base in Decision:
