@@ -266,7 +266,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 while (entry := await window.get()) is not None:
                     if isinstance(entry, BaseException):
                         raise entry
-                    yield await asyncio.shield(entry)
+                    yield entry.result() if entry.done() else (await _answers([entry]))[0]
             finally:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
