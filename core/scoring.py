@@ -49,9 +49,15 @@ class ScoredBatch:
 
 
 def risk_score(p: np.ndarray) -> np.ndarray:
-    """fraud_probability on the API's 0..999 scale."""
-    scores: np.ndarray = np.minimum(np.floor(np.nan_to_num(p, nan=0.0) * 1000.0), 999).astype(np.int32)
+    """fraud_probability on the API's 0..999 scale (NaN → 0)."""
+    scaled = np.floor(p * 1000.0)
+    scaled[np.isnan(scaled)] = 0.0  # np.nan_to_num costs ~10 µs a call, more than all this
+    scores: np.ndarray = np.minimum(scaled, 999.0).astype(np.int32)
     return scores
+
+
+# Plain ints: an IntEnum member lookup costs ~1 µs, several per batch.
+_APPROVE, _REVIEW, _DECLINE = int(Decision.APPROVE), int(Decision.REVIEW), int(Decision.DECLINE)
 
 
 def _rule_reasons(hits: RuleHits) -> list[list[Reason]]:
@@ -71,6 +77,7 @@ def _rule_reasons(hits: RuleHits) -> list[list[Reason]]:
     return reasons
 
 
+_SOURCE_MODEL, _SOURCE_RULES, _SOURCE_FALLBACK = int(Source.MODEL), int(Source.RULES), int(Source.RULES_FALLBACK)
 REASONS_METHODS = ("path", "shap")
 
 
@@ -103,15 +110,15 @@ class Scorer:
         forest = self.model.forest
         p = forest.predict(features)
         t = self.model.thresholds
-        base = np.full(n, Decision.APPROVE, dtype=np.int8)
-        base[p >= t.review] = Decision.REVIEW
-        base[p >= t.decline] = Decision.DECLINE
+        base = np.full(n, _APPROVE, dtype=np.int8)
+        base[p >= t.review] = _REVIEW
+        base[p >= t.decline] = _DECLINE
         hits = self.ruleset.rules.evaluate(features, amount, p)
         decision = hits.decide(base)
-        source = np.where(decision != base, Source.RULES, Source.MODEL).astype(np.int8)
+        source = np.where(decision != base, _SOURCE_RULES, _SOURCE_MODEL).astype(np.int8)
         reasons = _rule_reasons(hits)
         # Model reasons only where the answer is not APPROVE: an approval needs no explanation.
-        explain = np.flatnonzero(decision != Decision.APPROVE)
+        explain = np.flatnonzero(decision != _APPROVE)
         if explain.size and self.top_reasons > 0:
             rows = np.ascontiguousarray(features[explain])
             attribute = forest.contributions if self.reasons_method == "shap" else forest.path_attributions
@@ -126,7 +133,7 @@ class Scorer:
         n = amount.shape[0]
         fb = self.ruleset.fallback
         hits = fb.evaluate(features, amount)
-        decision = hits.decide(np.full(n, Decision.APPROVE, dtype=np.int8))
+        decision = hits.decide(np.full(n, _APPROVE, dtype=np.int8))
         probs = np.array([r.probability for r in fb.rules], dtype=np.float64)
         enforce = np.array([not r.shadow for r in fb.rules], dtype=bool)
         p = np.full(n, self.ruleset.fallback_default_probability, dtype=np.float64)
@@ -134,5 +141,5 @@ class Scorer:
             # Shadow rules are counted only: they must not move the answered probability either.
             p = np.maximum(p, np.where(hits.hits & enforce, probs, 0.0).max(axis=1))
         reasons = [tuple(r) for r in _rule_reasons(hits)]
-        source = np.full(n, Source.RULES_FALLBACK, dtype=np.int8)
+        source = np.full(n, _SOURCE_FALLBACK, dtype=np.int8)
         return ScoredBatch(p, decision, source, True, reasons, "", self.ruleset.version, hits)

@@ -41,7 +41,7 @@ class InjectedFault(RuntimeError):
 
 def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> EncodedBatch:
     """Columns of validated Transaction messages."""
-    n = len(txns)
+    nan = math.nan
     return encode_columns(
         hasher,
         card_id=[t.card_id for t in txns],
@@ -49,14 +49,15 @@ def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> En
         merchant_id=[t.merchant_id for t in txns],
         device_id=[t.device_id for t in txns],
         ip_address=[t.ip_address for t in txns],
-        amount_minor=np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=n),
+        # np.array of a list: cheaper than np.fromiter of a generator at the small sizes served.
+        amount_minor=np.array([t.amount_minor for t in txns], dtype=np.int64),
         currency=[t.currency for t in txns],
-        event_time_ms=np.fromiter((t.event_time_ms for t in txns), dtype=np.int64, count=n),
-        channel=np.fromiter((t.channel for t in txns), dtype=np.int64, count=n),
+        event_time_ms=np.array([t.event_time_ms for t in txns], dtype=np.int64),
+        channel=np.array([t.channel for t in txns], dtype=np.int64),
         merchant_category=[t.merchant_category for t in txns],
         country=[t.country for t in txns],
-        latitude=np.fromiter((t.latitude if t.HasField("latitude") else math.nan for t in txns), dtype=np.float64, count=n),
-        longitude=np.fromiter((t.longitude if t.HasField("longitude") else math.nan for t in txns), dtype=np.float64, count=n),
+        latitude=np.array([t.latitude if t.HasField("latitude") else nan for t in txns], dtype=np.float64),
+        longitude=np.array([t.longitude if t.HasField("longitude") else nan for t in txns], dtype=np.float64),
     )
 
 
