@@ -84,7 +84,8 @@ def restore_state(settings: Settings) -> EntityState:
                              ip_capacity=settings.entity_capacity)
 
 
-def restore_idempotency(settings: Settings, answers: IdempotencyCache[Any], outcomes: IdempotencyCache[Any]) -> None:
+def restore_idempotency(settings: Settings, answers: IdempotencyCache[pb.ScoreResponse, bytes],
+                        outcomes: IdempotencyCache[bool, bool]) -> None:
     """Saved answers and outcome reports, if intact; restored whether or not the state snapshot was.
 
     Records without the state they describe make a retry return its first answer without
@@ -128,9 +129,13 @@ class App:
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=self.scorer, hasher=self.hasher, metrics=self.metrics,
                                  fault_injection=settings.fault_injection, fallback_reason=reason)
-        self.idempotency: IdempotencyCache[Any] = IdempotencyCache(
-            ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
-        self.outcomes_seen: IdempotencyCache[Any] = IdempotencyCache(
+        # Answers are kept serialized (as the records file holds them): a compacted entry is then
+        # plain data that the garbage collector does not walk (service/idempotency.py).
+        self.idempotency: IdempotencyCache[pb.ScoreResponse, bytes] = IdempotencyCache(
+            ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries,
+            pack=pb.ScoreResponse.SerializeToString, unpack=pb.ScoreResponse.FromString)
+        # Whether an outcome report counted: a bool, kept as it is.
+        self.outcomes_seen: IdempotencyCache[bool, bool] = IdempotencyCache(
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
         restore_idempotency(settings, self.idempotency, self.outcomes_seen)
         # Pipeline thread only: the work in state whose answers may not have reached the loop yet.
@@ -293,7 +298,7 @@ class App:
             self._metrics_server.server_close()
 
 
-def _write_snapshot(state_dir: Path, state: EntityState, answers: Remembered[pb.ScoreResponse],
+def _write_snapshot(state_dir: Path, state: EntityState, answers: Remembered[bytes],
                     outcomes: Remembered[bool]) -> None:
     """Records first, then state: if the records cannot be written, the state is not either."""
     save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes)

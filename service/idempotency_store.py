@@ -13,9 +13,10 @@ Format (little-endian), version 1:
              u64 fingerprints[count], f64 expires_at_epoch_s[count],
              u64 id_ends[count], u64 answer_ends[count], id bytes (UTF-8), answer bytes
 
-An answer is a serialized ScoreResponse; an outcome is one byte (1: it counted). A file
-that is damaged, cut short or of another version is refused whole (`ValueError`, whose
-message never holds an identifier).
+An answer is a serialized ScoreResponse, which is also how the cache keeps it (so a
+snapshot copies bytes, and a restart puts them back, without parsing or serializing
+messages); an outcome is one byte (1: it counted). A file that is damaged, cut short or of
+another version is refused whole (`ValueError`, whose message never holds an identifier).
 """
 
 from __future__ import annotations
@@ -46,20 +47,20 @@ A = TypeVar("A")
 
 @dataclass(frozen=True, slots=True)
 class SavedRecords:
-    """What a records file holds: Score answers and outcome reports."""
+    """What a records file holds: Score answers (serialized ScoreResponses) and outcome reports."""
 
-    answers: Remembered[pb.ScoreResponse]
+    answers: Remembered[bytes]
     outcomes: Remembered[bool]
 
 
-def save_records(path: Path, *, answers: Remembered[pb.ScoreResponse], outcomes: Remembered[bool]) -> None:
+def save_records(path: Path, *, answers: Remembered[bytes], outcomes: Remembered[bool]) -> None:
     """Write the records atomically (temporary file, fsync, rename, fsync of the directory).
 
     The directory is synced too: the state snapshot is renamed into place after this file,
     and that order must hold after a power cut as well.
     """
     payload = b"".join((
-        _encode_section("answers", answers, lambda r: r.SerializeToString()),
+        _encode_section("answers", answers, bytes),
         _encode_section("outcomes", outcomes, lambda counted: b"\x01" if counted else b"\x00"),
     ))
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(_SECTIONS), len(payload), xxhash.xxh64_intdigest(payload))
@@ -168,11 +169,13 @@ def _decode_section(reader: _Reader, name: str, decode: Callable[[bytes], A]) ->
     return Remembered(txn_ids, fingerprints, expires.tolist(), decoded)
 
 
-def _decode_answer(raw: bytes) -> pb.ScoreResponse:
+def _decode_answer(raw: bytes) -> bytes:
+    # Parsed once to refuse a file whose answers would fail a retry later; kept serialized.
     try:
-        return pb.ScoreResponse.FromString(raw)
+        pb.ScoreResponse.FromString(raw)
     except Exception:  # protobuf's DecodeError, whose text we do not pass on
         raise ValueError("answers: a ScoreResponse does not parse") from None
+    return raw
 
 
 def _decode_outcome(raw: bytes) -> bool:
