@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -91,6 +92,37 @@ async def _stream_throughput(target: str, streams: int, per_stream: int) -> floa
     return sum(answered) / (time.perf_counter() - start)
 
 
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the server's /metrics, keyed by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _server_side(before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+                 after: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> str:
+    """What the server itself saw between two scrapes: Score calls by code, fallbacks by reason,
+    and the share of answered Score calls inside the budget by its own clock."""
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    codes = {dict(labels)["code"]: after[(name, labels)] - before.get((name, labels), 0.0)
+             for (name, labels) in after if name == "fraudscore_requests_total" and ("method", "Score") in labels}
+    codes = {code: n for code, n in codes.items() if n}
+    fallbacks = {dict(labels)["reason"]: after[(name, labels)] - before.get((name, labels), 0.0)
+                 for (name, labels) in after if name == "fraudscore_fallbacks_total"}
+    fallbacks = {reason: n for reason, n in fallbacks.items() if n}
+    within = delta("fraudscore_request_duration_seconds_bucket", method="Score", le="0.05")
+    total = delta("fraudscore_request_duration_seconds_count", method="Score")
+    return (f"server saw {int(total)} Score calls: {({c: int(n) for c, n in codes.items()})}, "
+            f"{100 * within / total if total else 0:.1f}% within 50 ms by its clock, "
+            f"fallbacks {({r: int(n) for r, n in fallbacks.items()}) or 0}")
+
+
 def bench_serve(model_dir: Path, *, seconds: float = 5.0) -> list[str]:
     """Run the comparison; returns the table's lines."""
     port = _free_port()
@@ -104,16 +136,18 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0) -> list[str]:
         _stop(bare)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSCORE_")} | {"FRAUDSCORE_LOG_LEVEL": "ERROR"}
     with tempfile.TemporaryDirectory() as state_dir:
+        metrics_port = _free_port()
         real = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir),
-                                 "--port", str(port), "--metrics-port", "0", "--state-dir", state_dir], env=env)
+                                 "--port", str(port), "--metrics-port", str(metrics_port), "--state-dir", state_dir],
+                                env=env)
         try:
             _wait_serving(target, real, health=True)
             asyncio.run(closed_loop(target, CONCURRENCY, 1.0))
             real_peak = asyncio.run(closed_loop(target, CONCURRENCY, seconds))
             half = asyncio.run(open_loop(target, 0.5 * bare_peak, 2 * seconds))
-            rss_before = _rss_mib(real.pid)
+            rss_before, seen_before = _rss_mib(real.pid), _scrape(metrics_port)
             over = asyncio.run(open_loop(target, 3 * real_peak, 4 * seconds))
-            rss_after = _rss_mib(real.pid)
+            rss_after, server_view = _rss_mib(real.pid), _server_side(seen_before, _scrape(metrics_port))
             batch_tps = asyncio.run(_batch_throughput(target, 256, seconds))
             stream_tps = asyncio.run(_stream_throughput(target, 8, 500))
         finally:
@@ -129,6 +163,9 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0) -> list[str]:
         f"  at 3× real peak ({3 * real_peak:.0f}/s offered, {over.duration_s:.0f} s): {overload_calls} calls, "
         f"answered {over.answered}, within 50 ms {100 * over.within(BUDGET_US):.1f}% of answered, "
         f"degraded {over.degraded}, refused {dict(over.errors) or 0}; server RSS {rss_before:.0f} → {rss_after:.0f} MiB",
+        f"    client sending lag p50 {over.send_lag_us.get_value_at_percentile(50) / 1000:.1f} ms, "
+        f"p99 {over.send_lag_us.get_value_at_percentile(99) / 1000:.1f} ms (large: the client, sharing the "
+        f"cores, could not keep the schedule); {server_view}",
         f"  ScoreBatch of 256: {batch_tps:,.0f} transactions/s (goal ≥ 100,000)   "
         f"ScoreStream ×8: {stream_tps:,.0f} transactions/s (goal ≥ 50,000)",
     ]

@@ -112,6 +112,9 @@ class Result:
     degraded: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latency_us: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 60_000_000, 3))
+    # How late the client itself sent calls against the schedule: when this grows, the
+    # client, not the server, was the bottleneck, and latencies include its backlog.
+    send_lag_us: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 60_000_000, 3))
 
     @property
     def throughput(self) -> float:
@@ -175,6 +178,7 @@ async def _send_open_loop(target: str, txns: list[pb.Transaction], rate_per_s: f
             delay = intended - time.perf_counter()
             if delay > 0.001:
                 await asyncio.sleep(delay)
+            result.send_lag_us.record_value(max(1, int((time.perf_counter() - intended) * 1e6)))
             task = asyncio.ensure_future(_score(stub, txn, intended, timeout_s, result))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
