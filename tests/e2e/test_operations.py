@@ -399,3 +399,18 @@ def test_a_client_cancelling_mid_batch_loses_nothing_and_its_retry_counts_nothin
         assert value(s, "fraudscore_requests_total", method="ScoreBatch", code="OK") == 1
     finally:
         assert srv.stop() == 0
+
+
+def test_a_message_over_the_size_limit_is_refused_with_a_status_and_the_server_keeps_serving(
+        tmp_path: Path, model_dir: Path) -> None:
+    srv = start_server(tmp_path, model_dir=model_dir, extra_env={"FRAUDSCORE_MAX_MESSAGE_BYTES": "4096"})
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.FraudScoringStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ScoreBatch(pb.ScoreBatchRequest(transactions=[txn() for _ in range(60)]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stub.Score(pb.ScoreRequest(transaction=txn()), timeout=10).transaction_id
+        assert value(scrape(srv), "fraudscore_state_entities", kind="card") == 1  # the refused batch changed nothing
+    finally:
+        assert srv.stop() == 0
