@@ -21,19 +21,17 @@ another version is refused whole (`ValueError`, whose message never holds an ide
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import xxhash
 from fraudscore.v1 import fraudscore_pb2 as pb
 
+from core.files import write_atomically
 from service.idempotency import Remembered
 
 RECORDS_FILE = "idempotency.bin"
@@ -64,19 +62,12 @@ def save_records(path: Path, *, answers: Remembered[bytes], outcomes: Remembered
         _encode_section("outcomes", outcomes, lambda counted: b"\x01" if counted else b"\x00"),
     ))
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(_SECTIONS), len(payload), xxhash.xxh64_intdigest(payload))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+
+    def write(f: BinaryIO) -> None:
+        f.write(header)
+        f.write(payload)
+
+    write_atomically(path, write, sync_dir=True)
 
 
 def load_records(path: Path) -> SavedRecords:
@@ -182,13 +173,3 @@ def _decode_outcome(raw: bytes) -> bool:
     if raw not in (b"\x00", b"\x01"):
         raise ValueError("outcomes: a record is not one byte 0 or 1")
     return raw == b"\x01"
-
-
-def _fsync_dir(path: Path) -> None:
-    # Not every platform can open a directory; there the rename's durability is the OS's.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -12,13 +12,13 @@ the place of the least recently seen entity among them (an approximate LRU), cou
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.files import write_atomically
 
 # Slot layouts. The kernels index with these constants; changing them changes the
 # feature-set version (this file is part of its hash).
@@ -118,17 +118,7 @@ class EntityState:
         for t in self.tables():
             for name in _TABLE_ARRAYS:
                 arrays[f"{t.kind}.{name}"] = getattr(t, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Path, *, feature_set_version: str) -> EntityState:
