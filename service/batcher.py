@@ -189,8 +189,9 @@ class MicroBatcher:
         if self._busy.is_set():
             elapsed = time.monotonic() - self._in_flight_since
             expected = timer.expected_s(len(self._in_flight))
-            # A call past twice its expected time is stuck or slow: expect as long again.
-            current = expected - elapsed if elapsed < 2.0 * expected else elapsed
+            # A call past its expected time is slow or stuck: expect it to overrun as much again
+            # (continuous, never negative: an overrunning call is not "about to finish").
+            current = max(expected - elapsed, elapsed - expected)
         else:
             current = 0.0
         full, rest = divmod(ahead + own, self._max_batch)
@@ -210,16 +211,24 @@ class MicroBatcher:
             await self._busy.wait()
             await asyncio.sleep(self._watch_interval_s)
             if self._busy.is_set():
-                self._answer_the_late()
+                try:
+                    self._answer_the_late()
+                except Exception:
+                    # A failing fallback must not end the watch for the life of the process.
+                    log.exception("budget watch failed; it keeps watching")
 
     def _answer_the_late(self) -> None:
         now = time.monotonic() + self._watch_interval_s  # the next look may come too late
         in_flight_done_by = now + self._wait_s(0, 0)
-        if (all(i.deadline > in_flight_done_by for i in self._in_flight)
+        if (all(i.deadline > in_flight_done_by or i.future.done() for i in self._in_flight)
                 and (not self._groups or now + self._wait_s(0, self._queued) < min(
                     i.deadline for g in self._groups for i in g))):
             return  # the common case, checked in C-speed passes: nothing is late even at the back
+        # In the pipeline already: these will enter the state, so they always get an answer
+        # (never DeadlineExpiredError: the idempotency record of a failed call is forgotten,
+        # and a retry would then count the transaction twice).
         late = [i for i in self._in_flight if not i.future.done() and i.deadline <= in_flight_done_by]
+        late_queued: list[Item] = []
         ahead = 0
         kept: deque[list[Item]] = deque()
         for group in self._groups:
@@ -227,18 +236,25 @@ class MicroBatcher:
             done_by = now + self._wait_s(ahead, len(group))
             on_time = [i for i in group if i.deadline > done_by]
             if len(on_time) < len(group):
-                late.extend(i for i in group if i.deadline <= done_by)
+                late_queued.extend(i for i in group if i.deadline <= done_by)
                 self._queued -= len(group) - len(on_time)
             if on_time:
                 kept.append(on_time)
                 ahead += len(on_time)
-        if late:
+        if late_queued:
             self._groups = kept
             gone = time.monotonic()
-            for item in late:  # nobody waits for a call past its client's own deadline
+            for item in late_queued:  # nobody waits for a queued call past its client's own deadline
                 if item.client_deadline <= gone and not item.future.done():
                     item.future.set_exception(DeadlineExpiredError())
-            self._answer_by_fallback(late, "expected_over_budget")
+        if late or late_queued:
+            try:
+                self._answer_by_fallback(late + late_queued, "expected_over_budget")
+            except Exception as exc:
+                # The queued ones left the queue: fail them rather than lose them (they changed
+                # nothing; a retry is scored). Those in the pipeline get its answer.
+                _fail(late_queued, exc)
+                raise
 
     def _take(self) -> list[Item]:
         batch: list[Item] = []

@@ -117,7 +117,10 @@ class Settings:
         need(self.max_concurrent_rpcs >= 1, "max_concurrent_rpcs", "must be ≥ 1")
         need(self.max_clock_skew_s >= 0, "max_clock_skew_s", "must be ≥ 0")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be ≥ 0")
-        need(self.idempotency_max_entries >= 1, "idempotency_max_entries", "must be ≥ 1")
+        # Fewer would evict records of calls still queued or in the pipeline: their retries
+        # would be scored again and count twice.
+        need(self.idempotency_max_entries >= self.max_queue + self.max_batch, "idempotency_max_entries",
+             "must be ≥ max_queue + max_batch")
         for name in ("card_capacity", "entity_capacity"):
             v = getattr(self, name)
             need(v >= 16 and v & (v - 1) == 0, name, "must be a power of two ≥ 16")

@@ -188,7 +188,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 items.append(item)
             else:
                 app.metrics.idempotent_replays.inc()
-                self._extend(txn.transaction_id, deadline, client_deadline)
+                self._extend(client_deadline, txn.transaction_id)
             futures.append(future)
         if items:
             try:
@@ -201,12 +201,12 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 register(txn_id, fp, future, pending=item)
         return futures
 
-    def _extend(self, txn_id: str, deadline: float, client_deadline: float) -> None:
-        # A retry waiting on a still-queued first call: the first must not expire while the
-        # retry's own deadline has time left.
+    def _extend(self, client_deadline: float, txn_id: str) -> None:
+        # A retry waiting on a still-queued first call: the first must not be dropped as
+        # expired while the retry's client still waits. Its budget stays the first call's:
+        # the first caller must get its answer in time (the retry shares that answer).
         item = self.app.idempotency.pending(txn_id)
         if isinstance(item, Item):
-            item.deadline = max(item.deadline, deadline)
             item.client_deadline = max(item.client_deadline, client_deadline)
 
     @_unary("Score")
@@ -309,9 +309,10 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
 
     def _outcome_applied(self, txn_id: str, done: asyncio.Future[bool], job: asyncio.Future[None]) -> None:
         self.app.outcomes_in_flight -= 1
-        if job.cancelled() or job.exception() is not None:
+        failure = asyncio.CancelledError() if job.cancelled() else job.exception()
+        if failure is not None:
             self.app.outcomes_seen.forget(txn_id, done)
-            done.set_exception(job.exception() or asyncio.CancelledError())
+            done.set_exception(failure)
         else:
             done.set_result(True)
 

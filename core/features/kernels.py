@@ -96,7 +96,7 @@ SOLAR_MS_PER_DEGREE = 240_000.0  # the sun crosses 15° of longitude an hour
 SKETCH_BUCKET_MS = 12 * 3_600_000
 SKETCH_BITS = 64.0
 # Merchants seen by a card: a 128-bit Bloom filter with two bits per merchant, cleared once
-# half its bits are set, so a false "seen" stays under 1 in 4 (far less for most cards).
+# half its bits are set, so a false "seen" is at most about 1 in 4 (far less for most cards).
 BLOOM_RESET_FILL = 64
 NAN = np.nan
 # Numba's (underscored) switch that compiles a function without reference counting.

@@ -275,3 +275,73 @@ async def test_a_pipeline_bug_fails_the_batch_not_the_batcher(executor) -> None:
     b.submit([second])
     assert await second.future == 0
     await b.drain()
+
+
+async def test_an_overrunning_batch_still_answers_its_items_within_budget(executor) -> None:
+    # Expected 100 ms, this call takes 190 ms: between 1× and 2× its expected time the watch
+    # must not think it is about to finish.
+    loop = asyncio.get_running_loop()
+    fallback = Fallback()
+
+    def slow(items: list[Item]) -> list[int]:
+        time.sleep(0.19)
+        return [i.payload * 10 for i in items]
+
+    b = MicroBatcher(slow, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
+    for _ in range(5):
+        b.timer.observe(1, 0.1)
+    b.start()
+    item = make_item(loop, 7, budget_s=0.15)
+    b.submit([item])
+    assert await item.future == -7
+    assert time.monotonic() <= item.deadline + 0.005  # in time, give or take a loop turn
+    await b.drain()
+
+
+async def test_an_item_already_in_the_pipeline_gets_an_answer_never_an_expiry(executor) -> None:
+    # It will enter the state: failing it would let a retry count the transaction twice.
+    loop = asyncio.get_running_loop()
+    fallback = Fallback()
+
+    def pipeline(items: list[Item]) -> list[int]:
+        time.sleep(0.02)
+        return [i.payload * 10 for i in items]
+
+    b = MicroBatcher(pipeline, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
+    b.timer.observe(1, 0.002)
+    b.start()
+    hurried = make_item(loop, 3, client_s=0.001)  # an idle pipeline takes it all the same
+    b.submit([hurried])
+    assert await hurried.future in (-3, 30)
+    await b.drain()
+
+
+async def test_the_watch_survives_a_failing_fallback_and_loses_no_call(executor) -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+
+    def flaky_fallback(items: list[Item], reason: str) -> list[int]:
+        calls.append(reason)
+        if len(calls) == 1:
+            raise ValueError("fallback broke once")
+        return [-i.payload for i in items]
+
+    def slow(items: list[Item]) -> list[int]:
+        time.sleep(0.3)
+        return [i.payload * 10 for i in items]
+
+    b = MicroBatcher(slow, executor, max_batch=1, max_wait_us=0, max_queue=100, fallback=flaky_fallback)
+    b.timer.observe(1, 0.001)  # the pipeline looks fast: later calls are queued, not answered at once
+    b.start()
+    first = make_item(loop, 1)
+    b.submit([first])
+    await asyncio.sleep(0.005)
+    second = make_item(loop, 2, budget_s=0.05)
+    b.submit([second])
+    with pytest.raises(ValueError, match="broke once"):
+        await asyncio.wait_for(second.future, 1.0)  # failed, not lost
+    third = make_item(loop, 3, budget_s=0.05)
+    b.submit([third])
+    assert await asyncio.wait_for(third.future, 1.0) == -3  # the watch still works
+    assert await first.future == 10
+    await b.drain()
