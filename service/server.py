@@ -16,10 +16,9 @@ import logging
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import xxhash
@@ -28,133 +27,32 @@ from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.errors import FraudscoreError, IdempotencyConflictError, InvalidInputError
+from core.errors import IdempotencyConflictError, InvalidInputError
 from service.app import App
 from service.batcher import Item
+from service.calls import Calls, answers, observed, unary
 from service.config import Settings
 from service.errors import (
     DeadlineExpiredError,
     NotServingError,
     OverloadedError,
     StreamTooLongError,
-    status_of,
 )
-from service.metrics import Metrics
 from service.validation import validate_outcome, validate_transaction
 
 log = logging.getLogger("fraudscore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FraudScoring"].full_name
-R = TypeVar("R")
 STREAM_WINDOW = 64  # messages of one ScoreStream in flight at once
-# grpc's deadline timer may cancel a handler a hair before our clock says the deadline passed.
-DEADLINE_SLACK_S = 0.01
 
 
 def _fingerprint(txn: pb.Transaction) -> int:
     return xxhash.xxh64_intdigest(txn.SerializeToString(deterministic=True))
 
 
-class _Calls:
-    """One method's request metrics, their children looked up once (a label lookup per call
-    costs more than the count itself)."""
-
-    __slots__ = ("_by_code", "_duration", "_requests", "method")
-
-    def __init__(self, metrics: Metrics, method: str) -> None:
-        self._requests, self.method = metrics.requests, method
-        self._duration = metrics.request_duration.labels(method)
-        self._by_code: dict[grpc.StatusCode, Any] = {}
-
-    def count(self, code: grpc.StatusCode, started: float) -> None:
-        child = self._by_code.get(code)
-        if child is None:
-            child = self._by_code[code] = self._requests.labels(self.method, code.name)
-        child.inc()
-        self._duration.observe(time.perf_counter() - started)
-
-
-async def _failed(exc: BaseException, calls: _Calls, started: float, context: grpc.aio.ServicerContext) -> None:
-    """The one place errors become status codes. Counts the call, then ends it (re-raising a
-    cancellation). An error is counted before `context.abort` sends its status: a client
-    that reads the metrics right after its error must find it there."""
-    if isinstance(exc, asyncio.CancelledError):
-        # grpc cancels the handler when the client goes away or its deadline passes.
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-        calls.count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
-        raise exc
-    if not isinstance(exc, FraudscoreError):
-        log.exception("unexpected error in %s", calls.method, exc_info=exc)
-    code, message = status_of(exc)
-    calls.count(code, started)
-    await _abort(context, code, message)
-
-
-@contextlib.asynccontextmanager
-async def _observed(calls: _Calls, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """`_failed` around a streaming call; counts it OK when it ends without error."""
-    started = time.perf_counter()
-    try:
-        yield
-    except BaseException as exc:  # _failed re-raises what it does not answer
-        await _failed(exc, calls, started, context)
-    else:
-        calls.count(grpc.StatusCode.OK, started)
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    """End the call with a status; a call already ended (the client's deadline passed or it
-    went away) has no one to tell, and grpc would log a failed send for every such call."""
-    if context.done():
-        raise asyncio.CancelledError
-    await context.abort(code, message)
-
-
-def _unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
-    def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-        @wraps(fn)
-        async def handler(self: FraudScoringService, request: Any, context: grpc.aio.ServicerContext) -> R:
-            calls = self.calls[method]
-            started = time.perf_counter()
-            try:
-                result = await fn(self, request, context)
-            except BaseException as exc:  # _failed re-raises what it does not answer
-                await _failed(exc, calls, started, context)
-                raise AssertionError("unreachable: errors end in context.abort, which raises") from exc
-            calls.count(grpc.StatusCode.OK, started)
-            return result
-        return handler
-    return decorate
-
-
-async def _answers(futures: list[asyncio.Future[Any]]) -> list[Any]:
-    """The results of `futures`, in order, once all are done (the first error raised).
-
-    Cancelling the waiting call leaves the futures alone: accepted work is finished and
-    remembered for a retry. One waiter for all, rather than `gather` of `shield`s (two
-    futures and four callbacks per transaction, the largest cost of a ScoreBatch of 256).
-    """
-    pending = [f for f in futures if not f.done()]
-    if pending:
-        waiter = asyncio.get_running_loop().create_future()
-        left = len(pending)
-
-        def one_done(_: asyncio.Future[Any]) -> None:
-            nonlocal left
-            left -= 1
-            if left == 0 and not waiter.done():
-                waiter.set_result(None)
-
-        for f in pending:
-            f.add_done_callback(one_done)
-        await waiter
-    return [f.result() for f in futures]
-
-
 class FraudScoringService(pb_grpc.FraudScoringServicer):
     def __init__(self, app: App) -> None:
         self.app = app
-        self.calls = {m: _Calls(app.metrics, m) for m in ("Score", "ScoreBatch", "ScoreStream", "ReportOutcome")}
+        self.calls = {m: Calls(app.metrics, m) for m in ("Score", "ScoreBatch", "ScoreStream", "ReportOutcome")}
 
     def _submit(self, txns: list[pb.Transaction], context: grpc.aio.ServicerContext) -> list[asyncio.Future[Any]]:
         """Idempotency check, then queue the new transactions. All-or-nothing; runs without awaiting."""
@@ -209,17 +107,17 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         if isinstance(item, Item):
             item.client_deadline = max(item.client_deadline, client_deadline)
 
-    @_unary("Score")
+    @unary("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         if not request.HasField("transaction"):
             raise InvalidInputError("transaction", "required")
         validate_transaction(request.transaction, latest_ms=self.app.latest_event_time_ms())
         (future,) = self._submit([request.transaction], context)
-        (result,) = await _answers([future])
+        (result,) = await answers([future])
         answer: pb.ScoreResponse = result
         return answer
 
-    @_unary("ScoreBatch")
+    @unary("ScoreBatch")
     async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
         txns = list(request.transactions)
         limit = self.app.settings.max_batch_request
@@ -229,7 +127,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         for i, txn in enumerate(txns):
             validate_transaction(txn, prefix=f"transactions[{i}].", latest_ms=latest_ms)
         futures = self._submit(txns, context)
-        results = await _answers(futures)
+        results = await answers(futures)
         return pb.ScoreBatchResponse(results=results)
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
@@ -260,19 +158,19 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 return
             await window.put(None)
 
-        async with _observed(self.calls["ScoreStream"], context):
+        async with observed(self.calls["ScoreStream"], context):
             reader = asyncio.get_running_loop().create_task(read())
             try:
                 while (entry := await window.get()) is not None:
                     if isinstance(entry, BaseException):
                         raise entry
-                    yield entry.result() if entry.done() else (await _answers([entry]))[0]
+                    yield entry.result() if entry.done() else (await answers([entry]))[0]
             finally:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
 
-    @_unary("ReportOutcome")
+    @unary("ReportOutcome")
     async def ReportOutcome(self, request: pb.ReportOutcomeRequest,
                             context: grpc.aio.ServicerContext) -> pb.ReportOutcomeResponse:
         """Fraud and chargebacks count once per transaction; a legitimate report counts nothing,
