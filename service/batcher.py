@@ -232,7 +232,7 @@ class MicroBatcher:
         ahead = 0
         kept: deque[list[Item]] = deque()
         for group in self._groups:
-            # Items of a group share a deadline, unless a retry extended one (server._extend).
+            # Items of a group share a deadline (one call's); checked one by one all the same.
             done_by = now + self._wait_s(ahead, len(group))
             on_time = [i for i in group if i.deadline > done_by]
             if len(on_time) < len(group):
