@@ -4,14 +4,16 @@ A ruleset file (JSON) has the rules applied on top of the model and the fallback
 that decide alone when the model path is unavailable:
 
     {"version": "…", "rules": [RULE, …], "fallback": {"default_probability": 0.02, "rules": [RULE, …]}}
-    RULE = {"name", "when": [{"field", "op", "value"}, …], "action": "DECLINE"|"REVIEW"|"APPROVE",
+    RULE = {"name", "when": EXPRESSION | [{"field", "op", "value"}, …], "action": "DECLINE"|"REVIEW"|"APPROVE",
             "reason_code", "description", "priority": int, "mode": "enforce"|"shadow",
             "probability": float (fallback only: the estimate when it hits), "note": str}
 
-All conditions of a rule must hold (AND). A missing value (NaN) never satisfies a
-condition. Each RuleSet compiles its conditions into a small program of flat arrays when
-it is made; one Numba kernel (core.rules_kernel) runs it over the whole batch, a second
-applies the decisions, so a batch costs two compiled calls whatever the number of rules.
+"when" is an expression in the rules language (core.rules_lang: `card_txn_count_10m >= 5 and
+amount < 10`), or the older list of conditions that must all hold (AND), which loads as the same
+tree. A comparison with a missing value (NaN) is false. Each RuleSet compiles its rules into one
+postfix program when it is made; one Numba kernel (core.rules_lang.vm) runs it over the whole
+batch, a second (core.rules_kernel) applies the decisions, so a batch costs two compiled calls
+whatever the number of rules.
 
 Precedence (docs/rules.md): an enforce-mode APPROVE hit (an allowlist) wins; then any
 DECLINE hit; then a REVIEW hit raises an APPROVE to REVIEW; otherwise the model's
@@ -21,6 +23,7 @@ decision (or APPROVE in fallback) stands. Shadow rules are evaluated and counted
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -33,13 +36,14 @@ import orjson
 from core import rules_kernel as kernel
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES, NUM_FEATURES
+from core.rules_lang import ExpressionError, Node, compile_program, parse_condition, vm
+from core.rules_lang.nodes import Compare, Logic, Member, Name, Number
 
 EXTRA_FIELDS = ("amount", "fraud_probability")
 FIELDS = (*FEATURE_NAMES, *EXTRA_FIELDS)
-_OPS = {name: code for code, name in enumerate(kernel.OP_NAMES)}
-_SET_OPS = (kernel.IN, kernel.NOT_IN)
+_OPS = ("<", "<=", ">", ">=", "==", "!=", "in", "not in")
 _COLUMNS = {**{name: i for i, name in enumerate(FEATURE_NAMES)},
-            "amount": kernel.AMOUNT_COLUMN, "fraud_probability": kernel.PROBABILITY_COLUMN}
+            "amount": vm.AMOUNT_COLUMN, "fraud_probability": vm.PROBABILITY_COLUMN}
 _ABSENT = np.empty(0, dtype=np.float64)
 _NO_FEATURES = np.empty((0, NUM_FEATURES), dtype=np.float64)
 
@@ -61,6 +65,9 @@ class Condition:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """One rule. Its condition is `expression` when given (a checked tree from core.rules_lang),
+    else all of `conditions` (the list form of older files; empty for an expression rule)."""
+
     name: str
     conditions: tuple[Condition, ...]
     action: Decision
@@ -69,6 +76,37 @@ class Rule:
     priority: int = 100
     shadow: bool = False
     probability: float = 0.5
+    expression: Node | None = None
+
+    def tree(self) -> Node:
+        """The condition as one tree, whichever form the rule was written in."""
+        return self.expression if self.expression is not None else condition_tree(self.conditions)
+
+
+def condition_tree(conditions: tuple[Condition, ...]) -> Node:
+    """The expression a list of conditions means: each one, ANDed, left to right."""
+    if not conditions:
+        raise ValueError("a rule needs an expression or at least one condition")
+    trees: list[Node] = []
+    for c in conditions:
+        if c.field not in _COLUMNS or c.op not in _OPS:
+            raise ValueError(f"unknown field {c.field!r} or op {c.op!r}")
+        column = Name(c.field)
+        if c.op in ("in", "not in"):
+            members = c.value if isinstance(c.value, tuple) else (c.value,)
+            trees.append(Member(column, tuple(float(v) for v in members), negated=c.op == "not in"))
+        elif isinstance(c.value, tuple):
+            raise ValueError(f"op {c.op!r} needs one number, got {c.value!r}")
+        elif c.op == "!=" and math.isnan(c.value):
+            # The list form has always read `x != NaN` as "x is present"; the language's
+            # comparisons with NaN are false, so say it as x == x (false only for NaN).
+            trees.append(Compare("==", column, column))
+        else:
+            trees.append(Compare(c.op, column, Number(float(c.value))))
+    tree = trees[0]
+    for t in trees[1:]:
+        tree = Logic("and", tree, t)
+    return tree
 
 
 def _effects(rules: tuple[Rule, ...]) -> npt.NDArray[np.int8]:
@@ -102,42 +140,25 @@ class RuleHits:
 
 @dataclass(frozen=True, slots=True)
 class RuleProgram:
-    """A RuleSet compiled for core.rules_kernel (its module docstring describes the arrays)."""
+    """A RuleSet compiled for core.rules_lang.vm (its module docstring describes the arrays)."""
 
-    program: npt.NDArray[np.int64]      # (conditions, 4): column, op, lo, hi
-    rule_start: npt.NDArray[np.int64]   # (rules + 1,): rule r's conditions are rule_start[r]:rule_start[r + 1]
-    constants: npt.NDArray[np.float64]  # comparison values and sorted set members
+    program: npt.NDArray[np.int64]      # (instructions, 4): opcode and operands
+    rule_start: npt.NDArray[np.int64]   # (rules + 1,): rule r's instructions are rule_start[r]:rule_start[r + 1]
+    constants: npt.NDArray[np.float64]  # literals and sorted set members
+    depth: int                          # the deepest the VM's stack gets
     effect: npt.NDArray[np.int8]        # (rules,): NO_EFFECT for a shadow rule, else its Decision
 
 
 def compile_rules(rules: tuple[Rule, ...]) -> RuleProgram:
-    """The program the kernel runs for `rules`, in their order."""
-    program: list[tuple[int, int, int, int]] = []
-    constants: list[float] = []
-    rule_start = [0]
+    """The program the VM runs for `rules`, in their order."""
+    trees = []
     for rule in rules:
-        for c in rule.conditions:
-            column, op = _COLUMNS.get(c.field), _OPS.get(c.op)
-            if column is None or op is None:
-                raise ValueError(f"rule {rule.name!r}: unknown field {c.field!r} or op {c.op!r}")
-            lo = len(constants)
-            if op in _SET_OPS:
-                # Sorted and unique for the kernel's binary search; NaN equals nothing, so it never counts.
-                members = np.unique(np.asarray(c.value, dtype=np.float64).ravel())
-                constants.extend(members[~np.isnan(members)].tolist())
-            elif isinstance(c.value, tuple):
-                raise ValueError(f"rule {rule.name!r}: op {c.op!r} needs one number, got {c.value!r}")
-            else:
-                constants.append(float(c.value))
-            program.append((column, op, lo, len(constants)))
-        rule_start.append(len(program))
-    # Explicit dtypes and shapes even when empty: Numba types the kernel by them.
-    return RuleProgram(
-        program=np.array(program, dtype=np.int64).reshape(len(program), kernel.PROGRAM_WIDTH),
-        rule_start=np.array(rule_start, dtype=np.int64),
-        constants=np.array(constants, dtype=np.float64),
-        effect=_effects(rules),
-    )
+        try:
+            trees.append(rule.tree())
+        except ValueError as exc:
+            raise ValueError(f"rule {rule.name!r}: {exc}") from None
+    compiled = compile_program(trees, _COLUMNS)
+    return RuleProgram(compiled.program, compiled.rule_start, compiled.constants, compiled.depth, _effects(rules))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +176,8 @@ class RuleSet:
         """Evaluate every rule over a batch.
 
         `features` is the (n, NUM_FEATURES) matrix in FEATURE_NAMES order, or None when it could
-        not be computed; `amount` (n,); `fraud_probability` (n,), or None in fallback. A condition
-        on an absent column never holds.
+        not be computed; `amount` (n,); `fraud_probability` (n,), or None in fallback. An absent
+        column reads as NaN, so no comparison on it holds.
         """
         amount = np.ascontiguousarray(amount, dtype=np.float64)
         n = amount.shape[0] if amount.ndim == 1 else -1
@@ -169,9 +190,9 @@ class RuleSet:
                              f"(n,) or None; got {amount.shape}, {None if features is None else x.shape}, "
                              f"{None if fraud_probability is None else p.shape}")
         program = self.program
-        hits: npt.NDArray[np.bool_] = kernel.evaluate(
+        hits: npt.NDArray[np.bool_] = vm.evaluate(
             x, features is not None, amount, p, fraud_probability is not None,
-            program.program, program.rule_start, program.constants)
+            program.program, program.rule_start, program.constants, program.depth)
         return RuleHits(self.rules, hits, program.effect)
 
 
@@ -216,8 +237,14 @@ def _parse_rule(where: str, raw: Any, *, names: set[str]) -> Rule:
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
     when = raw.get("when")
-    if not isinstance(when, list) or not when:
-        raise ValueError(f"{where}: \"when\" must be a non-empty list of conditions")
+    expression: Node | None = None
+    if isinstance(when, str):
+        try:
+            expression = parse_condition(when, columns=_COLUMNS)
+        except ExpressionError as exc:
+            raise ValueError(f"{where}: \"when\" {exc}") from None
+    elif not isinstance(when, list) or not when:
+        raise ValueError(f"{where}: \"when\" must be a non-empty list of conditions or an expression such as \"amount > 100\"")
     action = raw.get("action")
     if action == "ALLOW":
         action = "APPROVE"
@@ -234,13 +261,15 @@ def _parse_rule(where: str, raw: Any, *, names: set[str]) -> Rule:
         raise ValueError(f"{where}: priority must be an integer, got {priority!r}")
     return Rule(
         name=name,
-        conditions=tuple(_parse_condition(f"{where}, condition {i}", c) for i, c in enumerate(when)),
+        conditions=() if expression is not None else tuple(
+            _parse_condition(f"{where}, condition {i}", c) for i, c in enumerate(when)),
         action=Decision[str(action)],
         reason_code=str(raw.get("reason_code") or name.upper()),
         description=str(raw.get("description") or name),
         priority=priority,
         shadow=mode == "shadow",
         probability=float(probability),
+        expression=expression,
     )
 
 

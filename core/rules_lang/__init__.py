@@ -1,0 +1,31 @@
+"""The rules expression language: text → tokens → typed tree → checked → postfix program → Numba VM.
+
+    lexer.py      tokens with offsets; refuses strings, attribute access and stray characters
+    parser.py     recursive descent into nodes.py's frozen tree (grammar in its docstring)
+    check.py      names, functions, arity and types, with "did you mean" for near misses
+    compile.py    all rules of a ruleset into one flat program (opcodes + operands + constants)
+    vm.py         the Numba kernel: every rule over the whole batch in one call
+    interpret.py  a plain per-row interpreter: the reference the VM is tested against
+
+No Python `eval`, no attribute access, no imports: the only names are columns and three
+functions, and the only values numbers and conditions. Semantics are in docs/rules.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from core.rules_lang.check import check
+from core.rules_lang.compile import Program, compile_program
+from core.rules_lang.errors import ExpressionError
+from core.rules_lang.nodes import Node, render
+from core.rules_lang.parser import parse
+
+__all__ = ["ExpressionError", "Node", "Program", "compile_program", "parse_condition", "render"]
+
+
+def parse_condition(source: str, *, columns: Collection[str]) -> Node:
+    """The checked tree of a rule's condition; raises ExpressionError (position, what was expected)."""
+    tree = parse(source)
+    check(tree, columns=columns, source=source)
+    return tree

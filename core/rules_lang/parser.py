@@ -1,0 +1,225 @@
+"""A recursive-descent parser from rule text to the tree of core.rules_lang.nodes.
+
+Grammar, loosest binding first (one function per line below):
+
+    expression := conjunction ("or" conjunction)*
+    conjunction:= negation ("and" negation)*
+    negation   := "not" negation | comparison
+    comparison := sum [("<" | "<=" | ">" | ">=" | "==" | "!=") sum | ["not"] "in" set]
+    sum        := product (("+" | "-") product)*
+    product    := unary (("*" | "/") unary)*
+    unary      := "-" unary | primary
+    primary    := NUMBER | NAME | NAME "(" [expression ("," expression)*] ")" | "(" expression ")"
+    set        := "{" [member ("," member)*] "}" | "[" … "]"        member := ["-"] NUMBER
+
+Comparisons do not chain: `a < b < c` is refused (Python reads it as `a < b and b < c`, most other
+languages as `(a < b) < c`; an analyst should write what they mean). Syntax only: names, functions
+and types are the checker's business, so that each error names the first problem from the left.
+"""
+
+from __future__ import annotations
+
+from core.rules_lang.errors import ExpressionError
+from core.rules_lang.lexer import Kind, Token, tokenize
+from core.rules_lang.nodes import (
+    COMPARISONS,
+    Arithmetic,
+    Call,
+    Compare,
+    Logic,
+    Member,
+    Name,
+    Negate,
+    Node,
+    Not,
+    Number,
+)
+
+# Deep enough for any rule a person writes; shallow enough that Python's own stack never overflows.
+MAX_DEPTH = 64
+
+
+def parse(source: str) -> Node:
+    """The tree of `source`; raises ExpressionError with the offset of the first syntax error."""
+    return _Parser(source).parse()
+
+
+class _Parser:
+    __slots__ = ("depth", "position", "source", "tokens")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.tokens = tokenize(source)
+        self.position = 0
+        self.depth = 0
+
+    # --- helpers ---
+
+    def peek(self) -> Token:
+        return self.tokens[self.position]
+
+    def advance(self) -> Token:
+        token = self.tokens[self.position]
+        if token.kind is not Kind.END:
+            self.position += 1
+        return token
+
+    def at(self, *texts: str) -> bool:
+        token = self.peek()
+        return token.kind in (Kind.OP, Kind.KEYWORD, Kind.PUNCT) and token.text in texts
+
+    def error(self, message: str, token: Token | None = None) -> ExpressionError:
+        token = token or self.peek()
+        return ExpressionError(message, source=self.source, offset=token.offset)
+
+    def expect(self, text: str, why: str) -> Token:
+        if not self.at(text):
+            raise self.error(f"expected {text!r} {why}, got {self.peek().describe()}")
+        return self.advance()
+
+    # --- grammar ---
+
+    def parse(self) -> Node:
+        if self.peek().kind is Kind.END:
+            raise self.error("expected an expression, got nothing")
+        node = self.expression()
+        token = self.peek()
+        if token.kind is not Kind.END:
+            if token.text == ")":
+                raise self.error("unmatched ')'")
+            if token.text in ("[", "{"):
+                raise self.error("indexing is not part of the language (a set of values only follows 'in')")
+            if token.text == "(":
+                raise self.error("only abs, min and max can be called, by name")
+            raise self.error(f"expected an operator, 'and', 'or' or the end of the expression, "
+                             f"got {token.describe()}")
+        return node
+
+    def expression(self) -> Node:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+        node = self.conjunction()
+        while self.at("or"):
+            self.advance()
+            node = Logic("or", node, self.conjunction(), node.offset)
+        self.depth -= 1
+        return node
+
+    def conjunction(self) -> Node:
+        node = self.negation()
+        while self.at("and"):
+            self.advance()
+            node = Logic("and", node, self.negation(), node.offset)
+        return node
+
+    def negation(self) -> Node:
+        if self.at("not"):
+            token = self.advance()
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+            node = Not(self.negation(), token.offset)
+            self.depth -= 1
+            return node
+        return self.comparison()
+
+    def comparison(self) -> Node:
+        left = self.sum()
+        token = self.peek()
+        node: Node
+        if self.at(*COMPARISONS):
+            self.advance()
+            node = Compare(token.text, left, self.sum(), left.offset)
+        elif self.at("in"):
+            self.advance()
+            node = Member(left, self.set(), False, left.offset)
+        elif self.at("not") and self.tokens[self.position + 1].text == "in":
+            self.advance()
+            self.advance()
+            node = Member(left, self.set(), True, left.offset)
+        else:
+            return left
+        if self.at(*COMPARISONS, "in") or (self.at("not") and self.tokens[self.position + 1].text == "in"):
+            raise self.error(f"comparisons do not chain: write 'a < b and b < c', not 'a < b < c' "
+                             f"(got {self.peek().describe()} after a comparison)")
+        return node
+
+    def sum(self) -> Node:
+        node = self.product()
+        while self.at("+", "-"):
+            token = self.advance()
+            node = Arithmetic(token.text, node, self.product(), node.offset)
+        return node
+
+    def product(self) -> Node:
+        node = self.unary()
+        while self.at("*", "/"):
+            token = self.advance()
+            node = Arithmetic(token.text, node, self.unary(), node.offset)
+        return node
+
+    def unary(self) -> Node:
+        if self.at("-"):
+            token = self.advance()
+            if self.peek().kind is Kind.NUMBER:
+                # A negative literal is a constant, not an operation at run time.
+                return Number(-float(self.advance().text), token.offset)
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+            node = Negate(self.unary(), token.offset)
+            self.depth -= 1
+            return node
+        return self.primary()
+
+    def primary(self) -> Node:
+        token = self.peek()
+        if token.kind is Kind.NUMBER:
+            self.advance()
+            return Number(float(token.text), token.offset)
+        if token.kind is Kind.NAME:
+            self.advance()
+            if not self.at("("):
+                return Name(token.text, token.offset)
+            self.advance()
+            args: list[Node] = []
+            if not self.at(")"):
+                args.append(self.expression())
+                while self.at(","):
+                    self.advance()
+                    args.append(self.expression())
+            self.expect(")", f"to close the call of {token.text!r} at column {token.offset + 1}")
+            return Call(token.text, tuple(args), token.offset)
+        if self.at("("):
+            self.advance()
+            node = self.expression()
+            self.expect(")", f"to close the '(' at column {token.offset + 1}")
+            return node
+        if self.at("{", "["):
+            raise self.error("a set of values only follows 'in' or 'not in'")
+        what = "nothing" if token.kind is Kind.END else token.describe()
+        raise self.error(f"expected a number, a name, '-', 'not' or '(', got {what}")
+
+    def set(self) -> tuple[float, ...]:
+        opening = self.peek()
+        if not self.at("{", "["):
+            raise self.error(f"expected a set of numbers such as {{1, 2, 3}} after 'in', got {opening.describe()}")
+        self.advance()
+        closing = "}" if opening.text == "{" else "]"
+        members: list[float] = []
+        while not self.at(closing):
+            if members:
+                self.expect(",", f"or {closing!r} between the members of the set at column {opening.offset + 1}")
+            sign = 1.0
+            if self.at("-"):
+                self.advance()
+                sign = -1.0
+            token = self.peek()
+            if token.kind is not Kind.NUMBER:
+                unclosed = f" (the set at column {opening.offset + 1} is not closed)" if token.kind is Kind.END else ""
+                raise self.error(f"a set holds number literals only; got {token.describe()}{unclosed}")
+            self.advance()
+            members.append(sign * float(token.text))
+        self.advance()
+        return tuple(members)
