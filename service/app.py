@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +23,6 @@ from core.encode import KeyHasher
 from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.model import LoadedModel, load_model_dir
-from core.rules import Ruleset, load_ruleset, parse_ruleset
 from core.scoring import Scorer
 from service.batcher import Item, MicroBatcher
 from service.config import DEFAULT_ID_HASH_KEY, Settings
@@ -32,6 +30,7 @@ from service.idempotency import IdempotencyCache, Remembered
 from service.idempotency_store import RECORDS_FILE, load_records, save_records
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
+from service.reload import RulesReloader, load_rules, rules_stamp
 
 log = logging.getLogger("fraudscore.app")
 SNAPSHOT_FILE = "state.npz"
@@ -39,14 +38,6 @@ SNAPSHOT_FILE = "state.npz"
 # arrive within a few event-loop turns; running out means a bug, and the snapshot is skipped.
 DELIVERY_TIMEOUT_S = 10.0
 T = TypeVar("T")
-
-
-def load_rules(path: Path | None) -> Ruleset:
-    """The configured rules file, or the packaged defaults."""
-    if path is None:
-        data = resources.files("service").joinpath("defaults/rules.json").read_bytes()
-        return parse_ruleset(data, source="service/defaults/rules.json")
-    return load_ruleset(path)
 
 
 def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
@@ -121,14 +112,19 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.serving = False
-        self.ruleset = load_rules(settings.rules_file)
+        # Stamped before loading: a change in between is then seen by the first poll.
+        rules_seen = rules_stamp(settings.rules_file) if settings.rules_file is not None else None
+        ruleset = load_rules(settings.rules_file)
         model, reason = load_model(settings.model_dir)
-        self.scorer = Scorer(model, self.ruleset, reasons_method=settings.reasons_method)
         self.hasher = KeyHasher(settings.id_hash_key.encode())
         self.engine = FeatureEngine(restore_state(settings))
         self.metrics = Metrics(state=lambda: self.engine.state)
-        self.pipeline = Pipeline(engine=self.engine, scorer=self.scorer, hasher=self.hasher, metrics=self.metrics,
+        self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
+                                 hasher=self.hasher, metrics=self.metrics,
                                  fault_injection=settings.fault_injection, fallback_reason=reason)
+        self.reloader = RulesReloader(settings.rules_file, rules_seen, pipeline=self.pipeline, hasher=self.hasher,
+                                      metrics=self.metrics, interval_s=settings.rules_reload_s,
+                                      reasons_method=settings.reasons_method)
         # Answers are kept serialized (as the records file holds them): a compacted entry is then
         # plain data that the garbage collector does not walk (service/idempotency.py).
         self.idempotency: IdempotencyCache[pb.ScoreResponse, bytes] = IdempotencyCache(
@@ -160,12 +156,17 @@ class App:
         m.model_info.labels(self.model_version, self.ruleset_version, self.feature_set_version).set(1)
 
     @property
+    def scorer(self) -> Scorer:
+        """The scorer in use now: a rules reload swaps it whole (service/reload.py)."""
+        return self.pipeline.scorer
+
+    @property
     def model_version(self) -> str:
         return self.scorer.model.version if self.scorer.model else ""
 
     @property
     def ruleset_version(self) -> str:
-        return self.ruleset.version
+        return self.scorer.ruleset.version
 
     @property
     def feature_set_version(self) -> str:
@@ -197,6 +198,7 @@ class App:
                                      shed_to_fallback=s.shed_mode == "fallback")
         self._batcher.timer.observe(2, warm_s)
         self._batcher.start()
+        self.reloader.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
         self.metrics.pipeline_busy.set_function(lambda: self.batcher.busy_s)
         self.metrics.pipeline_expected.set_function(lambda: self.batcher.timer.expected_s(s.max_batch))
@@ -283,6 +285,7 @@ class App:
     async def stop(self) -> None:
         """Finish queued work, take the final snapshot, close the metrics endpoint."""
         self.serving = False
+        await self.reloader.stop()
         if self._snapshot_task is not None:
             self._snapshot_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

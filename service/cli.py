@@ -1,4 +1,4 @@
-"""`fraudscore` command line: serve, warm, health, simulate, train, bench.
+"""`fraudscore` command line: serve, warm, health, rules check, simulate, train, replay, bench.
 
 Each `serve` flag is also a `FRAUDSCORE_*` environment variable (flags win).
 Training imports stay inside their commands so `serve` never loads training libraries.
@@ -41,9 +41,10 @@ def _warm(args: argparse.Namespace) -> int:
     """Compile every kernel into Numba's on-disk cache (used at image build time)."""
     from core.encode import KeyHasher
     from core.scoring import Scorer
-    from service.app import load_model, load_rules
+    from service.app import load_model
     from service.config import Settings
     from service.pipeline import warm_up
+    from service.reload import load_rules
 
     settings = Settings.load(model_dir=args.model)
     model, _ = load_model(settings.model_dir)
@@ -66,6 +67,27 @@ def _health(args: argparse.Namespace) -> int:
             return 1
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _rules_check(args: argparse.Namespace) -> int:
+    """Validate a rules file as the server would load it; summarise it. Exit 2 if refused."""
+    from collections import Counter
+
+    from core.rules import Rule, load_ruleset
+
+    ruleset = load_ruleset(args.file)  # RulesLoadError: main() prints it and exits 2
+
+    def tally(rules: tuple[Rule, ...]) -> str:
+        by_kind = Counter(("shadow" if r.shadow else "enforce", r.action.name) for r in rules)
+        parts = [f"{mode} {action} {by_kind[mode, action]}" for mode in ("enforce", "shadow")
+                 for action in ("APPROVE", "REVIEW", "DECLINE") if by_kind[mode, action]]
+        return f"{len(rules)}" + (f" ({', '.join(parts)})" if parts else "")
+
+    print(f"{args.file}: valid, version {ruleset.version}")
+    print(f"  rules:          {tally(ruleset.rules.rules)}")
+    print(f"  fallback rules: {tally(ruleset.fallback.rules)}; "
+          f"default probability {ruleset.fallback_default_probability:g}")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -123,7 +145,7 @@ def _replay(args: argparse.Namespace) -> int:
     from core.history import read_history, write_table
     from core.model import load_model_dir
     from core.replay import score_history
-    from service.app import load_rules
+    from service.reload import load_rules
 
     history = read_history(args.data)
     model = load_model_dir(args.model)
@@ -168,6 +190,12 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout", type=float, default=2.0, help="seconds")
     h.set_defaults(run=_health)
 
+    rules = sub.add_parser("rules", help="work with rules files").add_subparsers(dest="rules_command", required=True)
+    rc = rules.add_parser("check", help="validate a rules file as the server would load it, and summarise it; "
+                                        "exit 0 when valid, 2 (with the error on stderr) when refused")
+    rc.add_argument("file", type=Path, help="rules file (JSON)")
+    rc.set_defaults(run=_rules_check)
+
     m = sub.add_parser("simulate", help="write a simulated labelled history (CSV or Parquet)")
     m.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
     _world_args(m)
@@ -206,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except FraudscoreError as exc:
-        print(f"fraudscore {args.command}: {exc}", file=sys.stderr)
+        command = " ".join(c for c in (args.command, getattr(args, "rules_command", None)) if c)
+        print(f"fraudscore {command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -56,7 +56,10 @@ class Metrics:
         self.fallbacks = Counter("fraudscore_fallbacks", "Transactions answered by the fallback rules, by reason",
                                  ["reason"], registry=r)
         self.sheds = Counter("fraudscore_sheds", "Calls refused to protect latency, by reason", ["reason"], registry=r)
-        self.rule_hits = Counter("fraudscore_rule_hits", "Rule matches, by rule and mode", ["rule", "mode"], registry=r)
+        self.rule_hits = Counter("fraudscore_rule_hits", "Rule matches (shadow included), by rule, mode and the "
+                                 "answer's final decision", ["rule", "mode", "decision"], registry=r)
+        self.rules_reloads = Counter("fraudscore_rules_reloads", "Rules reloads, by result (ok, refused)",
+                                     ["result"], registry=r)
         self.idempotent_replays = Counter("fraudscore_idempotent_replays",
                                           "Calls answered from an earlier identical call", registry=r)
         self.outcomes = Counter("fraudscore_outcomes", "Outcome reports recorded, by outcome", ["outcome"], registry=r)

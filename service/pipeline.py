@@ -26,6 +26,8 @@ from service.metrics import Metrics
 log = logging.getLogger("fraudscore.pipeline")
 
 _DECISION_NAMES = {int(d): d.name for d in Decision}
+_DECISION_VALUES = np.array(sorted(_DECISION_NAMES), dtype=np.int8)
+_DECISION_LABELS = [_DECISION_NAMES[d] for d in sorted(_DECISION_NAMES)]  # in _DECISION_VALUES order
 _SOURCE_NAMES = {int(s): s.name for s in Source}
 _OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRMED_LEGITIMATE: 0.0}
 
@@ -75,12 +77,12 @@ class Pipeline:
         self.fallback_reason = fallback_reason
         self._stalled = False
 
-    def _score(self, batch: EncodedBatch) -> tuple[ScoredBatch, str]:
+    def _score(self, batch: EncodedBatch, scorer: Scorer) -> tuple[ScoredBatch, str]:
         features: np.ndarray | None = None
         try:
             features = self.engine.compute(batch)
-            if self.scorer.model is None:
-                return self.scorer.fallback(features, batch.amount), self.fallback_reason or "no_model"
+            if scorer.model is None:
+                return scorer.fallback(features, batch.amount), self.fallback_reason or "no_model"
             if self.fault_injection == "model-raise":
                 raise InjectedFault("fault injection: model-raise")
             if self.fault_injection == "model-slow":
@@ -88,29 +90,44 @@ class Pipeline:
             if self.fault_injection == "pipeline-stall" and not self._stalled:
                 self._stalled = True
                 time.sleep(FAULT_STALL_S)
-            return self.scorer.score(features, batch.amount), ""
+            return scorer.score(features, batch.amount), ""
         except Exception as exc:
             reason = "features_error" if features is None else "model_error"
             log.error("model path failed; answering from fallback rules", extra={
                 "reason": reason, "error": exc.__class__.__name__, "batch_size": len(batch)})
-            return self.scorer.fallback(features, batch.amount), reason
+            return scorer.fallback(features, batch.amount), reason
 
     def run(self, items: list[Item]) -> list[pb.ScoreResponse]:
         """Score a batch; one ScoreResponse per item, in order. Never raises for a model failure."""
         started = time.perf_counter_ns()
         txns = [item.payload for item in items]
         batch = encode_transactions(self.hasher, txns)
-        scored, fallback_reason = self._score(batch)
+        # Read once: a rules reload swaps `self.scorer` from the event loop, and the whole batch
+        # (model path and its fallback alike) must answer from one ruleset.
+        scored, fallback_reason = self._score(batch, self.scorer)
         responses = self._responses(items, scored)
         m = self.metrics
         m.batch_size.observe(len(items))
         m.pipeline_duration.observe((time.perf_counter_ns() - started) / 1e9)
         if fallback_reason:
             m.fallbacks.labels(fallback_reason).inc(len(items))
-        for rule, count in zip(scored.hits.rules, scored.hits.hits.sum(axis=0), strict=True):
-            if count:
-                m.rule_hits.labels(rule.name, "shadow" if rule.shadow else "enforce").inc(int(count))
+        self._count_rule_hits(scored)
         return responses
+
+    def _count_rule_hits(self, scored: ScoredBatch) -> None:
+        """`fraudscore_rule_hits_total{rule, mode, decision}`: each rule's hits by the answer's final
+        decision, shadow rules included, so an analyst sees what a shadow rule would have changed."""
+        hits = scored.hits.hits
+        if not hits.size:
+            return
+        # (decisions × transactions) one-hot @ (transactions × rules) hits: one matrix product a batch.
+        by_decision = (scored.decision[np.newaxis, :] == _DECISION_VALUES[:, np.newaxis]).astype(np.int64) \
+            @ hits.astype(np.int64)
+        rules, counter = scored.hits.rules, self.metrics.rule_hits
+        rows, columns = np.nonzero(by_decision)
+        for d, r, count in zip(rows.tolist(), columns.tolist(), by_decision[rows, columns].tolist(), strict=True):
+            rule = rules[r]
+            counter.labels(rule.name, "shadow" if rule.shadow else "enforce", _DECISION_LABELS[d]).inc(count)
 
     def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
         # Per batch, not per transaction: the metrics (one increment per decision and source
@@ -151,7 +168,9 @@ class Pipeline:
         amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
                               [t.currency for t in txns])
         self.metrics.fallbacks.labels(reason).inc(len(items))
-        return self._responses(items, self.scorer.fallback(None, amount))
+        scored = self.scorer.fallback(None, amount)  # one read: a reload may swap it between calls
+        self._count_rule_hits(scored)
+        return self._responses(items, scored)
 
     def snapshot_copy(self) -> EntityState:
         """A copy of state, taken between batches, to be written to disk off this thread."""

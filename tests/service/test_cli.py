@@ -74,3 +74,26 @@ def test_bench_features_prints_its_table(model_dir: Path) -> None:
     assert out.returncode == 0, out.stderr
     for needle in ("online, batch    1:", "online, batch  256:", "kernels alone", "state bytes per entity: card"):
         assert needle in out.stdout
+
+
+def test_rules_check_summarises_a_valid_file() -> None:
+    out = fraudscore("rules", "check", "service/defaults/rules.json")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "service/defaults/rules.json: valid, version default-2026.11.25",
+        "  rules:          4 (enforce REVIEW 2, enforce DECLINE 1, shadow REVIEW 1)",
+        "  fallback rules: 5 (enforce REVIEW 3, enforce DECLINE 2); default probability 0.02",
+    ]
+
+
+def test_rules_check_refuses_a_bad_file_with_exit_2_naming_the_rule(tmp_path: Path) -> None:
+    bad = tmp_path / "rules.json"
+    bad.write_text('{"version": "x", "rules": [{"name": "velocity", "when": '
+                   '[{"field": "card_count", "op": ">", "value": 3}], "action": "DECLINE"}]}')
+    out = fraudscore("rules", "check", str(bad))
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.startswith(f"fraudscore rules check: cannot load rules {bad}: ")
+    assert "rule 'velocity', condition 0: unknown field 'card_count'" in out.stderr
+    missing = fraudscore("rules", "check", str(tmp_path / "absent.json"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

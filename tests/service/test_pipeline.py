@@ -1,0 +1,58 @@
+"""The pipeline's per-rule metrics against a per-transaction count of the same scoring."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import orjson
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.encode import KeyHasher
+from core.features import EntityState, FeatureEngine
+from core.rules import Decision, parse_ruleset
+from core.scoring import Scorer
+from service.batcher import Item
+from service.metrics import Metrics
+from service.pipeline import Pipeline, encode_transactions
+
+RULES = orjson.dumps({"version": "t", "rules": [], "fallback": {"default_probability": 0.02, "rules": [
+    {"name": "big", "when": [{"field": "amount", "op": ">=", "value": 100}], "action": "DECLINE"},
+    {"name": "mid", "when": [{"field": "amount", "op": ">=", "value": 20}], "action": "REVIEW"},
+    {"name": "tiny_ok", "when": [{"field": "amount", "op": "<", "value": 1}], "action": "APPROVE"},
+    {"name": "watch", "when": [{"field": "amount", "op": ">=", "value": 50}], "action": "DECLINE", "mode": "shadow"},
+]}})
+
+
+def _state() -> EntityState:
+    return EntityState.empty(card_capacity=64, merchant_capacity=64, customer_capacity=64, device_capacity=64,
+                             ip_capacity=64)
+
+
+def test_rule_hits_are_counted_by_final_decision() -> None:
+    amounts_minor = [50, 150, 2_500, 6_000, 6_000, 15_000, 90_000, 0, 4_000]
+    txns = [pb.Transaction(transaction_id=f"t{i}", card_id=f"c{i}", merchant_id="m", amount_minor=a,
+                           currency="USD", event_time_ms=1_767_225_600_000 + i) for i, a in enumerate(amounts_minor)]
+    scorer = Scorer(None, parse_ruleset(RULES))
+    metrics, hasher = Metrics(), KeyHasher()
+    loop = asyncio.new_event_loop()
+    try:
+        items = [Item(t, 0.0, 0, loop.create_future()) for t in txns]
+        Pipeline(engine=FeatureEngine(_state()), scorer=scorer, hasher=hasher, metrics=metrics).run(items)
+    finally:
+        loop.close()
+    # The reference: the same scoring on a fresh state, counted one transaction and rule at a time.
+    batch = encode_transactions(hasher, txns)
+    scored = scorer.fallback(FeatureEngine(_state()).compute(batch), batch.amount)
+    expected: Counter[tuple[str, str, str]] = Counter()
+    for i in range(len(txns)):
+        for r, rule in enumerate(scored.hits.rules):
+            if scored.hits.hits[i, r]:
+                mode = "shadow" if rule.shadow else "enforce"
+                expected[rule.name, mode, Decision(int(scored.decision[i])).name] += 1
+    counted = {(s.labels["rule"], s.labels["mode"], s.labels["decision"]): s.value
+               for family in metrics.registry.collect() if family.name == "fraudscore_rule_hits"
+               for s in family.samples if s.name == "fraudscore_rule_hits_total"}
+    assert counted == expected
+    assert len({d for _, _, d in expected}) == 3  # the batch reaches every decision
+    assert expected["watch", "shadow", "DECLINE"] and expected["watch", "shadow", "REVIEW"]
