@@ -16,6 +16,7 @@ from core.encode import EncodedBatch, KeyHasher, amount_major, encode_columns
 from core.features import FEATURE_NAMES, NUM_FEATURES, EntityState, FeatureEngine
 from core.history import History
 from core.model import LoadedModel
+from core.named_lists import identifier_keys
 from core.rules import Decision, Ruleset
 from core.scoring import Scorer, Source, risk_score
 
@@ -115,7 +116,10 @@ def score_history(
     features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=on_progress)
     amount = amount_major(history.amount_minor, history.currency)
     scorer = Scorer(model, ruleset, reasons_method=reasons_method)
-    scored = scorer.score(features, amount) if model is not None else scorer.fallback(features, amount)
+    # Named lists match the default KeyHasher's keys, as the ruleset's were hashed (load_rules' default).
+    keys = identifier_keys(encode_history(history, KeyHasher())) if ruleset.lists else None
+    scored = (scorer.score(features, amount, keys=keys) if model is not None
+              else scorer.fallback(features, amount, keys=keys))
     return {
         "transaction_id": history.transaction_id,
         "fraud_probability": scored.fraud_probability,

@@ -8,7 +8,8 @@ that decide alone when the model path is unavailable:
             "reason_code", "description", "priority": int, "mode": "enforce"|"shadow",
             "probability": float (fallback only: the estimate when it hits), "note": str}
 
-"when" is an expression in the rules language (core.rules_lang: `card_txn_count_10m >= 5 and
+"lists" (optional) names allowlists and blocklists (core.named_lists) that expressions test with
+`card in @blocked_cards`. "when" is an expression in the rules language (core.rules_lang: `card_txn_count_10m >= 5 and
 amount < 10`), or the older list of conditions that must all hold (AND), which loads as the same
 tree. A comparison with a missing value (NaN) is false. Each RuleSet compiles its rules into one
 postfix program when it is made; one Numba kernel (core.rules_lang.vm) runs it over the whole
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -34,10 +36,12 @@ import numpy.typing as npt
 import orjson
 
 from core import rules_kernel as kernel
+from core.encode import KeyHasher
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES, NUM_FEATURES
-from core.rules_lang import ExpressionError, Node, compile_program, parse_condition, vm
-from core.rules_lang.nodes import Compare, Logic, Member, Name, Number
+from core.named_lists import list_kinds, load_lists
+from core.rules_lang import ExpressionError, NamedList, Node, compile_program, parse_condition, vm
+from core.rules_lang.nodes import IDENTIFIERS, Compare, Logic, Member, Name, Number
 
 EXTRA_FIELDS = ("amount", "fraud_probability")
 FIELDS = (*FEATURE_NAMES, *EXTRA_FIELDS)
@@ -46,6 +50,7 @@ _COLUMNS = {**{name: i for i, name in enumerate(FEATURE_NAMES)},
             "amount": vm.AMOUNT_COLUMN, "fraud_probability": vm.PROBABILITY_COLUMN}
 _ABSENT = np.empty(0, dtype=np.float64)
 _NO_FEATURES = np.empty((0, NUM_FEATURES), dtype=np.float64)
+_NO_KEYS = np.empty((len(IDENTIFIERS), 0), dtype=np.uint64)
 
 
 class Decision(IntEnum):
@@ -147,18 +152,20 @@ class RuleProgram:
     constants: npt.NDArray[np.float64]  # literals and sorted set members
     depth: int                          # the deepest the VM's stack gets
     effect: npt.NDArray[np.int8]        # (rules,): NO_EFFECT for a shadow rule, else its Decision
+    key_members: npt.NDArray[np.uint64]  # members of the identifier lists the rules use
 
 
-def compile_rules(rules: tuple[Rule, ...]) -> RuleProgram:
-    """The program the VM runs for `rules`, in their order."""
+def compile_rules(rules: tuple[Rule, ...], lists: Mapping[str, NamedList] | None = None) -> RuleProgram:
+    """The program the VM runs for `rules`, in their order, with the named `lists` they use."""
     trees = []
     for rule in rules:
         try:
             trees.append(rule.tree())
         except ValueError as exc:
             raise ValueError(f"rule {rule.name!r}: {exc}") from None
-    compiled = compile_program(trees, _COLUMNS)
-    return RuleProgram(compiled.program, compiled.rule_start, compiled.constants, compiled.depth, _effects(rules))
+    compiled = compile_program(trees, _COLUMNS, lists)
+    return RuleProgram(compiled.program, compiled.rule_start, compiled.constants, compiled.depth, _effects(rules),
+                       compiled.key_members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,33 +173,37 @@ class RuleSet:
     """Rules in priority order, compiled into `program` when the set is made."""
 
     rules: tuple[Rule, ...]
+    lists: Mapping[str, NamedList] = field(default_factory=dict, repr=False, compare=False)
     program: RuleProgram = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "program", compile_rules(self.rules))
+        object.__setattr__(self, "program", compile_rules(self.rules, self.lists))
 
     def evaluate(self, features: np.ndarray | None, amount: np.ndarray,
-                 fraud_probability: np.ndarray | None = None) -> RuleHits:
+                 fraud_probability: np.ndarray | None = None, keys: np.ndarray | None = None) -> RuleHits:
         """Evaluate every rule over a batch.
 
         `features` is the (n, NUM_FEATURES) matrix in FEATURE_NAMES order, or None when it could
-        not be computed; `amount` (n,); `fraud_probability` (n,), or None in fallback. An absent
-        column reads as NaN, so no comparison on it holds.
+        not be computed; `amount` (n,); `fraud_probability` (n,), or None in fallback; `keys` the
+        (IDENTIFIERS, n) uint64 identifiers (core.named_lists.identifier_keys), or None. An absent
+        column reads as NaN, so no comparison on it holds; absent keys are unknown, in no list.
         """
         amount = np.ascontiguousarray(amount, dtype=np.float64)
         n = amount.shape[0] if amount.ndim == 1 else -1
         # The kernel indexes without bounds checks: shapes that disagree must never reach it.
         x = _NO_FEATURES if features is None else np.ascontiguousarray(features, dtype=np.float64)
         p = _ABSENT if fraud_probability is None else np.ascontiguousarray(fraud_probability, dtype=np.float64)
+        k = _NO_KEYS if keys is None else np.ascontiguousarray(keys, dtype=np.uint64)
         if n < 0 or (features is not None and x.shape != (n, NUM_FEATURES)) or (
-                fraud_probability is not None and p.shape != (n,)):
+                fraud_probability is not None and p.shape != (n,)) or (keys is not None and k.shape != (len(IDENTIFIERS), n)):
             raise ValueError(f"expected amount (n,), features (n, {NUM_FEATURES}) or None, fraud_probability "
-                             f"(n,) or None; got {amount.shape}, {None if features is None else x.shape}, "
-                             f"{None if fraud_probability is None else p.shape}")
+                             f"(n,) or None, keys ({len(IDENTIFIERS)}, n) or None; got {amount.shape}, "
+                             f"{None if features is None else x.shape}, "
+                             f"{None if fraud_probability is None else p.shape}, {None if keys is None else k.shape}")
         program = self.program
         hits: npt.NDArray[np.bool_] = vm.evaluate(
-            x, features is not None, amount, p, fraud_probability is not None,
-            program.program, program.rule_start, program.constants, program.depth)
+            x, features is not None, amount, p, fraud_probability is not None, k, keys is not None,
+            program.program, program.rule_start, program.constants, program.key_members, program.depth)
         return RuleHits(self.rules, hits, program.effect)
 
 
@@ -204,6 +215,9 @@ class Ruleset:
     rules: RuleSet
     fallback: RuleSet
     fallback_default_probability: float
+    lists: Mapping[str, NamedList] = field(default_factory=dict, repr=False, compare=False)
+    # The list files read, each with the sha256 of what was read: a reload watches them with the rules file.
+    list_files: tuple[tuple[Path, str], ...] = ()
 
 
 def _parse_condition(where: str, raw: Any) -> Condition:
@@ -223,7 +237,7 @@ def _parse_condition(where: str, raw: Any) -> Condition:
     return Condition(field, op, float(value))
 
 
-def _parse_rule(where: str, raw: Any, *, names: set[str]) -> Rule:
+def _parse_rule(where: str, raw: Any, *, names: set[str], lists: Mapping[str, str]) -> Rule:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
     name = raw.get("name")
@@ -240,7 +254,7 @@ def _parse_rule(where: str, raw: Any, *, names: set[str]) -> Rule:
     expression: Node | None = None
     if isinstance(when, str):
         try:
-            expression = parse_condition(when, columns=_COLUMNS)
+            expression = parse_condition(when, columns=_COLUMNS, lists=lists)
         except ExpressionError as exc:
             raise ValueError(f"{where}: \"when\" {exc}") from None
     elif not isinstance(when, list) or not when:
@@ -273,24 +287,33 @@ def _parse_rule(where: str, raw: Any, *, names: set[str]) -> Rule:
     )
 
 
-def _parse_rules(where: str, raw: Any) -> RuleSet:
+def _parse_rules(where: str, raw: Any, lists: Mapping[str, NamedList]) -> RuleSet:
     if not isinstance(raw, list):
         raise ValueError(f"{where}: expected a list of rules")
     names: set[str] = set()
-    rules = [_parse_rule(f"{where}[{i}]", r, names=names) for i, r in enumerate(raw)]
-    return RuleSet(tuple(sorted(rules, key=lambda r: (r.priority, r.name))))
+    kinds = list_kinds(lists)
+    rules = [_parse_rule(f"{where}[{i}]", r, names=names, lists=kinds) for i, r in enumerate(raw)]
+    return RuleSet(tuple(sorted(rules, key=lambda r: (r.priority, r.name))), lists)
 
 
-def parse_ruleset(data: bytes, *, source: str = "<bytes>") -> Ruleset:
-    """Parse and validate a rules file's bytes; raises RulesLoadError naming the rule and the problem."""
+def parse_ruleset(data: bytes, *, source: str = "<bytes>", base_dir: Path | None = None,
+                  hasher: KeyHasher | None = None) -> Ruleset:
+    """Parse and validate a rules file's bytes; raises RulesLoadError naming the rule and the problem.
+
+    List files are read relative to `base_dir` (the current directory when None); identifier lists
+    are hashed with `hasher`, which must be the service's (FRAUDSCORE_ID_HASH_KEY) for them to
+    match: KeyHasher() by default, as offline replay uses."""
     try:
         raw = orjson.loads(data)
         if not isinstance(raw, dict):
             raise ValueError("expected a JSON object with \"version\", \"rules\" and \"fallback\"")
         # A misspelt key ("rule") would otherwise load as an empty ruleset and silently disable every rule.
-        unknown = set(raw) - {"version", "rules", "fallback"}
+        unknown = set(raw) - {"version", "rules", "fallback", "lists"}
         if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}; expected \"version\", \"rules\" and \"fallback\"")
+            raise ValueError(f"unknown keys {sorted(unknown)}; expected \"version\", \"rules\", \"fallback\" "
+                             "and \"lists\"")
+        lists, list_files = load_lists(raw.get("lists", {}), base_dir=base_dir or Path(),
+                                       hasher=hasher or KeyHasher())
         fallback = raw.get("fallback", {})
         if not isinstance(fallback, dict):
             raise ValueError("\"fallback\" must be an object with \"rules\" and \"default_probability\"")
@@ -303,9 +326,11 @@ def parse_ruleset(data: bytes, *, source: str = "<bytes>") -> Ruleset:
         version = raw.get("version") or "rs-" + hashlib.sha256(data).hexdigest()[:12]
         return Ruleset(
             version=str(version),
-            rules=_parse_rules("rules", raw.get("rules", [])),
-            fallback=_parse_rules("fallback.rules", fallback.get("rules", [])),
+            rules=_parse_rules("rules", raw.get("rules", []), lists),
+            fallback=_parse_rules("fallback.rules", fallback.get("rules", []), lists),
             fallback_default_probability=float(default_p),
+            lists=lists,
+            list_files=list_files,
         )
     except orjson.JSONDecodeError as exc:
         raise RulesLoadError(source, f"not valid JSON: {exc}") from None
@@ -313,11 +338,11 @@ def parse_ruleset(data: bytes, *, source: str = "<bytes>") -> Ruleset:
         raise RulesLoadError(source, str(exc)) from None
 
 
-def load_ruleset(path: Path) -> Ruleset:
-    """Read and validate a rules file."""
+def load_ruleset(path: Path, *, hasher: KeyHasher | None = None) -> Ruleset:
+    """Read and validate a rules file (and its list files, relative to it; `hasher` as parse_ruleset's)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise RulesLoadError(str(path), f"cannot read: {exc.strerror}") from None
-    return parse_ruleset(data, source=str(path))
+    return parse_ruleset(data, source=str(path), base_dir=path.parent, hasher=hasher)
 

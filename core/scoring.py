@@ -102,8 +102,11 @@ class Scorer:
         self.top_reasons = top_reasons
         self.reasons_method = reasons_method
 
-    def score(self, features: np.ndarray, amount: np.ndarray) -> ScoredBatch:
-        """The model path. Raises whatever the model raises; the caller falls back."""
+    def score(self, features: np.ndarray, amount: np.ndarray, *, keys: np.ndarray | None = None) -> ScoredBatch:
+        """The model path. Raises whatever the model raises; the caller falls back.
+
+        `keys`: the batch's identifiers for named lists (core.named_lists.identifier_keys); without
+        them no `card in @list` condition holds."""
         if self.model is None:
             raise RuntimeError("no model loaded")
         n = features.shape[0]
@@ -113,7 +116,7 @@ class Scorer:
         base = np.full(n, _APPROVE, dtype=np.int8)
         base[p >= t.review] = _REVIEW
         base[p >= t.decline] = _DECLINE
-        hits = self.ruleset.rules.evaluate(features, amount, p)
+        hits = self.ruleset.rules.evaluate(features, amount, p, keys)
         decision = hits.decide(base)
         source = np.where(decision != base, _SOURCE_RULES, _SOURCE_MODEL).astype(np.int8)
         reasons = _rule_reasons(hits)
@@ -128,11 +131,13 @@ class Scorer:
         return ScoredBatch(p, decision, source, False, [tuple(r) for r in reasons], self.model.version,
                            self.ruleset.version, hits)
 
-    def fallback(self, features: np.ndarray | None, amount: np.ndarray) -> ScoredBatch:
-        """The fallback ruleset alone; features may be None when they could not be computed."""
+    def fallback(self, features: np.ndarray | None, amount: np.ndarray, *,
+                 keys: np.ndarray | None = None) -> ScoredBatch:
+        """The fallback ruleset alone; features may be None when they could not be computed, `keys`
+        as score's."""
         n = amount.shape[0]
         fb = self.ruleset.fallback
-        hits = fb.evaluate(features, amount)
+        hits = fb.evaluate(features, amount, keys=keys)
         decision = hits.decide(np.full(n, _APPROVE, dtype=np.int8))
         probs = np.array([r.probability for r in fb.rules], dtype=np.float64)
         enforce = np.array([not r.shadow for r in fb.rules], dtype=bool)

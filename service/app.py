@@ -30,7 +30,7 @@ from service.idempotency import IdempotencyCache, Remembered
 from service.idempotency_store import RECORDS_FILE, load_records, save_records
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
-from service.reload import RulesReloader, load_rules, rules_stamp
+from service.reload import RulesReloader, load_rules, loaded_stamp, rules_stamp
 
 log = logging.getLogger("fraudscore.app")
 SNAPSHOT_FILE = "state.npz"
@@ -114,9 +114,12 @@ class App:
         self.serving = False
         # Stamped before loading: a change in between is then seen by the first poll.
         rules_seen = rules_stamp(settings.rules_file) if settings.rules_file is not None else None
-        ruleset = load_rules(settings.rules_file)
-        model, reason = load_model(settings.model_dir)
+        # Named lists are hashed with the server's key, so they match the keys of its requests.
         self.hasher = KeyHasher(settings.id_hash_key.encode())
+        ruleset = load_rules(settings.rules_file, hasher=self.hasher)
+        if rules_seen is not None:
+            rules_seen = loaded_stamp(rules_seen, ruleset)
+        model, reason = load_model(settings.model_dir)
         self.engine = FeatureEngine(restore_state(settings))
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),

@@ -18,6 +18,7 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import EncodedBatch, KeyHasher, amount_major, encode_columns
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.named_lists import identifier_keys
 from core.rules import Decision
 from core.scoring import ScoredBatch, Scorer, Source, risk_score
 from service.batcher import Item
@@ -79,10 +80,11 @@ class Pipeline:
 
     def _score(self, batch: EncodedBatch, scorer: Scorer) -> tuple[ScoredBatch, str]:
         features: np.ndarray | None = None
+        keys = identifier_keys(batch)  # for named lists (`card in @blocked_cards`)
         try:
             features = self.engine.compute(batch)
             if scorer.model is None:
-                return scorer.fallback(features, batch.amount), self.fallback_reason or "no_model"
+                return scorer.fallback(features, batch.amount, keys=keys), self.fallback_reason or "no_model"
             if self.fault_injection == "model-raise":
                 raise InjectedFault("fault injection: model-raise")
             if self.fault_injection == "model-slow":
@@ -90,12 +92,12 @@ class Pipeline:
             if self.fault_injection == "pipeline-stall" and not self._stalled:
                 self._stalled = True
                 time.sleep(FAULT_STALL_S)
-            return scorer.score(features, batch.amount), ""
+            return scorer.score(features, batch.amount, keys=keys), ""
         except Exception as exc:
             reason = "features_error" if features is None else "model_error"
             log.error("model path failed; answering from fallback rules", extra={
                 "reason": reason, "error": exc.__class__.__name__, "batch_size": len(batch)})
-            return scorer.fallback(features, batch.amount), reason
+            return scorer.fallback(features, batch.amount, keys=keys), reason
 
     def run(self, items: list[Item]) -> list[pb.ScoreResponse]:
         """Score a batch; one ScoreResponse per item, in order. Never raises for a model failure."""
@@ -163,12 +165,18 @@ class Pipeline:
     def answer_fallback(self, items: list[Item], reason: str) -> list[pb.ScoreResponse]:
         """Fallback answers (degraded) for items the model path cannot answer within their budget,
         counted by `reason`. Runs on the event loop: touches no state, so these transactions
-        never enter the features."""
+        never enter the features. Their identifiers are encoded only when the ruleset has named lists
+        (so that a blocklist holds here too), a cost the event loop pays only then."""
         txns = [item.payload for item in items]
-        amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
-                              [t.currency for t in txns])
+        scorer = self.scorer  # one read: a reload may swap it between calls
         self.metrics.fallbacks.labels(reason).inc(len(items))
-        scored = self.scorer.fallback(None, amount)  # one read: a reload may swap it between calls
+        if scorer.ruleset.lists:
+            batch = encode_transactions(self.hasher, txns)
+            scored = scorer.fallback(None, batch.amount, keys=identifier_keys(batch))
+        else:
+            amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
+                                  [t.currency for t in txns])
+            scored = scorer.fallback(None, amount)
         self._count_rule_hits(scored)
         return self._responses(items, scored)
 
@@ -191,9 +199,10 @@ def warm_up(scorer: Scorer, hasher: KeyHasher) -> None:
     batch = encode_transactions(hasher, [txn, txn])
     features = engine.compute(batch)
     engine.apply_outcomes(batch.card_key, batch.merchant_key, batch.event_time_ms, np.ones(2))
-    scorer.fallback(features, batch.amount)
+    keys = identifier_keys(batch)
+    scorer.fallback(features, batch.amount, keys=keys)
     if scorer.model is not None:
-        scorer.score(features, batch.amount)
+        scorer.score(features, batch.amount, keys=keys)
         # Reasons run only for flagged transactions, which the warm-up's may not be.
         scorer.model.forest.path_attributions(features)
         scorer.model.forest.contributions(features)

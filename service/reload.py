@@ -13,6 +13,7 @@ updates, which swap a `..data` symlink to a new directory rather than write the 
 inotify watch on the old inode never fires). So the content decides: every
 `FRAUDSCORE_RULES_RELOAD_S` the file is stat'ed through its symlinks, and read and hashed
 only when its (mtime, size, inode, device) moved; a reload happens only when the hash did.
+The named list files of the ruleset in use are watched the same way, with the rules file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,35 +39,64 @@ from service.pipeline import Pipeline, warm_up
 log = logging.getLogger("fraudscore.rules")
 
 
-def load_rules(path: Path | None) -> Ruleset:
-    """The configured rules file, or the packaged defaults."""
+def load_rules(path: Path | None, *, hasher: KeyHasher | None = None) -> Ruleset:
+    """The configured rules file, or the packaged defaults. `hasher` hashes the named lists: the
+    server's own (FRAUDSCORE_ID_HASH_KEY); KeyHasher() by default, as offline replay uses."""
     if path is None:
         data = resources.files("service").joinpath("defaults/rules.json").read_bytes()
-        return parse_ruleset(data, source="service/defaults/rules.json")
-    return load_ruleset(path)
+        return parse_ruleset(data, source="service/defaults/rules.json", hasher=hasher)
+    return load_ruleset(path, hasher=hasher)
+
+
+_UNREAD = (-1, -1, -1, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    """One watched file: its stat (cheap) and its content's hash (decisive)."""
+
+    path: Path
+    stat: tuple[int, int, int, int]  # st_mtime_ns, st_size, st_ino, st_dev; all -1 when unreadable or not stat'ed
+    digest: str                      # sha256 of the content, or "unreadable: <why>"
 
 
 @dataclass(frozen=True, slots=True)
 class RulesStamp:
-    """What polling compares: the file's stat (cheap) and its content's hash (decisive)."""
+    """What polling compares: the rules file's stamp, then each list file's of the ruleset in use."""
 
-    stat: tuple[int, int, int, int]  # st_mtime_ns, st_size, st_ino, st_dev; all -1 when unreadable
-    digest: str                      # sha256 of the content, or "unreadable: <why>"
+    files: tuple[FileStamp, ...]
+
+    @property
+    def digest(self) -> tuple[tuple[Path, str], ...]:
+        """The content of every file: equal digests mean nothing to reload."""
+        return tuple((f.path, f.digest) for f in self.files)
 
 
-def rules_stamp(path: Path, previous: RulesStamp | None = None) -> RulesStamp:
-    """The file's stamp; its content is read only when its stat differs from `previous`'s."""
+def _file_stamp(path: Path, previous: FileStamp | None) -> FileStamp:
     try:
         st = os.stat(path)  # follows symlinks: a ConfigMap swap shows up as another inode
     except OSError as exc:
-        return RulesStamp((-1, -1, -1, -1), f"unreadable: {exc.strerror}")
+        return FileStamp(path, _UNREAD, f"unreadable: {exc.strerror}")
     stat = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
     if previous is not None and previous.stat == stat:
         return previous
     try:
-        return RulesStamp(stat, hashlib.sha256(path.read_bytes()).hexdigest())
+        return FileStamp(path, stat, hashlib.sha256(path.read_bytes()).hexdigest())
     except OSError as exc:
-        return RulesStamp((-1, -1, -1, -1), f"unreadable: {exc.strerror}")
+        return FileStamp(path, _UNREAD, f"unreadable: {exc.strerror}")
+
+
+def rules_stamp(path: Path, previous: RulesStamp | None = None, *, list_files: Sequence[Path] = ()) -> RulesStamp:
+    """The stamp of the rules file and `list_files`; a file's content is read only when its stat
+    differs from its stamp in `previous`."""
+    before = {f.path: f for f in previous.files} if previous is not None else {}
+    return RulesStamp(tuple(_file_stamp(p, before.get(p)) for p in (path, *list_files)))
+
+
+def loaded_stamp(before: RulesStamp, ruleset: Ruleset) -> RulesStamp:
+    """The stamp of what was loaded: the rules file's taken `before` loading, and each list file's
+    hash of the content the loader read (not yet stat'ed: the next poll stats and compares them)."""
+    return RulesStamp((before.files[0], *(FileStamp(p, _UNREAD, d) for p, d in ruleset.list_files)))
 
 
 class RulesReloader:
@@ -120,7 +151,8 @@ class RulesReloader:
                 log.info("reload requested but no rules file is configured (FRAUDSCORE_RULES_FILE); "
                          "the packaged rules stay")
             return False
-        stamp = await asyncio.to_thread(rules_stamp, path, self._seen)
+        lists = [p for p, _ in self._pipeline.scorer.ruleset.list_files]
+        stamp = await asyncio.to_thread(lambda: rules_stamp(path, self._seen, list_files=lists))
         if not forced and self._seen is not None and stamp.digest == self._seen.digest:
             self._seen = stamp  # touched, or replaced by the same content: nothing to do
             return False
@@ -138,6 +170,7 @@ class RulesReloader:
             log.error("rules refused; the previous ruleset stays in use", extra={
                 "path": str(path), "trigger": trigger, "reason": reason, "ruleset_version": old.ruleset.version})
             return False
+        self._seen = loaded_stamp(stamp, new.ruleset)  # now watching the new ruleset's list files
         self._swap(old, new)
         log.info("rules reloaded", extra={
             "path": str(path), "trigger": trigger, "old_ruleset_version": old.ruleset.version,
@@ -147,7 +180,7 @@ class RulesReloader:
 
     def _build(self, path: Path, old: Scorer) -> Scorer:
         """Worker thread: the new ruleset with the model in use, validated and evaluated once."""
-        scorer = Scorer(old.model, load_ruleset(path), reasons_method=self._reasons_method)
+        scorer = Scorer(old.model, load_ruleset(path, hasher=self._hasher), reasons_method=self._reasons_method)
         warm_up(scorer, self._hasher)  # a throwaway state: the real one is the pipeline thread's
         return scorer
 

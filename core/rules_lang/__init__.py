@@ -7,25 +7,28 @@
     vm.py         the Numba kernel: every rule over the whole batch in one call
     interpret.py  a plain per-row interpreter: the reference the VM is tested against
 
-No Python `eval`, no attribute access, no imports: the only names are columns and three
-functions, and the only values numbers and conditions. Semantics are in docs/rules.md.
+No Python `eval`, no attribute access, no imports: the only names are columns, identifiers
+(card, customer, merchant, device, ip, country: tested only against named lists `@name`) and
+three functions, and the only values numbers and conditions. Semantics are in docs/rules.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from core.rules_lang.check import check
-from core.rules_lang.compile import Program, compile_program
+from core.rules_lang.compile import NamedList, Program, compile_program
 from core.rules_lang.errors import ExpressionError
 from core.rules_lang.nodes import Node, render
 from core.rules_lang.parser import parse
 
-__all__ = ["ExpressionError", "Node", "Program", "compile_program", "parse_condition", "render"]
+__all__ = ["ExpressionError", "NamedList", "Node", "Program", "compile_program", "parse_condition", "render"]
 
 
-def parse_condition(source: str, *, columns: Collection[str]) -> Node:
-    """The checked tree of a rule's condition; raises ExpressionError (position, what was expected)."""
+def parse_condition(source: str, *, columns: Collection[str], lists: Mapping[str, str] | None = None) -> Node:
+    """The checked tree of a rule's condition; raises ExpressionError (position, what was expected).
+
+    `lists` maps each named list the rule may use (`@name`) to its kind."""
     tree = parse(source)
-    check(tree, columns=columns, source=source)
+    check(tree, columns=columns, source=source, lists=lists)
     return tree

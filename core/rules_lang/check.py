@@ -8,14 +8,17 @@ a condition: the compiler and the kernel never have to refuse anything at run ti
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from core.rules_lang.errors import ExpressionError
 from core.rules_lang.nodes import (
     FUNCTIONS,
+    IDENTIFIERS,
     Arithmetic,
     Call,
     Compare,
+    Identifier,
+    ListMember,
     Logic,
     Member,
     Name,
@@ -27,9 +30,10 @@ from core.rules_lang.nodes import (
 )
 
 
-def check(node: Node, *, columns: Collection[str], source: str) -> None:
-    """Refuse `node` (parsed from `source`) unless it is a well-typed condition over `columns`."""
-    _Checker(columns, source).expect(node, Type.BOOLEAN, "a rule's \"when\"")
+def check(node: Node, *, columns: Collection[str], source: str, lists: Mapping[str, str] | None = None) -> None:
+    """Refuse `node` (parsed from `source`) unless it is a well-typed condition over `columns` and
+    `lists` (a named list's name → its kind: one of IDENTIFIERS, or a column such as merchant_category)."""
+    _Checker(columns, source, lists or {}).expect(node, Type.BOOLEAN, "a rule's \"when\"")
 
 
 def _suggest(name: str, choices: Collection[str]) -> str:
@@ -38,14 +42,15 @@ def _suggest(name: str, choices: Collection[str]) -> str:
 
 
 class _Checker:
-    __slots__ = ("columns", "source")
+    __slots__ = ("columns", "lists", "source")
 
-    def __init__(self, columns: Collection[str], source: str) -> None:
+    def __init__(self, columns: Collection[str], source: str, lists: Mapping[str, str]) -> None:
         self.columns = columns
         self.source = source
+        self.lists = lists
 
-    def error(self, message: str, node: Node) -> ExpressionError:
-        return ExpressionError(message, source=self.source, offset=node.offset)
+    def error(self, message: str, node: Node, *, offset: int | None = None) -> ExpressionError:
+        return ExpressionError(message, source=self.source, offset=node.offset if offset is None else offset)
 
     def expect(self, node: Node, wanted: Type, role: str) -> None:
         """Check `node` and that it is of type `wanted`, as `role` says it must be."""
@@ -62,6 +67,11 @@ class _Checker:
             if node.name not in self.columns:
                 raise self.error(f"unknown name {node.name!r}{_suggest(node.name, self.columns)} "
                                  "(expected a feature, 'amount' or 'fraud_probability'; see docs/features.md)", node)
+        elif isinstance(node, Identifier):
+            raise self.error(f"{node.kind!r} is an identifier, not a number: it can only be tested against a "
+                             f"named list of {node.kind} values, as in {node.kind} in @some_list", node)
+        elif isinstance(node, ListMember):
+            self.list_member(node)
         elif isinstance(node, Negate):
             self.expect(node.operand, Type.NUMBER, "the operand of unary '-'")
         elif isinstance(node, Arithmetic):
@@ -79,6 +89,23 @@ class _Checker:
         elif isinstance(node, Logic):
             self.expect(node.left, Type.BOOLEAN, f"the left operand of {node.op!r}")
             self.expect(node.right, Type.BOOLEAN, f"the right operand of {node.op!r}")
+
+    def list_member(self, node: ListMember) -> None:
+        kind = self.lists.get(node.list_name)
+        if kind is None:
+            known = ", ".join(f"@{n}" for n in sorted(self.lists)) or "none"
+            raise self.error(f"unknown list @{node.list_name}{_suggest(node.list_name, self.lists)} "
+                             f"(the lists defined in the file's \"lists\": {known})", node, offset=node.list_offset)
+        operand = node.operand
+        if isinstance(operand, Identifier):
+            if operand.kind != kind:
+                raise self.error(f"@{node.list_name} holds {kind} values; {operand.kind!r} cannot be in it "
+                                 f"(write {kind} in @{node.list_name})", operand)
+        elif kind in IDENTIFIERS:
+            raise self.error(f"@{node.list_name} holds {kind} identifiers: only {kind!r} can be tested "
+                             f"against it, as in {kind} in @{node.list_name}", operand)
+        else:
+            self.expect(operand, Type.NUMBER, f"the left side of {'not in' if node.negated else 'in'!r}")
 
     def call(self, node: Call) -> None:
         known = ", ".join(FUNCTIONS)

@@ -16,6 +16,7 @@ from core.rules_lang.errors import ExpressionError
 class Kind(Enum):
     NUMBER = "a number"
     NAME = "a name"
+    LIST = "a named list"
     OP = "an operator"
     KEYWORD = "a keyword"
     PUNCT = "punctuation"
@@ -33,6 +34,8 @@ class Token:
 
     def describe(self) -> str:
         """How an error message names this token."""
+        if self.kind is Kind.LIST:
+            return repr("@" + self.text)
         return "the end of the expression" if self.kind is Kind.END else repr(self.text)
 
 
@@ -41,6 +44,7 @@ _TOKEN = re.compile(r"""
     (?P<space>\s+)
   | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<list>@[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op><=|>=|==|!=|<|>|\+|-|\*|/)
   | (?P<punct>[(),{}\[\]])
 """, re.VERBOSE)
@@ -57,7 +61,8 @@ _REFUSED = {
     "&": "expected 'and'", "|": "expected 'or'", "~": "expected 'not'",
     "%": "the operators are + - * /", "^": "the operators are + - * /",
     ":": "expected an operator; lambdas, slices and annotations are not part of the language",
-    ";": "a rule is one expression", "#": "comments belong in the rule's \"note\"",
+    ";": "a rule is one expression",
+    "@": "expected a list's name right after '@', as in card in @blocked_cards", "#": "comments belong in the rule's \"note\"",
 }
 
 
@@ -82,6 +87,8 @@ def tokenize(source: str) -> list[Token]:
             tokens.append(Token(Kind.NUMBER, text, offset))
         elif kind == "name":
             tokens.append(Token(Kind.KEYWORD if text in KEYWORDS else Kind.NAME, text, offset))
+        elif kind == "list":
+            tokens.append(Token(Kind.LIST, text[1:], offset))
         elif kind == "op":
             tokens.append(Token(Kind.OP, text, offset))
         elif kind == "punct":

@@ -17,6 +17,7 @@ from typing import ClassVar
 class Type(Enum):
     NUMBER = "a number"
     BOOLEAN = "a condition (true or false)"
+    IDENTIFIER = "an identifier (tested only against a named list)"
 
 
 ARITHMETIC = ("+", "-", "*", "/")
@@ -24,6 +25,9 @@ COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 LOGIC = ("and", "or")
 # name: (fewest arguments, most arguments or None for any number).
 FUNCTIONS: dict[str, tuple[int, int | None]] = {"abs": (1, 1), "min": (2, None), "max": (2, None)}
+# Names that stand for a transaction's identifier (its keyed hash, or its country's code): they can only
+# be tested against a named list of the same kind. The order is the rows of the VM's `keys` matrix.
+IDENTIFIERS = ("card", "customer", "merchant", "device", "ip", "country")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,15 @@ class Name:
     name: str
     offset: int = field(default=0, compare=False)
     type: ClassVar[Type] = Type.NUMBER
+
+
+@dataclass(frozen=True, slots=True)
+class Identifier:
+    """One of IDENTIFIERS: the transaction's card, customer, … (never a number)."""
+
+    kind: str
+    offset: int = field(default=0, compare=False)
+    type: ClassVar[Type] = Type.IDENTIFIER
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +100,18 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class ListMember:
+    """`operand in @list` (or `not in` when negated): membership in a named list of the ruleset."""
+
+    operand: Node
+    list_name: str
+    negated: bool = False
+    offset: int = field(default=0, compare=False)
+    list_offset: int = field(default=0, compare=False)  # where "@list" starts, for errors
+    type: ClassVar[Type] = Type.BOOLEAN
+
+
+@dataclass(frozen=True, slots=True)
 class Not:
     operand: Node
     offset: int = field(default=0, compare=False)
@@ -102,7 +127,7 @@ class Logic:
     type: ClassVar[Type] = Type.BOOLEAN
 
 
-Node = Number | Name | Negate | Arithmetic | Call | Compare | Member | Not | Logic
+Node = Number | Name | Identifier | Negate | Arithmetic | Call | Compare | Member | ListMember | Not | Logic
 
 # Binding strength, loosest first (docs/rules.md): or < and < not < comparison/in < + - < * / < unary -.
 _STRENGTH = {"or": 1, "and": 2, "not": 3, "compare": 4, "+": 5, "-": 5, "*": 6, "/": 6, "negate": 7, "atom": 8}
@@ -113,7 +138,7 @@ def _strength(node: Node) -> int:
         return _STRENGTH[node.op]
     if isinstance(node, Not):
         return _STRENGTH["not"]
-    if isinstance(node, Compare | Member):
+    if isinstance(node, Compare | Member | ListMember):
         return _STRENGTH["compare"]
     if isinstance(node, Arithmetic):
         return _STRENGTH[node.op]
@@ -137,6 +162,10 @@ def render(node: Node) -> str:
         return _number(node.value)
     if isinstance(node, Name):
         return node.name
+    if isinstance(node, Identifier):
+        return node.kind
+    if isinstance(node, ListMember):
+        return f"{wrap(node.operand, _STRENGTH['+'])} {'not in' if node.negated else 'in'} @{node.list_name}"
     if isinstance(node, Negate):
         return "-" + wrap(node.operand, _STRENGTH["negate"])
     if isinstance(node, Call):

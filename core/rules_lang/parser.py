@@ -5,12 +5,13 @@ Grammar, loosest binding first (one function per line below):
     expression := conjunction ("or" conjunction)*
     conjunction:= negation ("and" negation)*
     negation   := "not" negation | comparison
-    comparison := sum [("<" | "<=" | ">" | ">=" | "==" | "!=") sum | ["not"] "in" set]
+    comparison := sum [("<" | "<=" | ">" | ">=" | "==" | "!=") sum | ["not"] "in" (set | LIST)]
     sum        := product (("+" | "-") product)*
     product    := unary (("*" | "/") unary)*
     unary      := "-" unary | primary
-    primary    := NUMBER | NAME | NAME "(" [expression ("," expression)*] ")" | "(" expression ")"
+    primary    := NUMBER | IDENTIFIER | NAME | NAME "(" [expression ("," expression)*] ")" | "(" expression ")"
     set        := "{" [member ("," member)*] "}" | "[" … "]"        member := ["-"] NUMBER
+    LIST       := "@" NAME (a named list of the ruleset)      IDENTIFIER := one of nodes.IDENTIFIERS
 
 Comparisons do not chain: `a < b < c` is refused (Python reads it as `a < b and b < c`, most other
 languages as `(a < b) < c`; an analyst should write what they mean). Syntax only: names, functions
@@ -23,9 +24,12 @@ from core.rules_lang.errors import ExpressionError
 from core.rules_lang.lexer import Kind, Token, tokenize
 from core.rules_lang.nodes import (
     COMPARISONS,
+    IDENTIFIERS,
     Arithmetic,
     Call,
     Compare,
+    Identifier,
+    ListMember,
     Logic,
     Member,
     Name,
@@ -133,17 +137,24 @@ class _Parser:
             node = Compare(token.text, left, self.sum(), left.offset)
         elif self.at("in"):
             self.advance()
-            node = Member(left, self.set(), False, left.offset)
+            node = self.membership(left, negated=False)
         elif self.at("not") and self.tokens[self.position + 1].text == "in":
             self.advance()
             self.advance()
-            node = Member(left, self.set(), True, left.offset)
+            node = self.membership(left, negated=True)
         else:
             return left
         if self.at(*COMPARISONS, "in") or (self.at("not") and self.tokens[self.position + 1].text == "in"):
             raise self.error(f"comparisons do not chain: write 'a < b and b < c', not 'a < b < c' "
                              f"(got {self.peek().describe()} after a comparison)")
         return node
+
+    def membership(self, left: Node, *, negated: bool) -> Node:
+        token = self.peek()
+        if token.kind is Kind.LIST:
+            self.advance()
+            return ListMember(left, token.text, negated, left.offset, token.offset)
+        return Member(left, self.set(), negated, left.offset)
 
     def sum(self) -> Node:
         node = self.product()
@@ -180,6 +191,8 @@ class _Parser:
             return Number(float(token.text), token.offset)
         if token.kind is Kind.NAME:
             self.advance()
+            if token.text in IDENTIFIERS and not self.at("("):
+                return Identifier(token.text, token.offset)
             if not self.at("("):
                 return Name(token.text, token.offset)
             self.advance()
@@ -198,13 +211,16 @@ class _Parser:
             return node
         if self.at("{", "["):
             raise self.error("a set of values only follows 'in' or 'not in'")
+        if token.kind is Kind.LIST:
+            raise self.error("a named list only follows 'in' or 'not in', as in card in @blocked_cards")
         what = "nothing" if token.kind is Kind.END else token.describe()
         raise self.error(f"expected a number, a name, '-', 'not' or '(', got {what}")
 
     def set(self) -> tuple[float, ...]:
         opening = self.peek()
         if not self.at("{", "["):
-            raise self.error(f"expected a set of numbers such as {{1, 2, 3}} after 'in', got {opening.describe()}")
+            raise self.error(f"expected a set of numbers such as {{1, 2, 3}} after 'in', got {opening.describe()} "
+                             "(or a named list, such as @blocked_cards)")
         self.advance()
         closing = "}" if opening.text == "{" else "]"
         members: list[float] = []

@@ -7,6 +7,7 @@ row by row, rule by rule:
     program[k] = (opcode, a, b, c)      one instruction; a, b, c as each opcode below says
     rule_start[r] .. rule_start[r + 1]  the instructions of rule r; it hits if they leave true on the stack
     constants                           literals, and the members of each set: sorted, unique, no NaN
+    key_members                         uint64 members of each named identifier list: sorted, unique, no 0
     depth                               the deepest the stack gets (computed by the compiler)
 
 Values on the stack are float64; a condition is 1.0 (true) or 0.0 (false). `and` / `or` jump
@@ -17,7 +18,9 @@ commonest shape, is one fused instruction.
 Semantics (docs/rules.md): a comparison or membership test with a NaN operand is false (even
 `!=` and `not in`); arithmetic is IEEE (NaN propagates, x/0 is ±inf, 0/0 is NaN); min and max are
 NaN when any argument is. An absent column (no features, or no fraud_probability in fallback)
-reads as NaN.
+reads as NaN. An identifier (keys[k, i], a keyed hash or a country code + 1) is 0 when unknown, and
+an unknown identifier is in no list and "not in" none either: like NaN, false both ways. Without
+keys (has_keys false) every identifier is unknown.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ LT, LE, GT, GE, EQ, NE = 11, 12, 13, 14, 15, 16
 IN, NOT_IN = 17, 18  # is the top one of constants[a:b]
 AND_JUMP = 19        # top false: jump to a, keeping it; else pop it
 OR_JUMP = 20         # top true: jump to a, keeping it; else pop it
+KEY_IN, KEY_NOT_IN = 21, 22  # push (keys row a) [not] in key_members[b:c]; false for an unknown (0) key
 # Opcodes from COMPARE_COLUMN up read a column; keep them last.
-COMPARE_COLUMN = 21  # push (column a) <op c> constants[b], c one of LT..NE
-IN_COLUMN, NOT_IN_COLUMN = 22, 23  # push (column a) [not] in constants[b:c]
+COMPARE_COLUMN = 23  # push (column a) <op c> constants[b], c one of LT..NE
+IN_COLUMN, NOT_IN_COLUMN = 24, 25  # push (column a) [not] in constants[b:c]
 
 # Columns that are not a feature (a feature is its index in FEATURE_NAMES, >= 0).
 AMOUNT_COLUMN = -1
@@ -69,6 +73,19 @@ def _in_set(x, constants, lo, hi):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _in_keys(x, members, lo, hi):  # type: ignore[no-untyped-def]
+    """Is the key x one of the sorted, unique members[lo:hi]? (binary search: lists run long)"""
+    end = hi
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if members[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < end and members[lo] == x
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _compare(op, x, y):  # type: ignore[no-untyped-def]
     """x <op> y, false when either is NaN (x != x only for NaN)."""
     if x != x or y != y:
@@ -88,12 +105,13 @@ def _compare(op, x, y):  # type: ignore[no-untyped-def]
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def evaluate(features, has_features, amount, probability, has_probability,  # type: ignore[no-untyped-def]
-             program, rule_start, constants, depth):
+             keys, has_keys, program, rule_start, constants, key_members, depth):
     """hits[i, r]: rule r's program leaves true for transaction i.
 
     features: (n, F) float64, read only if has_features (else every feature is NaN); amount: (n,)
-    float64; probability: (n,) float64, read only if has_probability. error_model="numpy" makes
-    x/0 give ±inf or NaN, as IEEE says, instead of raising.
+    float64; probability: (n,) float64, read only if has_probability; keys: (IDENTIFIERS, n)
+    uint64, read only if has_keys. error_model="numpy" makes x/0 give ±inf or NaN, as IEEE says,
+    instead of raising.
     """
     n = amount.shape[0]
     rules = rule_start.shape[0] - 1
@@ -139,6 +157,11 @@ def evaluate(features, has_features, amount, probability, has_probability,  # ty
                     x = stack[sp - 1]
                     found = x == x and _in_set(x, constants, a, program[pc, 2])
                     stack[sp - 1] = 1.0 if x == x and found == (op == IN) else 0.0
+                elif op == KEY_IN or op == KEY_NOT_IN:  # noqa: SIM109 (two compares: no tuple in the hot loop)
+                    key = keys[a, i] if has_keys else np.uint64(0)
+                    found = key != 0 and _in_keys(key, key_members, program[pc, 2], program[pc, 3])
+                    stack[sp] = 1.0 if key != 0 and found == (op == KEY_IN) else 0.0
+                    sp += 1
                 elif op == NOT:
                     stack[sp - 1] = 1.0 if stack[sp - 1] == 0.0 else 0.0
                 elif op == NEG:
