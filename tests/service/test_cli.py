@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,3 +98,49 @@ def test_rules_check_refuses_a_bad_file_with_exit_2_naming_the_rule(tmp_path: Pa
     assert "rule 'velocity', condition 0: unknown field 'card_count'" in out.stderr
     missing = fraudscore("rules", "check", str(tmp_path / "absent.json"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_backtest_prints_a_row_per_rule_and_writes_the_table(tmp_path: Path) -> None:
+    from core.backtest import backtest
+    from core.history import write_history
+    from core.rules import load_ruleset
+    from core.simulate import simulate
+
+    data, rules, table = tmp_path / "history.csv", tmp_path / "rules.json", tmp_path / "backtest.csv"
+    write_history(simulate(num_days=3, num_cards=300, num_merchants=70, seed=5), data)
+    fallback = [{"name": "big_amount", "when": "amount > 300", "action": "DECLINE"},
+                {"name": "busy_card", "when": "card_txn_count_1h >= 3", "action": "REVIEW", "mode": "shadow"}]
+    rules.write_text(f'{{"version": "bt-1", "fallback": {{"rules": {json.dumps(fallback)}}}}}')
+    out = fraudscore("backtest", "--rules", str(rules), "--data", str(data), "--out", str(table))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"backtest of {rules} (version bt-1) on {data}, no model: the fallback rules"
+    assert lines[1].split() == ["rule", "mode", "action", "hits", "hit", "rate", "precision", "recall",
+                                "decisions", "changed", "(rule", "on", "vs", "off)"]
+    big = next(r for r in backtest(read_history(data), load_ruleset(rules)).rules if r.name == "big_amount")
+    row = next(line for line in lines if line.startswith("big_amount"))
+    assert row.split()[:5] == ["big_amount", "enforce", "DECLINE", str(big.hits), f"{100 * big.hit_rate:.2f}"]
+    assert row.endswith(f"APPROVE→DECLINE {big.hits}")  # nothing else decides in this fallback
+    assert lines[-1] == f"wrote the per-rule table to {table}"
+    written = read_table_csv(table)
+    assert written["rule"] == ["big_amount", "busy_card"] and written["hits"][0] == big.hits
+
+
+def read_table_csv(path: Path) -> dict[str, list[object]]:
+    import pyarrow.csv as pa_csv
+
+    result: dict[str, list[object]] = pa_csv.read_csv(path).to_pydict()
+    return result
+
+
+def test_backtest_refuses_a_bad_rules_file_and_an_unlabelled_history_with_exit_2(tmp_path: Path) -> None:
+    bad, data = tmp_path / "rules.json", tmp_path / "history.csv"
+    bad.write_text('{"rules": [{"name": "r1", "when": "amount >", "action": "DECLINE"}]}')
+    out = fraudscore("backtest", "--rules", str(bad), "--data", str(data))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"fraudscore backtest: cannot load rules {bad}: rule 'r1'")
+    data.write_text("transaction_id,card_id,merchant_id,amount_minor,currency,event_time_ms\n"
+                    "t1,c1,m1,1000,USD,1767225600000\n")
+    out = fraudscore("backtest", "--rules", "service/defaults/rules.json", "--data", str(data))
+    assert out.returncode == 2
+    assert "column 'is_fraud': no transaction is labelled fraud" in out.stderr
