@@ -73,7 +73,8 @@ def _rules_check(args: argparse.Namespace) -> int:
     """Validate a rules file as the server would load it; summarise it. Exit 2 if refused."""
     from collections import Counter
 
-    from core.rules import Rule, load_ruleset
+    from core.rules import Rule
+    from core.rules_file import load_ruleset
 
     ruleset = load_ruleset(args.file)  # RulesLoadError: main() prints it and exits 2
 
@@ -166,7 +167,7 @@ def _backtest(args: argparse.Namespace) -> int:
     from core.backtest import backtest, report_columns
     from core.history import read_history, write_table
     from core.model import load_model_dir
-    from core.rules import load_ruleset
+    from core.rules_file import load_ruleset
 
     ruleset = load_ruleset(args.rules)  # a bad file fails before the (slower) history is read
     model = load_model_dir(args.model) if args.model is not None else None

@@ -31,7 +31,8 @@ from pathlib import Path
 from core.encode import KeyHasher
 from core.errors import RulesLoadError
 from core.features import FEATURE_SET_VERSION
-from core.rules import Ruleset, load_ruleset, parse_ruleset
+from core.rules import Ruleset
+from core.rules_file import load_ruleset, parse_ruleset
 from core.scoring import Scorer
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up

@@ -16,7 +16,8 @@ from core.features import FEATURE_NAMES
 from core.history import History
 from core.model import load_model_dir
 from core.replay import replay_features
-from core.rules import Decision, Ruleset, parse_ruleset
+from core.rules import Decision, Ruleset
+from core.rules_file import parse_ruleset
 from core.scoring import Scorer, Source
 from core.simulate import simulate
 

@@ -16,7 +16,8 @@ from core.encode import KeyHasher, country_code
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES
 from core.named_lists import load_lists
-from core.rules import Decision, Rule, RuleSet, Ruleset, load_ruleset, parse_ruleset
+from core.rules import Decision, Rule, RuleSet, Ruleset
+from core.rules_file import load_ruleset, parse_ruleset
 from core.rules_lang import ExpressionError, NamedList, parse_condition, render
 from core.rules_lang.interpret import interpret
 from core.rules_lang.nodes import IDENTIFIERS, Identifier, ListMember, Logic, Node, Not

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES
-from core.rules import Condition, Decision, Rule, RuleHits, RuleSet, load_ruleset, parse_ruleset
+from core.rules import Condition, Decision, Rule, RuleHits, RuleSet
+from core.rules_file import load_ruleset, parse_ruleset
 from core.rules_kernel import SCAN_MEMBERS
 
 FEW = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

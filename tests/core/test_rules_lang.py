@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES
-from core.rules import Decision, Rule, RuleSet, parse_ruleset
+from core.rules import Decision, Rule, RuleSet
+from core.rules_file import parse_ruleset
 from core.rules_lang import ExpressionError, parse_condition, render
 from core.rules_lang.interpret import interpret
 from core.rules_lang.nodes import Arithmetic, Call, Compare, Logic, Member, Name, Negate, Node, Not, Number

@@ -19,7 +19,8 @@ from core.history import History
 from core.model import LoadedModel, Thresholds, load_model_dir
 from core.reasons import REASON_CODES, REASON_OF_FEATURE
 from core.replay import replay_features
-from core.rules import Decision, Ruleset, parse_ruleset
+from core.rules import Decision, Ruleset
+from core.rules_file import parse_ruleset
 from core.scoring import Scorer, Source, risk_score
 
 MODEL_CODES = {r.code for r in REASON_CODES}

@@ -103,7 +103,7 @@ def test_rules_check_refuses_a_bad_file_with_exit_2_naming_the_rule(tmp_path: Pa
 def test_backtest_prints_a_row_per_rule_and_writes_the_table(tmp_path: Path) -> None:
     from core.backtest import backtest
     from core.history import write_history
-    from core.rules import load_ruleset
+    from core.rules_file import load_ruleset
     from core.simulate import simulate
 
     data, rules, table = tmp_path / "history.csv", tmp_path / "rules.json", tmp_path / "backtest.csv"

@@ -10,7 +10,8 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import KeyHasher
 from core.features import EntityState, FeatureEngine
-from core.rules import Decision, parse_ruleset
+from core.rules import Decision
+from core.rules_file import parse_ruleset
 from core.scoring import Scorer
 from service.batcher import Item
 from service.metrics import Metrics
