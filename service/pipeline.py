@@ -80,7 +80,8 @@ class Pipeline:
 
     def _score(self, batch: EncodedBatch, scorer: Scorer) -> tuple[ScoredBatch, str]:
         features: np.ndarray | None = None
-        keys = identifier_keys(batch)  # for named lists (`card in @blocked_cards`)
+        # For named lists (`card in @blocked_cards`); ~4 µs a batch, so only when the rules use any.
+        keys = identifier_keys(batch) if scorer.ruleset.lists else None
         try:
             features = self.engine.compute(batch)
             if scorer.model is None:
