@@ -23,7 +23,7 @@ from core.replay import encode_history, replay_features
 from core.simulate import simulate
 
 BATCH_SIZES = (1, 8, 64, 256, 1024)
-PARTS = ("features", "forest", "serve")
+PARTS = ("features", "rules", "forest", "serve")
 # A random model as large as the issue asks for: 500 trees of up to 63 leaves over 30 features,
 # trained on 20,000 rows with 5% NaN.
 RANDOM_TREES, RANDOM_LEAVES, RANDOM_FEATURES, RANDOM_ROWS, RANDOM_NAN, RANDOM_SEED = 500, 63, 30, 20_000, 0.05, 11
@@ -221,12 +221,51 @@ def bench_features(history: Any, *, rounds: int = 3) -> list[str]:
     return lines
 
 
+GENERATED_RULES = 50  # a ruleset as large as a fraud team's after a year of attacks
+
+
+def bench_rules(history: Any, X: Rows) -> list[str]:
+    """Rules per transaction and per rule: the packaged rules, and 50 generated expression rules."""
+    import orjson
+
+    from core.encode import amount_major
+    from core.rules_file import parse_ruleset
+    from service.reload import load_rules
+
+    amount = amount_major(history.amount_minor, history.currency)[: X.shape[0]]
+    p = np.linspace(0.0, 1.0, X.shape[0])
+    generated = parse_ruleset(orjson.dumps({"version": "bench", "rules": [
+        {"name": f"r{k}", "action": "REVIEW" if k % 2 else "DECLINE",
+         "when": f"card_txn_count_1h > {1 + k % 7} and amount > {10 * k} or "
+                 f"merchant_category in {{5967, 7995, {5000 + k}}} and fraud_probability > 0.{k % 9 + 1}"}
+        for k in range(GENERATED_RULES)]}))
+    lines = ["rules, evaluate + decide over replayed features (µs; per transaction per rule at batch 256):"]
+    for title, rules in (("packaged rules", load_rules(None).rules), (f"{GENERATED_RULES} generated rules",
+                                                                      generated.rules)):
+        per_batch: dict[int, float] = {}
+        for n in (1, 256):
+            rows, amt, prob = np.ascontiguousarray(X[:n]), amount[:n], p[:n]
+            base = np.ones(n, dtype=np.int8)
+
+            def call(rules: Any = rules, rows: Rows = rows, amt: Any = amt, prob: Any = prob,
+                     base: Any = base) -> object:
+                return rules.evaluate(rows, amt, prob).decide(base)
+
+            per_batch[n] = _best_us(call, repeats=5)
+        count = len(rules.rules)
+        lines.append(f"  {title} ({count}): batch 1 {per_batch[1]:.1f} µs, batch 256 {per_batch[256]:.1f} µs = "
+                     f"{1e3 * per_batch[256] / 256 / count:.1f} ns per transaction per rule")
+    return lines
+
+
 def main(model_dir: Path, parts: Sequence[str] = PARTS) -> int:
     """Run the named parts (all by default) and print their tables."""
     history, X = replayed_rows()
     lines: list[str] = []
     if "features" in parts:
         lines += bench_features(history)
+    if "rules" in parts:
+        lines += bench_rules(history, X)
     if "forest" in parts:
         lines += bench_forest(model_dir, X)
     if "serve" in parts:

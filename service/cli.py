@@ -281,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     bt.set_defaults(run=_backtest)
 
     b = sub.add_parser("bench", help="features, forest (against LightGBM) and serving (against bare gRPC), as ratios")
-    b.add_argument("part", nargs="?", choices=("features", "forest", "serve"),
+    b.add_argument("part", nargs="?", choices=("features", "rules", "forest", "serve"),
                    help="run only this part (default: all)")
     b.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
     b.set_defaults(run=_bench)

@@ -144,3 +144,10 @@ def test_backtest_refuses_a_bad_rules_file_and_an_unlabelled_history_with_exit_2
     out = fraudscore("backtest", "--rules", "service/defaults/rules.json", "--data", str(data))
     assert out.returncode == 2
     assert "column 'is_fraud': no transaction is labelled fraud" in out.stderr
+
+
+def test_bench_rules_prints_cost_per_transaction_per_rule(model_dir: Path) -> None:
+    out = fraudscore("bench", "rules", "--model", str(model_dir))
+    assert out.returncode == 0, out.stderr
+    assert "packaged rules" in out.stdout and "generated rules (50)" in out.stdout
+    assert "ns per transaction per rule" in out.stdout
