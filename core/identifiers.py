@@ -5,7 +5,7 @@ Card numbers never enter fraudscore; `card_id` is a token or keyed hash made ups
 
 from __future__ import annotations
 
-_PAN_SEPARATORS = str.maketrans("", "", " -._/")
+_PAN_SEPARATORS = str.maketrans("", "", " -._/\t\n\r\u00a0")  # whatever a person or a spreadsheet puts between digits
 
 
 def luhn_ok(digits: str) -> bool:
@@ -22,7 +22,7 @@ def luhn_ok(digits: str) -> bool:
 
 
 def looks_like_pan(value: str) -> bool:
-    """True for 13–19 digits (spaces, dashes, dots, underscores, slashes ignored) passing the Luhn check."""
+    """True for 13–19 digits (spaces, tabs, dashes, dots, underscores, slashes ignored) passing the Luhn check."""
     if len(value) < 13:  # every call on the serving path: most tokens are shorter than any PAN
         return False
     digits = value.translate(_PAN_SEPARATORS)

@@ -68,7 +68,7 @@ def load_lists(raw: Any, *, base_dir: Path,
             raw_values = spec["values"]
             if not isinstance(raw_values, list) or not all(isinstance(v, str) for v in raw_values):
                 raise ValueError(f"{where}: \"values\" must be a list of strings")
-            values = [(f"value {i}", v) for i, v in enumerate(raw_values)]
+            values = [(f"value {i}", v.strip()) for i, v in enumerate(raw_values)]  # as file lines are
         lists[name] = NamedList(name, kind, _encode(values, kind, where, hasher))
     return lists, tuple(files)
 

@@ -47,7 +47,7 @@ _TOKEN = re.compile(r"""
   | (?P<list>@[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op><=|>=|==|!=|<|>|\+|-|\*|/)
   | (?P<punct>[(),{}\[\]])
-""", re.VERBOSE)
+""", re.VERBOSE | re.ASCII)  # ASCII: "١٢" is not 12, a no-break space is not a space
 
 # Characters people will try, and why each is refused.
 _REFUSED = {

@@ -20,6 +20,8 @@ and types are the checker's business, so that each error names the first problem
 
 from __future__ import annotations
 
+import math
+
 from core.rules_lang.errors import ExpressionError
 from core.rules_lang.lexer import Kind, Token, tokenize
 from core.rules_lang.nodes import (
@@ -41,6 +43,9 @@ from core.rules_lang.nodes import (
 
 # Deep enough for any rule a person writes; shallow enough that Python's own stack never overflows.
 MAX_DEPTH = 64
+# A chain `a or b or c …` nests as deep as it is long in the tree the checker and compiler walk:
+# ~500 links overflowed Python's stack there. A longer rule belongs in a set or a named list.
+MAX_OPERATORS = 256
 
 
 def parse(source: str) -> Node:
@@ -49,13 +54,14 @@ def parse(source: str) -> Node:
 
 
 class _Parser:
-    __slots__ = ("depth", "position", "source", "tokens")
+    __slots__ = ("depth", "operators", "position", "source", "tokens")
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.tokens = tokenize(source)
         self.position = 0
         self.depth = 0
+        self.operators = 0
 
     # --- helpers ---
 
@@ -75,6 +81,19 @@ class _Parser:
     def error(self, message: str, token: Token | None = None) -> ExpressionError:
         token = token or self.peek()
         return ExpressionError(message, source=self.source, offset=token.offset)
+
+    def finite(self, token: Token) -> float:
+        value = float(token.text)
+        if not math.isfinite(value):
+            raise self.error(f"number {token.text} is too large for a float64", token)
+        return value
+
+    def chained(self, token: Token) -> None:
+        """Count one more binary operator; refuse a rule with too many."""
+        self.operators += 1
+        if self.operators > MAX_OPERATORS:
+            raise self.error(f"expression too long (more than {MAX_OPERATORS} operators); use a set "
+                             "(x in {1, 2, 3}) or a named list, or split the rule", token)
 
     def expect(self, text: str, why: str) -> Token:
         if not self.at(text):
@@ -105,7 +124,7 @@ class _Parser:
             raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
         node = self.conjunction()
         while self.at("or"):
-            self.advance()
+            self.chained(self.advance())
             node = Logic("or", node, self.conjunction(), node.offset)
         self.depth -= 1
         return node
@@ -113,7 +132,7 @@ class _Parser:
     def conjunction(self) -> Node:
         node = self.negation()
         while self.at("and"):
-            self.advance()
+            self.chained(self.advance())
             node = Logic("and", node, self.negation(), node.offset)
         return node
 
@@ -160,6 +179,7 @@ class _Parser:
         node = self.product()
         while self.at("+", "-"):
             token = self.advance()
+            self.chained(token)
             node = Arithmetic(token.text, node, self.product(), node.offset)
         return node
 
@@ -167,6 +187,7 @@ class _Parser:
         node = self.unary()
         while self.at("*", "/"):
             token = self.advance()
+            self.chained(token)
             node = Arithmetic(token.text, node, self.unary(), node.offset)
         return node
 
@@ -175,7 +196,7 @@ class _Parser:
             token = self.advance()
             if self.peek().kind is Kind.NUMBER:
                 # A negative literal is a constant, not an operation at run time.
-                return Number(-float(self.advance().text), token.offset)
+                return Number(-self.finite(self.advance()), token.offset)
             self.depth += 1
             if self.depth > MAX_DEPTH:
                 raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
@@ -188,7 +209,7 @@ class _Parser:
         token = self.peek()
         if token.kind is Kind.NUMBER:
             self.advance()
-            return Number(float(token.text), token.offset)
+            return Number(self.finite(token), token.offset)
         if token.kind is Kind.NAME:
             self.advance()
             if token.text in IDENTIFIERS and not self.at("("):
@@ -236,6 +257,6 @@ class _Parser:
                 unclosed = f" (the set at column {opening.offset + 1} is not closed)" if token.kind is Kind.END else ""
                 raise self.error(f"a set holds number literals only; got {token.describe()}{unclosed}")
             self.advance()
-            members.append(sign * float(token.text))
+            members.append(sign * self.finite(token))
         self.advance()
         return tuple(members)

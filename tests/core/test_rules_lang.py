@@ -314,3 +314,18 @@ def test_parse_refuses_what_the_checker_would_never_see() -> None:
     # Syntax first, then names: the first problem from the left is reported.
     with pytest.raises(ExpressionError, match="column 10: expected a number"):
         parse("nothing >")
+
+
+def test_a_very_long_chain_is_refused_at_load_not_a_crash() -> None:
+    # ~500 `or` links once overflowed Python's stack in the checker: refuse long rules cleanly.
+    long_rule = " or ".join(f"amount == {k}" for k in range(600))
+    with pytest.raises(RulesLoadError, match="too long"):
+        parse_ruleset(orjson.dumps({"rules": [{"name": "long", "when": long_rule, "action": "REVIEW"}]}))
+    fine = " or ".join(f"amount == {k}" for k in range(200))
+    assert len(parse_ruleset(orjson.dumps({"rules": [{"name": "ok", "when": fine, "action": "REVIEW"}]})).rules.rules) == 1
+
+
+@pytest.mark.parametrize("text", ["amount > 1e999", "amount in {1, 1e400}", "amount > -1e999", "amount > ١٢"])
+def test_non_finite_literals_and_non_ascii_digits_are_refused(text: str) -> None:
+    with pytest.raises(RulesLoadError):
+        parse_ruleset(orjson.dumps({"rules": [{"name": "r", "when": text, "action": "REVIEW"}]}))
