@@ -30,7 +30,7 @@ from service.idempotency import IdempotencyCache, Remembered
 from service.idempotency_store import RECORDS_FILE, load_records, save_records
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
-from service.reload import RulesReloader, load_rules, loaded_stamp, rules_stamp
+from service.reload import Reloader, load_rules, loaded_stamp, model_stamp, rules_stamp
 
 log = logging.getLogger("fraudscore.app")
 SNAPSHOT_FILE = "state.npz"
@@ -119,15 +119,17 @@ class App:
         ruleset = load_rules(settings.rules_file, hasher=self.hasher)
         if rules_seen is not None:
             rules_seen = loaded_stamp(rules_seen, ruleset)
+        model_seen = model_stamp(settings.model_dir) if settings.model_dir is not None else None
         model, reason = load_model(settings.model_dir)
         self.engine = FeatureEngine(restore_state(settings))
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
                                  hasher=self.hasher, metrics=self.metrics,
                                  fault_injection=settings.fault_injection, fallback_reason=reason)
-        self.reloader = RulesReloader(settings.rules_file, rules_seen, pipeline=self.pipeline, hasher=self.hasher,
-                                      metrics=self.metrics, interval_s=settings.rules_reload_s,
-                                      reasons_method=settings.reasons_method)
+        self.reloader = Reloader(settings.rules_file, rules_seen, pipeline=self.pipeline, hasher=self.hasher,
+                                 metrics=self.metrics, interval_s=settings.rules_reload_s,
+                                 reasons_method=settings.reasons_method, model_dir=settings.model_dir,
+                                 model_seen=model_seen, model_interval_s=settings.model_reload_s)
         # Answers are kept serialized (as the records file holds them): a compacted entry is then
         # plain data that the garbage collector does not walk (service/idempotency.py).
         self.idempotency: IdempotencyCache[pb.ScoreResponse, bytes] = IdempotencyCache(
@@ -160,7 +162,7 @@ class App:
 
     @property
     def scorer(self) -> Scorer:
-        """The scorer in use now: a rules reload swaps it whole (service/reload.py)."""
+        """The scorer in use now: a rules or model reload swaps it whole (service/reload.py)."""
         return self.pipeline.scorer
 
     @property

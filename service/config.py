@@ -37,6 +37,10 @@ class Settings:
     """Seconds between checks of the rules file for a change (its content, so a Kubernetes
     ConfigMap's symlink swap counts); a changed file is validated and swapped in, an invalid
     one refused. 0: only on SIGHUP. docs/rules.md, "Changing rules in production"."""
+    model_reload_s: float = 5.0
+    """Seconds between checks of the model directory's manifest.json and model.txt for a change
+    (their content); a changed model is loaded, checked, warmed and swapped in between batches,
+    one that cannot be used refused. 0: only on SIGHUP (which reloads the rules too)."""
     state_dir: Path | None = Path("state")
     """Where entity state is snapshotted and restored. Unset: state lives in memory only."""
     snapshot_interval_s: float = 300.0
@@ -114,6 +118,7 @@ class Settings:
         need(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535")
         need(self.budget_ms > 0, "budget_ms", "must be > 0")
         need(self.rules_reload_s >= 0, "rules_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
+        need(self.model_reload_s >= 0, "model_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         need(1 <= self.max_batch <= 65536, "max_batch", "must be 1..65536")
         need(self.max_wait_us >= 0, "max_wait_us", "must be ≥ 0")
         need(self.max_queue >= self.max_batch, "max_queue", "must be ≥ max_batch")

@@ -60,6 +60,8 @@ class Metrics:
                                  "answer's final decision", ["rule", "mode", "decision"], registry=r)
         self.rules_reloads = Counter("fraudscore_rules_reloads", "Rules reloads, by result (ok, refused)",
                                      ["result"], registry=r)
+        self.model_reloads = Counter("fraudscore_model_reloads", "Model reloads, by result (ok, refused)",
+                                     ["result"], registry=r)
         self.idempotent_replays = Counter("fraudscore_idempotent_replays",
                                           "Calls answered from an earlier identical call", registry=r)
         self.outcomes = Counter("fraudscore_outcomes", "Outcome reports recorded, by outcome", ["outcome"], registry=r)

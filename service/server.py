@@ -3,7 +3,7 @@
 Start-up: load rules, model and state → bind the port with health NOT_SERVING →
 compile and warm the kernels on the pipeline thread → SERVING. SIGTERM or SIGINT:
 NOT_SERVING → stop taking calls → finish in-flight work within the grace → final
-state snapshot → exit 0. SIGHUP: reload the rules file (service/reload.py).
+state snapshot → exit 0. SIGHUP: reload the rules file and the model directory (service/reload.py).
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)  # reload the rules (service/reload.py)
+    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)  # reload rules and model (service/reload.py)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as executor:
         await app.start(executor)
         _tune_gc()

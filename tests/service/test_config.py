@@ -39,6 +39,7 @@ def test_settings_are_frozen() -> None:
     ({"FRAUDSCORE_MAX_QUEUE": "1"}, "FRAUDSCORE_MAX_QUEUE"),
     ({"FRAUDSCORE_FAULT_INJECTION": "explode"}, "FRAUDSCORE_FAULT_INJECTION"),
     ({"FRAUDSCORE_RULES_RELOAD_S": "-1"}, "FRAUDSCORE_RULES_RELOAD_S: must be ≥ 0"),
+    ({"FRAUDSCORE_MODEL_RELOAD_S": "-1"}, "FRAUDSCORE_MODEL_RELOAD_S: must be ≥ 0"),
 ])
 def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
