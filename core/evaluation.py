@@ -63,3 +63,16 @@ def threshold_at_fpr(y: np.ndarray, score: np.ndarray, fpr: float) -> float:
     # Flag strictly above the (allowed+1)-th highest legitimate score.
     kth = legit[legit.size - allowed - 1]
     return float(np.nextafter(kth, np.inf))
+
+
+def precision_recall_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, threshold) at each distinct score, highest threshold first (`score >= t` flags).
+
+    The points `average_precision` sums over; empty arrays when there is no fraud.
+    """
+    pos = float(np.sum(y))
+    if pos == 0 or score.size == 0:
+        empty = np.empty(0, dtype=np.float64)
+        return empty, empty, empty
+    tp, fp, thresholds = _sorted_counts(y, score)
+    return tp / (tp + fp), tp / pos, thresholds.astype(np.float64)

@@ -3,6 +3,8 @@
     models/default/
       model.txt       LightGBM text model (evaluated by core.forest, never by lightgbm when serving)
       manifest.json   feature names and feature-set version, thresholds, training window, metrics
+      report.md, metrics.json, pr_curve.png, score_histogram.png
+                      the validation period's report, for people (core/report.py; never read here)
 """
 
 from __future__ import annotations

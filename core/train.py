@@ -1,6 +1,7 @@
 """Training: history → replayed features → LightGBM with a time-based split → model directory.
 
-Offline only: this is the one module that imports lightgbm (and tqdm for the progress bar).
+Offline only: lightgbm (and tqdm for the progress bar) are imported inside `train`; the
+report it writes (core/report.py) imports matplotlib likewise.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import orjson
 from core.evaluation import average_precision, recall_at_fpr, roc_auc, threshold_at_fpr
 from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURE_SET_VERSION
 from core.history import History
-from core.model import MANIFEST_FILE, MODEL_FILE
+from core.model import MANIFEST_FILE, MODEL_FILE, Thresholds
 from core.replay import replay_features
+from core.report import gain_importance, write_report
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,4 +145,7 @@ def train(
         "created_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
     }
     (out_dir / MANIFEST_FILE).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    write_report(out_dir, yv, p_valid, t[valid_idx], thresholds=Thresholds(review=review, decline=decline),
+                 model_version=model_version, data="the validation period (held out from training)",
+                 feature_importance=gain_importance(booster, iteration=booster.best_iteration))
     return TrainResult(out_dir=out_dir, model_version=model_version, metrics=metrics, thresholds=thresholds)

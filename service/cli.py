@@ -1,4 +1,4 @@
-"""`fraudscore` command line: serve, warm, health, rules check, simulate, train, replay, backtest, bench.
+"""`fraudscore` command line: serve, warm, health, rules check, simulate, train, replay, evaluate, backtest, bench.
 
 Each `serve` flag is also a `FRAUDSCORE_*` environment variable (flags win).
 Training imports stay inside their commands so `serve` never loads training libraries.
@@ -160,6 +160,39 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Score a labelled history with a model directory and write the report training writes."""
+    from tqdm import tqdm
+
+    from core.errors import DataError
+    from core.history import read_history
+    from core.model import MODEL_FILE, load_model_dir
+    from core.replay import replay_features
+    from core.report import REPORT_FILE, model_file_importance, write_report
+
+    model = load_model_dir(args.model)  # a bad directory fails before the (slower) history is read
+    history = read_history(args.data)
+    if not history.is_fraud.any():
+        raise DataError(str(args.data), "no transaction is labelled fraud (is_fraud = 1), so the metrics mean "
+                        "nothing; evaluate on a labelled history", column="is_fraud")
+    stem = Path(args.data.name.removesuffix(".gz")).stem
+    out = args.out if args.out is not None else args.model / f"evaluation-{stem}"
+    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
+    # The features as `replay` computes them, the probabilities as the server's forest does.
+    with tqdm(total=len(history), desc="evaluate", unit="txn", mininterval=0.5, disable=None) as bar:
+        features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=bar.update)
+    probability = model.forest.predict(features)
+    metrics = write_report(out, history.is_fraud, probability, history.event_time_ms, thresholds=model.thresholds,
+                           model_version=model.version, data=str(args.data),
+                           feature_importance=model_file_importance(args.model / MODEL_FILE))
+    print(f"evaluated model {model.version} on {len(history)} transactions ({metrics['fraud']} fraud) "
+          f"from {args.data}")
+    for name in ("roc_auc", "average_precision", "recall_at_fpr_0.1%", "recall_at_fpr_1%"):
+        print(f"  {name:22s} {metrics[name]:.4f}")
+    print(f"report: {out / REPORT_FILE}")
+    return 0
+
+
 def _backtest(args: argparse.Namespace) -> int:
     """Backtest a rules file on a labelled history; print one row per rule and the totals."""
     from tqdm import tqdm
@@ -267,6 +300,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--reasons-method", choices=("path", "shap"), default="path",
                    help="how model reasons are attributed; use the server's FRAUDSCORE_REASONS_METHOD (default: path)")
     r.set_defaults(run=_replay)
+
+    e = sub.add_parser("evaluate", help="score a labelled history with a model and write the report training "
+                                        "writes (metrics, operating points, top-k per day, plots)")
+    e.add_argument("--model", type=Path, required=True, help="model directory")
+    e.add_argument("--data", type=Path, required=True, help="labelled history (is_fraud), .csv or .parquet")
+    e.add_argument("--out", type=Path,
+                   help="report directory (default: <model>/evaluation-<data file name without extension>)")
+    e.add_argument("--label-delay-hours", type=float,
+                   help="fraud labels feed the features this long after the transaction at the earliest")
+    e.set_defaults(run=_evaluate)
 
     bt = sub.add_parser("backtest", help="replay a labelled history and report, per rule: hits, hit rate, "
                                          "precision, recall and the decisions it would change")

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.evaluation import average_precision, recall_at_fpr, roc_auc, threshold_at_fpr
+from core.evaluation import (
+    average_precision,
+    precision_recall_curve,
+    recall_at_fpr,
+    roc_auc,
+    threshold_at_fpr,
+)
 
 FEW = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -204,3 +210,20 @@ def test_ranking_metrics_are_nan_when_one_class_is_missing(label: int) -> None:
     else:
         # All fraud: every threshold has precision 1; average precision is well defined.
         assert average_precision(y, s) == 1.0
+
+
+@FEW
+@given(data=labelled())
+def test_precision_recall_curve_matches_flagging_at_each_distinct_score(data: tuple[np.ndarray, np.ndarray]) -> None:
+    y, s = data
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    assert thresholds.tolist() == sorted(set(s.tolist()), reverse=True)
+    pos = int(np.sum(y))
+    for p, r, t in zip(precision, recall, thresholds, strict=True):
+        tp, fp = _flags(y, s, float(t))
+        assert (p, r) == pytest.approx((tp / (tp + fp), tp / pos), abs=1e-12)
+
+
+def test_precision_recall_curve_without_fraud_is_empty() -> None:
+    precision, recall, thresholds = precision_recall_curve(np.zeros(3), np.array([0.1, 0.2, 0.3]))
+    assert precision.size == recall.size == thresholds.size == 0

@@ -151,3 +151,47 @@ def test_bench_rules_prints_cost_per_transaction_per_rule(model_dir: Path) -> No
     assert out.returncode == 0, out.stderr
     assert "packaged rules" in out.stdout and "generated rules (50)" in out.stdout
     assert "ns per transaction per rule" in out.stdout
+
+
+def test_evaluate_writes_the_training_report_for_a_labelled_history(tmp_path: Path, model_dir: Path) -> None:
+    import shutil
+
+    from core.evaluation import roc_auc
+    from core.history import write_history
+    from core.replay import replay_features
+    from core.simulate import simulate
+
+    model, data = tmp_path / "model", tmp_path / "later.csv"
+    shutil.copytree(model_dir, model)  # the default report folder goes inside the model directory
+    write_history(simulate(num_days=3, num_cards=150, num_merchants=68, seed=5, fraud_scale=5.0), data)
+    out = fraudscore("evaluate", "--model", str(model), "--data", str(data))
+    assert out.returncode == 0, out.stderr
+    report = model / "evaluation-later"
+    assert out.stdout.splitlines()[-1] == f"report: {report / 'report.md'}"
+    for name in ("report.md", "metrics.json", "pr_curve.png", "score_histogram.png"):
+        assert (report / name).stat().st_size > 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    history = read_history(data)
+    expected = load_model_dir(model).forest.predict(replay_features(history))
+    assert metrics["transactions"] == len(history)
+    assert metrics["roc_auc"] == roc_auc(history.is_fraud, expected)
+    assert metrics["feature_importance_gain"]
+    again = fraudscore("evaluate", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "elsewhere"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "elsewhere" / "metrics.json").read_text()) == metrics
+
+
+def test_evaluate_refuses_a_bad_model_or_history_with_exit_2(tmp_path: Path, model_dir: Path) -> None:
+    missing = fraudscore("evaluate", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "h.csv"))
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.startswith(f"fraudscore evaluate: cannot load model {tmp_path / 'nope'}: no manifest.json")
+    no_data = fraudscore("evaluate", "--model", str(model_dir), "--data", str(tmp_path / "h.csv"))
+    assert no_data.returncode == 2
+    assert no_data.stderr.startswith(f"fraudscore evaluate: {tmp_path / 'h.csv'}: no such file")
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("transaction_id,card_id,merchant_id,amount_minor,currency,event_time_ms\n"
+                          "t1,c1,m1,1000,USD,1767225600000\n")
+    out = fraudscore("evaluate", "--model", str(model_dir), "--data", str(unlabelled))
+    assert out.returncode == 2
+    assert "column 'is_fraud': no transaction is labelled fraud" in out.stderr
+    assert not (model_dir / "evaluation-unlabelled").exists()
