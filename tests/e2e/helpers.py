@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
+from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.history import History
@@ -98,3 +100,38 @@ def scrape(srv: ServerProcess) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items()))
+
+
+class BackgroundLoad:
+    """Score and ScoreBatch calls kept in flight from a thread while a test changes the server
+    (six unary calls and a batch of eight at a time, so batches run during the change).
+    `answers` collects every answer; `failures` any exception; stopped on leaving the block."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.answers: list[pb.ScoreResponse] = []
+        self.failures: list[BaseException] = []
+        self._done = threading.Event()
+        self._worker = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            with grpc.insecure_channel(self.target) as ch:
+                stub = pb_grpc.FraudScoringStub(ch)
+                while not self._done.is_set():
+                    calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=10) for _ in range(6)]
+                    batch = stub.ScoreBatch.future(pb.ScoreBatchRequest(transactions=[txn() for _ in range(8)]),
+                                                   timeout=10)
+                    self.answers.extend(c.result() for c in calls)
+                    self.answers.extend(batch.result().results)
+        except BaseException as exc:  # reported by the test
+            self.failures.append(exc)
+
+    def __enter__(self) -> BackgroundLoad:
+        self._worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._worker.join(30)
+        assert not self._worker.is_alive(), "the load thread did not stop"

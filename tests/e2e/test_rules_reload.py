@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
 from tests.conftest import REPO, ServerProcess, start_server
-from tests.e2e.helpers import scrape, txn, value
+from tests.e2e.helpers import BackgroundLoad, scrape, txn, value
 
 EVERYTHING = [{"field": "amount", "op": ">=", "value": 0}]
 
@@ -168,43 +167,21 @@ def test_reloads_under_concurrent_load_fail_no_call_and_never_mix_versions(tmp_p
     path.write_bytes(versions["A"])
     srv = start_server(tmp_path, model_dir=model_dir,
                        extra_env={"FRAUDSCORE_RULES_FILE": str(path), "FRAUDSCORE_RULES_RELOAD_S": "0"})
-    answers: list[pb.ScoreResponse] = []
-    failures: list[BaseException] = []
-    done = threading.Event()
-
-    def load() -> None:
-        # Eight calls in flight at a time (Score and ScoreBatch), so batches run while the swaps happen.
-        try:
-            with grpc.insecure_channel(srv.target) as ch:
-                stub = pb_grpc.FraudScoringStub(ch)
-                while not done.is_set():
-                    calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=10) for _ in range(6)]
-                    batch = stub.ScoreBatch.future(pb.ScoreBatchRequest(transactions=[txn() for _ in range(8)]),
-                                                   timeout=10)
-                    answers.extend(c.result() for c in calls)
-                    answers.extend(batch.result().results)
-        except BaseException as exc:  # reported by the test below
-            failures.append(exc)
-
-    worker = threading.Thread(target=load)
-    worker.start()
     try:
-        wait_until(lambda: len(answers) > 50 or bool(failures), "load to get going")
-        for i, version in enumerate(["B", "A"] * 3, start=1):
-            write_atomically(path, versions[version])
-            srv.proc.send_signal(signal.SIGHUP)
-            wait_until(lambda i=i: reloads(srv, "ok") == i or bool(failures), f"reload {i}")
-            seen = len(answers)
-            wait_until(lambda v=version, n=seen: any(a.ruleset_version == v for a in answers[n:]) or bool(failures),
-                       f"answers from {version}")
-        assert reloads(srv, "refused") == 0
+        with BackgroundLoad(srv.target) as load:
+            wait_until(lambda: len(load.answers) > 50 or bool(load.failures), "load to get going")
+            for i, version in enumerate(["B", "A"] * 3, start=1):
+                write_atomically(path, versions[version])
+                srv.proc.send_signal(signal.SIGHUP)
+                wait_until(lambda i=i: reloads(srv, "ok") == i or bool(load.failures), f"reload {i}")
+                seen = len(load.answers)
+                wait_until(lambda v=version, n=seen: any(a.ruleset_version == v for a in load.answers[n:])
+                           or bool(load.failures), f"answers from {version}")
+            assert reloads(srv, "refused") == 0
     finally:
-        done.set()
-        worker.join(30)
         assert srv.stop() == 0
-    assert not failures, failures
-    assert not worker.is_alive()
-    assert {a.ruleset_version for a in answers} == {"A", "B"}
-    mixed = [a for a in answers if (a.decision == pb.DECLINE) != (a.ruleset_version == "B")]
+    assert not load.failures, load.failures
+    assert {a.ruleset_version for a in load.answers} == {"A", "B"}
+    mixed = [a for a in load.answers if (a.decision == pb.DECLINE) != (a.ruleset_version == "B")]
     assert not mixed, mixed[:3]
     assert srv.log().count("rules reloaded") == 6
