@@ -54,6 +54,26 @@ def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
         return None, "model_load_failed"
 
 
+def load_challenger(path: Path | None) -> LoadedModel | None:
+    """The challenger model, or None (logged why) when unset, missing or refused: never fails start-up."""
+    if path is None:
+        return None
+    if not path.exists():
+        log.error("challenger model directory not found; running without a challenger",
+                  extra={"challenger_model_dir": str(path)})
+        return None
+    try:
+        model = load_model_dir(path)
+    except Exception as exc:  # a challenger must never stop the service from starting
+        reason = exc.reason if isinstance(exc, ModelLoadError) else f"{exc.__class__.__name__}: {exc}"
+        log.error("challenger model refused; running without a challenger",
+                  extra={"challenger_model_dir": str(path), "reason": reason})
+        return None
+    log.info("challenger model loaded; scored in shadow, never answered",
+             extra={"challenger_model_dir": str(path), "model_version": model.version})
+    return model
+
+
 def restore_state(settings: Settings) -> EntityState:
     """State from the last snapshot, or empty (with a clear log line) when there is none or it is unusable."""
     if settings.state_dir is not None:
@@ -121,11 +141,13 @@ class App:
             rules_seen = loaded_stamp(rules_seen, ruleset)
         model_seen = model_stamp(settings.model_dir) if settings.model_dir is not None else None
         model, reason = load_model(settings.model_dir)
+        challenger = load_challenger(settings.challenger_model_dir)
         self.engine = FeatureEngine(restore_state(settings))
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
                                  hasher=self.hasher, metrics=self.metrics,
-                                 fault_injection=settings.fault_injection, fallback_reason=reason)
+                                 fault_injection=settings.fault_injection, fallback_reason=reason,
+                                 challenger=challenger)
         self.reloader = Reloader(settings.rules_file, rules_seen, pipeline=self.pipeline, hasher=self.hasher,
                                  metrics=self.metrics, interval_s=settings.rules_reload_s,
                                  reasons_method=settings.reasons_method, model_dir=settings.model_dir,
@@ -159,6 +181,8 @@ class App:
         m.idempotency_evictions.set_function(lambda: self.idempotency.evicted)
         m.model_loaded.set(1 if model else 0)
         m.model_info.labels(self.model_version, self.ruleset_version, self.feature_set_version).set(1)
+        if challenger is not None:
+            m.challenger_info.labels(challenger.version).set(1)
 
     @property
     def scorer(self) -> Scorer:
@@ -193,10 +217,10 @@ class App:
         """Warm the kernels on the pipeline thread, then open for calls."""
         self._executor = executor
         s = self.settings
-        await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
+        await self.run_on_pipeline(warm_up, self.scorer, self.hasher, self.pipeline.challenger)
         # Once more, timed, compiled now: the batcher's first estimate of a pipeline call.
         started = time.monotonic()
-        await self.run_on_pipeline(warm_up, self.scorer, self.hasher)
+        await self.run_on_pipeline(warm_up, self.scorer, self.hasher, self.pipeline.challenger)
         warm_s = time.monotonic() - started
         self._batcher = MicroBatcher(self._run_batch, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
                                      max_queue=s.max_queue, fallback=self.pipeline.answer_fallback,

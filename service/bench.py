@@ -128,6 +128,23 @@ def bench_forest_model(title: str, forest: Forest, booster: Any, X: Rows) -> lis
     return lines
 
 
+def bench_challenger(model: Any, X: Rows, batch: int = 64) -> str:
+    """What FRAUDSCORE_CHALLENGER_MODEL_DIR adds to a pipeline call: the challenger's forest.predict on
+    the batch's features and its metrics (service/pipeline.record_challenger), here with the same model."""
+    from core.rules import Decision
+    from service.metrics import Metrics
+    from service.pipeline import record_challenger
+
+    metrics = Metrics()
+    decision = np.full(batch, int(Decision.APPROVE), dtype=np.int8)
+    took = _interleaved_us({"predict": model.forest.predict,
+                            "shadow": lambda rows: record_challenger(model, rows, decision, metrics)},
+                           _batches(X, batch))
+    return (f"challenger (FRAUDSCORE_CHALLENGER_MODEL_DIR, this model in shadow), batch {batch}: "
+            f"+{took['shadow'] / batch:.3f} µs per transaction ({took['shadow']:.1f} µs a batch; of which "
+            f"forest.predict {took['predict'] / batch:.3f} µs per transaction)")
+
+
 def random_model(directory: Path) -> tuple[Path, Rows]:
     """Train (seeded, ~5 s) the issue's 500-tree, 63-leaf, 30-feature binary model on random data;
     return its file and fresh rows from the same distribution, NaN included."""
@@ -157,9 +174,11 @@ def bench_forest(model_dir: Path, X: Rows) -> list[str]:
 
     import lightgbm as lgb
 
-    forest = load_model_dir(model_dir).forest
+    model = load_model_dir(model_dir)
+    forest = model.forest
     booster = lgb.Booster(model_file=str(model_dir / MODEL_FILE))
     lines = bench_forest_model(f"{model_dir} (replayed features)", forest, booster, X)
+    lines.append(bench_challenger(model, X))
     with tempfile.TemporaryDirectory() as scratch:
         t0 = time.perf_counter()
         path, rows = random_model(Path(scratch))

@@ -31,6 +31,11 @@ class Settings:
     """Port of /metrics (0 disables the endpoint)."""
     model_dir: Path | None = Path("models/default")
     """Model directory (model.txt + manifest.json). Missing or unloadable: serve from the fallback rules."""
+    challenger_model_dir: Path | None = None
+    """Champion/challenger: a second model directory, loaded at start-up with the same checks, scored
+    in shadow on the batches the model answers. Its scores feed metrics only
+    (`fraudscore_challenger_*`), never an answer. Missing or refused: logged, and the service runs
+    without one. Unset: no challenger."""
     rules_file: Path | None = None
     """Rules file (JSON). Unset: the packaged defaults (service/defaults/rules.json)."""
     rules_reload_s: float = 5.0

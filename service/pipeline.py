@@ -18,6 +18,7 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import EncodedBatch, KeyHasher, amount_major, encode_columns
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.model import LoadedModel
 from core.named_lists import identifier_keys
 from core.rules import Decision
 from core.scoring import ScoredBatch, Scorer, Source, risk_score
@@ -36,6 +37,7 @@ _OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRM
 _MAX_UINT32 = 2**32 - 1
 FAULT_SLOW_S = 0.2  # the `model-slow` hook: each model call takes this much longer
 FAULT_STALL_S = 2.0  # the `pipeline-stall` hook: the first batch holds the pipeline thread this long
+CHALLENGER_ERROR_LOG_S = 60.0  # a failing challenger is logged at most once a minute
 
 
 class InjectedFault(RuntimeError):
@@ -64,11 +66,28 @@ def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> En
     )
 
 
+def record_challenger(challenger: LoadedModel, features: np.ndarray, champion: np.ndarray, metrics: Metrics) -> None:
+    """The challenger's shadow scoring of a batch the champion answered: its probabilities into
+    `fraudscore_challenger_probability`, and where its decision (by its own thresholds) differs from
+    the champion's answer, a count by the pair. Feeds metrics only; raises what the model raises."""
+    p = challenger.forest.predict(features)
+    t = challenger.thresholds
+    # Indices 0, 1, 2 = APPROVE, REVIEW, DECLINE (_DECISION_LABELS order).
+    mine = (p >= t.review).astype(np.int64) + (p >= t.decline)
+    theirs = np.searchsorted(_DECISION_VALUES, champion)
+    metrics.challenger_probability.observe_many(p)
+    pairs = np.bincount(theirs * 3 + mine, minlength=9)
+    for k in np.flatnonzero(pairs).tolist():
+        c, m = divmod(k, 3)
+        if c != m:
+            metrics.challenger_disagreements.labels(_DECISION_LABELS[c], _DECISION_LABELS[m]).inc(int(pairs[k]))
+
+
 class Pipeline:
     """Everything the pipeline thread does. Not thread-safe by design: one thread calls it."""
 
     def __init__(self, *, engine: FeatureEngine, scorer: Scorer, hasher: KeyHasher, metrics: Metrics,
-                 fault_injection: str = "", fallback_reason: str = "") -> None:
+                 fault_injection: str = "", fallback_reason: str = "", challenger: LoadedModel | None = None) -> None:
         self.engine = engine
         self.scorer = scorer
         self.hasher = hasher
@@ -77,15 +96,19 @@ class Pipeline:
         # Why the model path is unavailable before trying it (e.g. "no_model"); empty when it is loaded.
         self.fallback_reason = fallback_reason
         self._stalled = False
+        # Champion/challenger: a second model scored in shadow on the champion's batches, for metrics only.
+        self.challenger = challenger
+        self._challenger_logged_at = -math.inf
 
-    def _score(self, batch: EncodedBatch, scorer: Scorer) -> tuple[ScoredBatch, str]:
+    def _score(self, batch: EncodedBatch, scorer: Scorer) -> tuple[ScoredBatch, str, np.ndarray | None]:
+        """The answers, the fallback reason (empty on the model path) and the features (None if not computed)."""
         features: np.ndarray | None = None
         # For named lists (`card in @blocked_cards`); ~4 µs a batch, so only when the rules use any.
         keys = identifier_keys(batch) if scorer.ruleset.lists else None
         try:
             features = self.engine.compute(batch)
             if scorer.model is None:
-                return scorer.fallback(features, batch.amount, keys=keys), self.fallback_reason or "no_model"
+                return scorer.fallback(features, batch.amount, keys=keys), self.fallback_reason or "no_model", features
             if self.fault_injection == "model-raise":
                 raise InjectedFault("fault injection: model-raise")
             if self.fault_injection == "model-slow":
@@ -93,12 +116,12 @@ class Pipeline:
             if self.fault_injection == "pipeline-stall" and not self._stalled:
                 self._stalled = True
                 time.sleep(FAULT_STALL_S)
-            return scorer.score(features, batch.amount, keys=keys), ""
+            return scorer.score(features, batch.amount, keys=keys), "", features
         except Exception as exc:
             reason = "features_error" if features is None else "model_error"
             log.error("model path failed; answering from fallback rules", extra={
                 "reason": reason, "error": exc.__class__.__name__, "batch_size": len(batch)})
-            return scorer.fallback(features, batch.amount, keys=keys), reason
+            return scorer.fallback(features, batch.amount, keys=keys), reason, features
 
     def run(self, items: list[Item]) -> list[pb.ScoreResponse]:
         """Score a batch; one ScoreResponse per item, in order. Never raises for a model failure."""
@@ -107,8 +130,10 @@ class Pipeline:
         batch = encode_transactions(self.hasher, txns)
         # Read once: a rules reload swaps `self.scorer` from the event loop, and the whole batch
         # (model path and its fallback alike) must answer from one ruleset.
-        scored, fallback_reason = self._score(batch, self.scorer)
+        scored, fallback_reason, features = self._score(batch, self.scorer)
         responses = self._responses(items, scored)
+        if self.challenger is not None and features is not None and not fallback_reason:
+            self._shadow(self.challenger, features, scored)
         m = self.metrics
         m.batch_size.observe(len(items))
         m.pipeline_duration.observe((time.perf_counter_ns() - started) / 1e9)
@@ -116,6 +141,20 @@ class Pipeline:
             m.fallbacks.labels(fallback_reason).inc(len(items))
         self._count_rule_hits(scored)
         return responses
+
+    def _shadow(self, challenger: LoadedModel, features: np.ndarray, scored: ScoredBatch) -> None:
+        """The challenger on the batch the champion answered (after the answers are made): metrics only.
+        A failure is counted, logged at most once a minute, and changes nothing."""
+        try:
+            record_challenger(challenger, features, scored.decision, self.metrics)
+        except Exception as exc:
+            self.metrics.challenger_errors.inc()
+            now = time.monotonic()
+            if now - self._challenger_logged_at >= CHALLENGER_ERROR_LOG_S:
+                self._challenger_logged_at = now
+                log.error("challenger model failed; answers are unaffected (logged at most once a minute)", extra={
+                    "model_version": challenger.version, "error": exc.__class__.__name__, "reason": str(exc),
+                    "batch_size": len(scored)})
 
     def _count_rule_hits(self, scored: ScoredBatch) -> None:
         """`fraudscore_rule_hits_total{rule, mode, decision}`: each rule's hits by the answer's final
@@ -188,8 +227,9 @@ class Pipeline:
                                      t.tags.copy(), t.counters.copy()) for t in s.tables()))
 
 
-def warm_up(scorer: Scorer, hasher: KeyHasher) -> None:
-    """Compile (or load from cache) every kernel on a throwaway state, so real state stays untouched."""
+def warm_up(scorer: Scorer, hasher: KeyHasher, challenger: LoadedModel | None = None) -> None:
+    """Compile (or load from cache) every kernel on a throwaway state, so real state stays untouched;
+    with `challenger`, its prediction too."""
     engine = FeatureEngine(EntityState.empty(card_capacity=16, merchant_capacity=16, customer_capacity=16,
                                              device_capacity=16, ip_capacity=16))
     txn = pb.Transaction(transaction_id="warm-up", card_id="warm-card", merchant_id="warm-merchant",
@@ -207,3 +247,5 @@ def warm_up(scorer: Scorer, hasher: KeyHasher) -> None:
         # Reasons run only for flagged transactions, which the warm-up's may not be.
         scorer.model.forest.path_attributions(features)
         scorer.model.forest.contributions(features)
+    if challenger is not None:
+        challenger.forest.predict(features)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
+from pathlib import Path
 
 import orjson
+import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import KeyHasher
@@ -57,3 +60,46 @@ def test_rule_hits_are_counted_by_final_decision() -> None:
     assert counted == expected
     assert len({d for _, _, d in expected}) == 3  # the batch reaches every decision
     assert expected["watch", "shadow", "DECLINE"] and expected["watch", "shadow", "REVIEW"]
+
+
+class _Raising:
+    def predict(self, features: object) -> object:
+        raise RuntimeError("challenger broke")
+
+
+def test_a_raising_challenger_changes_no_answer(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from dataclasses import replace
+
+    from core.model import load_model_dir
+    from service.reload import load_rules
+
+    model = load_model_dir(model_dir)
+    challenger = replace(model, forest=_Raising())
+    txns = [pb.Transaction(transaction_id=f"t{i}", card_id=f"c{i % 3}", merchant_id="m", amount_minor=a,
+                           currency="USD", event_time_ms=1_767_225_600_000 + i)
+            for i, a in enumerate([50, 150_000, 2_500, 600_000, 6_000, 15_000, 90_000, 0])]
+
+    def answers(challenger: object) -> tuple[list[pb.ScoreResponse], Metrics]:
+        metrics = Metrics()
+        pipeline = Pipeline(engine=FeatureEngine(_state()), scorer=Scorer(model, load_rules(None)),
+                            hasher=KeyHasher(), metrics=metrics, challenger=challenger)  # type: ignore[arg-type]
+        loop = asyncio.new_event_loop()
+        try:
+            out = []
+            for _ in range(2):  # twice: the second failure within the minute is not logged again
+                out += pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns])
+        finally:
+            loop.close()
+        return out, metrics
+
+    plain, _ = answers(None)
+    with caplog.at_level(logging.ERROR, logger="fraudscore.pipeline"):
+        shadowed, metrics = answers(challenger)
+    for a in (*plain, *shadowed):
+        a.server_latency_us = 0
+    assert shadowed == plain
+    assert all(a.source != pb.RULES_FALLBACK for a in shadowed)
+    assert metrics.challenger_errors._value.get() == 2
+    assert sum("challenger model failed" in r.getMessage() for r in caplog.records) == 1
+    fallbacks = [s for f in metrics.registry.collect() if f.name == "fraudscore_fallbacks" for s in f.samples]
+    assert not fallbacks
