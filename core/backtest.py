@@ -111,9 +111,7 @@ def backtest(
     if model is not None:
         # The model path of Scorer.score: thresholds, then the model-path rules with the probability.
         probability = model.forest.predict(features)
-        base = np.full(n, int(Decision.APPROVE), dtype=np.int8)
-        base[probability >= model.thresholds.review] = int(Decision.REVIEW)
-        base[probability >= model.thresholds.decline] = int(Decision.DECLINE)
+        base = model.thresholds.decide(probability)
         hits = ruleset.rules.evaluate(features, amount, probability, keys=keys)
     else:
         base = np.full(n, int(Decision.APPROVE), dtype=np.int8)

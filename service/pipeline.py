@@ -71,9 +71,8 @@ def record_challenger(challenger: LoadedModel, features: np.ndarray, champion: n
     `fraudscore_challenger_probability`, and where its decision (by its own thresholds) differs from
     the champion's answer, a count by the pair. Feeds metrics only; raises what the model raises."""
     p = challenger.forest.predict(features)
-    t = challenger.thresholds
     # Indices 0, 1, 2 = APPROVE, REVIEW, DECLINE (_DECISION_LABELS order).
-    mine = (p >= t.review).astype(np.int64) + (p >= t.decline)
+    mine = np.searchsorted(_DECISION_VALUES, challenger.thresholds.decide(p))
     theirs = np.searchsorted(_DECISION_VALUES, champion)
     metrics.challenger_probability.observe_many(p)
     pairs = np.bincount(theirs * 3 + mine, minlength=9)

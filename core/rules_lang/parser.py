@@ -88,6 +88,12 @@ class _Parser:
             raise self.error(f"number {token.text} is too large for a float64", token)
         return value
 
+    def descend(self) -> None:
+        """One level deeper (the caller steps back up); refuse past MAX_DEPTH."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+
     def chained(self, token: Token) -> None:
         """Count one more binary operator; refuse a rule with too many."""
         self.operators += 1
@@ -119,9 +125,7 @@ class _Parser:
         return node
 
     def expression(self) -> Node:
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+        self.descend()
         node = self.conjunction()
         while self.at("or"):
             self.chained(self.advance())
@@ -139,9 +143,7 @@ class _Parser:
     def negation(self) -> Node:
         if self.at("not"):
             token = self.advance()
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+            self.descend()
             node = Not(self.negation(), token.offset)
             self.depth -= 1
             return node
@@ -197,9 +199,7 @@ class _Parser:
             if self.peek().kind is Kind.NUMBER:
                 # A negative literal is a constant, not an operation at run time.
                 return Number(-self.finite(self.advance()), token.offset)
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels); split the rule")
+            self.descend()
             node = Negate(self.unary(), token.offset)
             self.depth -= 1
             return node
