@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from core.encode import KeyHasher, country_code
 from core.errors import RulesLoadError
 from core.features import FEATURE_NAMES
+from core.model import Thresholds
 from core.named_lists import load_lists
 from core.rules import Decision, Rule, RuleSet, Ruleset
 from core.rules_file import load_ruleset, parse_ruleset
@@ -211,7 +212,7 @@ class _ApprovingForest:
 
 class _Model:
     forest = _ApprovingForest()
-    thresholds = type("T", (), {"review": 0.5, "decline": 0.9})()
+    thresholds = Thresholds(review=0.5, decline=0.9)
     version = "m"
 
 
