@@ -67,6 +67,14 @@ class DataError(FraudscoreError):
         super().__init__(f"{where}: {reason}")
 
 
+class TrainingError(FraudscoreError):
+    """Training cannot produce a trustworthy model from this history with these settings."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 class IdempotencyConflictError(FraudscoreError):
     """The transaction_id was scored before with a different payload."""
 

@@ -76,3 +76,17 @@ def precision_recall_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray
         return empty, empty, empty
     tp, fp, thresholds = _sorted_counts(y, score)
     return tp / (tp + fp), tp / pos, thresholds.astype(np.float64)
+
+
+def threshold_at_rate(score: np.ndarray, rate: float) -> float:
+    """The lowest score threshold (`score >= t` flags) that flags at most `rate` of all rows.
+
+    Rows tied at the boundary are all left unflagged, so the rate is never exceeded.
+    """
+    ordered = np.sort(score)
+    if ordered.size == 0:
+        return 0.5
+    allowed = int(np.count_nonzero(np.arange(1, ordered.size + 1) / ordered.size <= rate))
+    if allowed == ordered.size:
+        return float("-inf")
+    return float(np.nextafter(ordered[ordered.size - allowed - 1], np.inf))

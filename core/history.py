@@ -1,9 +1,10 @@
 """The columnar history of card transactions: one numpy array per column, sorted by time.
 
 A `History` is what training, backtests and `replay` read, and what `core.simulate` makes.
-`read_history` / `write_history` move it to and from `.csv`, `.csv.gz` and `.parquet`
-files through pyarrow, which is imported inside those two functions only: pyarrow is a
-training dependency and the serving path imports this module without it.
+`core.history_read` reads one from a file (with its alternative column forms and the
+drop-or-refuse policy); `write_history` writes one to `.csv`, `.csv.gz` or `.parquet`.
+pyarrow is imported inside the functions that need it only: it is a training dependency
+and the serving path imports this module without it.
 
 Row numbers in `DataError` count data rows from 1 in file order (the CSV header is not
 a row), so row N of a CSV file is on line N + 1. Messages never quote an identifier.
@@ -11,18 +12,16 @@ a row), so row N of a CSV file is on line N + 1. Messages never quote an identif
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from core.encode import mapped
 from core.identifiers import looks_like_pan as is_pan
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 DType = Literal["str", "int64", "int8", "float64"]
 
@@ -180,7 +179,78 @@ def _to_numpy(values: Any, dtype: DType) -> np.ndarray:
 
 def looks_like_pan(values: np.ndarray) -> np.ndarray:
     """Boolean mask: which strings look like a raw card number (the API's rule, core.identifiers)."""
-    return np.fromiter((isinstance(v, str) and is_pan(v) for v in values), dtype=bool, count=len(values))
+    return mapped(values, lambda v: isinstance(v, str) and is_pan(v), bool)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ValueProblem:
+    """Rows of a history that break one documented value rule.
+
+    `fatal` problems make the whole file unusable (a raw card number means the export
+    is wrong, not one row); the others can be dropped row by row.
+    """
+
+    column: str
+    reason: str
+    rows: np.ndarray  # boolean mask over the history's rows
+    fatal: bool = False
+
+
+def value_problems(history: History) -> list[ValueProblem]:
+    """Every documented value rule the rows of `history` break, in column order (empty: all good).
+
+    Duplicate transaction ids are flagged on the repeats; the first occurrence stays.
+    """
+    problems: list[ValueProblem] = []
+
+    def check(column: str, bad: np.ndarray, reason: str, *, fatal: bool = False) -> None:
+        if bad.any():
+            problems.append(ValueProblem(column, reason, bad, fatal))
+
+    def each(values: np.ndarray, test: Callable[[str], bool]) -> np.ndarray:
+        return mapped(values, test, bool)  # once per distinct value
+
+    for name in _ID_COLUMNS:
+        check(name, getattr(history, name) == "", "empty id; every row needs one")
+    check("transaction_id", _repeated_ids(history.transaction_id),
+          "duplicate transaction_id: repeats the id of an earlier row; each transaction must appear once")
+    check("card_id", looks_like_pan(history.card_id),
+          "value looks like a raw card number (13-19 digits); send a token or keyed hash instead", fatal=True)
+    check("amount_minor", history.amount_minor <= 0,
+          "expected an amount > 0 in minor currency units; refunds and reversals do not belong here")
+    check("currency", each(history.currency, lambda c: not (len(c) == 3 and c.isascii() and c.isalpha()
+                                                            and c.isupper())),
+          "expected a 3-letter upper-case ISO 4217 code such as USD")
+    check("merchant_category", each(history.merchant_category,
+                                    lambda m: m != "" and not (len(m) == 4 and m.isascii() and m.isdigit())),
+          "expected a 4-digit MCC such as 5411 (keep leading zeros) or an empty value")
+    check("channel", (history.channel < 0) | (history.channel > 4),
+          "expected 0 unspecified, 1 card present, 2 e-commerce, 3 other card-not-present or 4 ATM")
+    check("latitude", np.abs(history.latitude) > 90, "expected degrees in [-90, 90] or empty (NaN)")
+    check("longitude", np.abs(history.longitude) > 180, "expected degrees in [-180, 180] or empty (NaN)")
+    check("is_fraud", (history.is_fraud != 0) & (history.is_fraud != 1), "expected 0 or 1")
+    reported = history.fraud_reported_time_ms
+    check("fraud_reported_time_ms", reported < -1,
+          "expected epoch milliseconds, or -1 when not fraud or never reported")
+    check("fraud_reported_time_ms", (reported >= 0) & (reported < history.event_time_ms) & (history.is_fraud == 1),
+          "fraud reported before the transaction happened; check both times' units and time zones")
+    return problems
+
+
+def _repeated_ids(ids: np.ndarray) -> np.ndarray:
+    """Mask of rows whose id appeared on an earlier row."""
+    repeat = np.zeros(len(ids), dtype=bool)
+    if len(ids) < 2:
+        return repeat
+    order = np.argsort(ids, kind="stable")  # equal ids keep file order: the first stays unmarked
+    ordered = ids[order]
+    repeat[order[1:][ordered[1:] == ordered[:-1]]] = True
+    return repeat
+
+
+def first_occurrence(ids: np.ndarray, row: int) -> int:
+    """Position of the first row with the same id as `row`."""
+    return int(np.flatnonzero(ids == ids[row])[0])
 
 
 def validate_history(history: History, *, source: str = "<in-memory history>") -> None:
@@ -190,184 +260,15 @@ def validate_history(history: History, *, source: str = "<in-memory history>") -
     """
     from core.errors import DataError
 
-    def fail(column: str, bad: np.ndarray, reason: str) -> None:
-        rows = np.flatnonzero(bad)
-        if len(rows):
-            raise DataError(source, f"{reason} ({len(rows)} such rows)", row=int(rows[0]) + 1, column=column)
-
-    for name in _ID_COLUMNS:
-        fail(name, getattr(history, name) == "", "empty id; every row needs one")
-    fail("card_id", looks_like_pan(history.card_id),
-         "value looks like a raw card number (13-19 digits); send a token or keyed hash instead")
-    fail("amount_minor", history.amount_minor <= 0,
-         "expected an amount > 0 in minor currency units; refunds and reversals do not belong here")
-    currency = history.currency
-    fail("currency", np.fromiter((not (len(c) == 3 and c.isascii() and c.isalpha() and c.isupper()) for c in currency),
-                                 dtype=bool, count=len(currency)),
-         "expected a 3-letter upper-case ISO 4217 code such as USD")
-    mcc = history.merchant_category
-    fail("merchant_category", np.fromiter((m != "" and not (len(m) == 4 and m.isascii() and m.isdigit()) for m in mcc),
-                                          dtype=bool, count=len(mcc)),
-         "expected a 4-digit MCC such as 5411 (keep leading zeros) or an empty value")
-    fail("channel", (history.channel < 0) | (history.channel > 4),
-         "expected 0 unspecified, 1 card present, 2 e-commerce, 3 other card-not-present or 4 ATM")
-    fail("latitude", np.abs(history.latitude) > 90, "expected degrees in [-90, 90] or empty (NaN)")
-    fail("longitude", np.abs(history.longitude) > 180, "expected degrees in [-180, 180] or empty (NaN)")
-    fail("is_fraud", (history.is_fraud != 0) & (history.is_fraud != 1), "expected 0 or 1")
-    fail("fraud_reported_time_ms", history.fraud_reported_time_ms < -1,
-         "expected epoch milliseconds, or -1 when not fraud or never reported")
-    _check_unique_ids(history.transaction_id, source)
-
-
-def _check_unique_ids(ids: np.ndarray, source: str) -> None:
-    from core.errors import DataError
-
-    if len(ids) < 2:
-        return
-    order = np.argsort(ids, kind="stable")
-    ordered = ids[order]
-    repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
-    if len(repeated):
-        # The stable sort puts each first occurrence before its repeats, so the smallest
-        # file position among the repeats is the first row that reuses an id.
-        positions = order[repeated + 1]
-        first_repeat = int(positions.min())
-        first_seen = int(order[repeated[np.argmin(positions)]])
-        raise DataError(
-            source,
-            f"duplicate transaction_id: this row repeats the id of row {first_seen + 1}; "
-            "each transaction must appear once",
-            row=first_repeat + 1,
-            column="transaction_id",
-        )
-
-
-def read_history(path: str | Path) -> History:
-    """Read a `.csv`, `.csv.gz` or `.parquet` (or `.pq`) history file, validate it and sort it by time.
-
-    Absent optional columns get their defaults, unknown columns are ignored, id-like
-    columns are read as text even when they hold digits. Raises `DataError` naming the
-    file, the column and, for a bad value, the first bad row.
-    """
-    from core.errors import DataError
-
-    path = Path(path)
-    source = str(path)
-    if not path.is_file():
-        raise DataError(source, "no such file; expected a .csv, .csv.gz or .parquet history file")
-    table = _read_table(path, source)
-    present = set(table.column_names)
-    missing = [c.name for c in COLUMNS if c.required and c.name not in present]
-    if missing:
-        raise DataError(
-            source,
-            f"missing required column; the file has {sorted(present)}; "
-            "see core.history.COLUMNS for the documented names",
-            column=missing[0],
-        )
-    columns: dict[str, np.ndarray] = {}
-    for spec in COLUMNS:
-        if spec.name in present:
-            columns[spec.name] = _convert(table.column(spec.name), spec, source)
-    history = History.from_columns(columns)
-    validate_history(history, source=source)
-    return history.sorted_by_time()
-
-
-def _read_table(path: Path, source: str) -> pa.Table:
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-    import pyarrow.parquet as pq
-
-    from core.errors import DataError
-
-    name = path.name.lower()
-    try:
-        if name.endswith(".parquet") or name.endswith(".pq"):
-            return pq.read_table(path)
-        if name.endswith(".csv") or name.endswith(".csv.gz"):
-            # Every documented column comes in as text and is converted below, so ids and
-            # MCCs keep leading zeros and a bad number is reported with its row.
-            convert = pa_csv.ConvertOptions(
-                column_types={c.name: pa.string() for c in COLUMNS},
-                strings_can_be_null=False,
-            )
-            # Quoted values may hold line breaks; write_history quotes them, so read them back.
-            parse = pa_csv.ParseOptions(newlines_in_values=True)
-            return pa_csv.read_csv(path, parse_options=parse, convert_options=convert)
-    except (pa.ArrowException, OSError) as exc:
-        # Arrow quotes the offending row in its message; keep only the part before it,
-        # since a row holds identifiers.
-        summary = str(exc).split(": ")[:2]
-        raise DataError(source, f"cannot parse the file ({': '.join(summary)}); "
-                        "check that it is a well-formed CSV or Parquet file") from exc
-    raise DataError(source, "unknown file type; expected a name ending in .csv, .csv.gz or .parquet")
-
-
-def _convert(column: pa.ChunkedArray, spec: ColumnSpec, source: str) -> np.ndarray:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from core.errors import DataError
-
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    kind = column.type
-    if spec.dtype == "str":
-        if pa.types.is_integer(kind):
-            column = pc.cast(column, pa.string())
-        elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(source, f"expected text, got {kind}; store this column as strings", column=spec.name)
-        text: np.ndarray = _fill_nulls(column, spec, source).to_numpy(zero_copy_only=False).astype(object)
-        return text
-
-    target = pa.int8() if spec.dtype == "int8" else pa.int64() if spec.dtype == "int64" else pa.float64()
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        # An empty CSV cell is a missing value: the default for optional columns.
-        column = pc.if_else(pc.equal(column, ""), pa.scalar(None, kind), column)
-    elif pa.types.is_floating(kind) and spec.dtype != "float64":
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, kind), column)
-    elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
-        raise DataError(source, f"expected {spec.dtype}, got {kind}", column=spec.name)
-    try:
-        converted = pc.cast(column, target)
-    except pa.ArrowException:
-        bad = _first_failing_row(column, target)
-        expected = "a number" if spec.dtype == "float64" else f"a whole number that fits {spec.dtype}"
-        raise DataError(source, f"expected {expected}; fix or remove that value", row=bad + 1,
-                        column=spec.name) from None
-    filled = _fill_nulls(converted, spec, source)
-    numbers: np.ndarray = filled.to_numpy().astype(_NUMPY_DTYPES[spec.dtype], copy=False)
-    return numbers
-
-
-def _fill_nulls(column: pa.ChunkedArray, spec: ColumnSpec, source: str) -> pa.ChunkedArray:
-    from core.errors import DataError
-
-    if column.null_count == 0:
-        return column
-    if spec.required:
-        import pyarrow.compute as pc
-
-        first = int(pc.index(pc.is_null(column), True).as_py())
-        raise DataError(source, "missing value in a required column", row=first + 1, column=spec.name)
-    return column.fill_null(spec.default)
-
-
-def _first_failing_row(column: pa.ChunkedArray, target: pa.DataType) -> int:
-    """Position of the first value that does not cast, by bisection (about 20 casts for 1M rows)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    lo, hi = 0, len(column)  # invariant: column[:lo] casts, column[:hi] does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        try:
-            pc.cast(column.slice(0, mid), target)
-            lo = mid
-        except pa.ArrowException:
-            hi = mid
-    return lo
+    for problem in value_problems(history):
+        rows = np.flatnonzero(problem.rows)
+        first = int(rows[0])
+        reason = f"{problem.reason} ({len(rows)} such rows)"
+        if problem.column == "transaction_id" and problem.reason.startswith("duplicate"):
+            seen = first_occurrence(history.transaction_id, first)
+            reason = (f"duplicate transaction_id: this row repeats the id of row {seen + 1}; "
+                      f"each transaction must appear once ({len(rows)} such rows)")
+        raise DataError(source, reason, row=first + 1, column=problem.column)
 
 
 def write_history(history: History, path: str | Path) -> None:
@@ -413,9 +314,11 @@ __all__ = [
     "Channel",
     "ColumnSpec",
     "History",
+    "ValueProblem",
+    "first_occurrence",
     "looks_like_pan",
-    "read_history",
     "validate_history",
+    "value_problems",
     "write_history",
     "write_table",
 ]

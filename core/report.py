@@ -122,15 +122,18 @@ def write_report(
     model_version: str,
     data: str,
     feature_importance: Mapping[str, float] | None = None,
+    data_read: Mapping[str, Any] | None = None,
     top_k: Sequence[int] = TOP_K,
 ) -> dict[str, Any]:
     """Write report.md, metrics.json and the two plots into `out_dir`; return the metrics.
 
-    `data` says in words what was scored (it heads the report), e.g. "the validation period".
+    `data` says in words what was scored (it heads the report), e.g. "the validation period";
+    `data_read` is what reading the file kept and dropped (`ReadReport.as_dict()`).
     """
     metrics = report_metrics(y, score, event_time_ms, thresholds=thresholds, top_k=top_k)
     metrics = {"model_version": model_version, "data": data, **metrics,
-               "feature_importance_gain": dict(feature_importance) if feature_importance is not None else None}
+               "feature_importance_gain": dict(feature_importance) if feature_importance is not None else None,
+               "data_read": dict(data_read) if data_read is not None else None}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_FILE).write_bytes(orjson.dumps(metrics, option=orjson.OPT_INDENT_2))
     y64, s64 = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
@@ -231,6 +234,20 @@ def _markdown(m: dict[str, Any], event_time_ms: np.ndarray, y: np.ndarray, top_k
             *(f"| {i} | `{name}` | {_pct(share)} |" for i, (name, share) in enumerate(importance.items(), 1)),
             "",
         ]
+    read = m["data_read"]
+    if read:
+        lines += [
+            "## Data read",
+            "",
+            f"`{read['source']}`: {read['rows_read']:,} rows read, {read['rows_kept']:,} kept, "
+            f"{read['rows_dropped']:,} dropped (a row with several problems counts under each).",
+            "",
+        ]
+        if read["dropped"]:
+            lines += ["| column | problem | rows | first rows (from 1, file order) |", "|---|---|---|---|"]
+            lines += [f"| `{d['column']}` | {d['reason']} | {d['rows']:,} | {', '.join(map(str, d['first_rows']))} |"
+                      for d in read["dropped"]]
+            lines.append("")
     return "\n".join(lines)
 
 

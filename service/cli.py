@@ -102,8 +102,47 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> int:
+    """argparse type: a duration such as 36h, 2d or 1d12h, in milliseconds."""
+    from core.times import parse_duration_ms
+
+    ms = parse_duration_ms(text)
+    if ms is None:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 36h, 2d, 1d12h or 90m, got {text!r}")
+    return ms
+
+
+def _moment(text: str) -> int:
+    """argparse type: ISO 8601 (UTC when no offset) or epoch milliseconds, as epoch milliseconds."""
+    from core.times import parse_time_ms
+
+    ms = parse_time_ms(text)
+    if ms is None:
+        raise argparse.ArgumentTypeError(
+            f"expected ISO 8601 such as 2026-03-01 or 2026-03-01T12:00:00Z, or epoch milliseconds, got {text!r}")
+    return ms
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) such as 0.005, got {text!r}")
+    return value
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _train(args: argparse.Namespace) -> int:
-    from core.history import read_history
+    from core.history_read import read_history_dropping
     from core.simulate import simulate
     from core.train import train
 
@@ -117,19 +156,26 @@ def _train(args: argparse.Namespace) -> int:
             return 0
         except ModelLoadError as exc:
             print(f"(re)training: {exc.reason}")
+    data_read = None
     if args.data is not None:
-        history = read_history(args.data)
-        print(f"read {len(history)} transactions from {args.data}")
+        history, read = read_history_dropping(args.data, max_dropped_fraction=args.max_dropped)
+        print(read.summary())
+        data_read = read.as_dict() | {"sha256": _sha256(args.data)}
+        source = args.data.name
     else:
-        print(f"no --data: simulating {args.days} days of {args.cards} cards (seed {args.seed})")
+        source = f"simulated: {args.days} days, {args.cards} cards, {args.merchants} merchants, seed {args.seed}"
+        print(f"no --data: {source}")
         history = simulate(num_days=args.days, num_cards=args.cards, num_merchants=args.merchants, seed=args.seed,
                            progress=True)
-    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
-    result = train(history, args.out, seed=args.seed, label_delay_ms=label_delay_ms)
+    result = train(history, args.out, seed=args.seed, label_delay_ms=args.label_delay,
+                   valid_from_ms=args.valid_from, train_until_ms=args.train_until, review_rate=args.review_rate,
+                   decline_fpr=args.decline_fpr, fraud_weight=args.fraud_weight, data_source=source,
+                   data_read=data_read)
     print(f"model {result.model_version} written to {result.out_dir}")
     for name, value in result.metrics.items():
-        print(f"  {name:22s} {value:.4f}")
-    print(f"  thresholds: review ≥ {result.thresholds['review']:.4f}, decline ≥ {result.thresholds['decline']:.4f}")
+        print(f"  {name:30s} {value:.4f}")
+    print(f"  thresholds: review ≥ {result.thresholds['review']:.6g}, decline ≥ {result.thresholds['decline']:.6g}")
+    print(f"report: {result.out_dir / 'report.md'}")
     return 0
 
 
@@ -143,14 +189,15 @@ def _bench(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from core.history import read_history, write_table
+    from core.history import write_table
+    from core.history_read import read_history
     from core.model import load_model_dir
     from core.replay import score_history
     from service.reload import load_rules
 
     history = read_history(args.data)
     model = load_model_dir(args.model)
-    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
+    label_delay_ms = args.label_delay
     with tqdm(total=len(history), desc="replay", unit="txn", mininterval=0.5) as bar:
         table = score_history(history, model, load_rules(args.rules), label_delay_ms=label_delay_ms,
                               reasons_method=args.reasons_method, on_progress=bar.update)
@@ -165,26 +212,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.errors import DataError
-    from core.history import read_history
+    from core.history_read import read_history_dropping
     from core.model import MODEL_FILE, load_model_dir
     from core.replay import replay_features
     from core.report import REPORT_FILE, model_file_importance, write_report
 
     model = load_model_dir(args.model)  # a bad directory fails before the (slower) history is read
-    history = read_history(args.data)
+    history, read = read_history_dropping(args.data, max_dropped_fraction=args.max_dropped)
+    print(read.summary())
     if not history.is_fraud.any():
         raise DataError(str(args.data), "no transaction is labelled fraud (is_fraud = 1), so the metrics mean "
                         "nothing; evaluate on a labelled history", column="is_fraud")
     stem = Path(args.data.name.removesuffix(".gz")).stem
     out = args.out if args.out is not None else args.model / f"evaluation-{stem}"
-    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
+    label_delay_ms = args.label_delay
+    if label_delay_ms is None:  # judge the model under the label delay it was trained with
+        label_delay_ms = (model.manifest.get("training") or {}).get("label_delay_ms")
+        if label_delay_ms is not None:
+            print(f"label delay: {label_delay_ms / 3_600_000:g} h, as the model was trained (--label-delay to change)")
     # The features as `replay` computes them, the probabilities as the server's forest does.
     with tqdm(total=len(history), desc="evaluate", unit="txn", mininterval=0.5, disable=None) as bar:
         features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=bar.update)
     probability = model.forest.predict(features)
     metrics = write_report(out, history.is_fraud, probability, history.event_time_ms, thresholds=model.thresholds,
                            model_version=model.version, data=str(args.data),
-                           feature_importance=model_file_importance(args.model / MODEL_FILE))
+                           feature_importance=model_file_importance(args.model / MODEL_FILE),
+                           data_read=read.as_dict() | {"sha256": _sha256(args.data)})
     print(f"evaluated model {model.version} on {len(history)} transactions ({metrics['fraud']} fraud) "
           f"from {args.data}")
     for name in ("roc_auc", "average_precision", "recall_at_fpr_0.1%", "recall_at_fpr_1%"):
@@ -198,14 +251,15 @@ def _backtest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.backtest import backtest, report_columns
-    from core.history import read_history, write_table
+    from core.history import write_table
+    from core.history_read import read_history
     from core.model import load_model_dir
     from core.rules_file import load_ruleset
 
     ruleset = load_ruleset(args.rules)  # a bad file fails before the (slower) history is read
     model = load_model_dir(args.model) if args.model is not None else None
     history = read_history(args.data)
-    label_delay_ms = None if args.label_delay_hours is None else int(args.label_delay_hours * 3_600_000)
+    label_delay_ms = args.label_delay
     with tqdm(total=len(history), desc="backtest", unit="txn", mininterval=0.5, disable=None) as bar:
         report = backtest(history, ruleset, model, label_delay_ms=label_delay_ms, source=str(args.data),
                           on_progress=bar.update)
@@ -237,6 +291,18 @@ def _backtest(args: argparse.Namespace) -> int:
         write_table(report_columns(report), args.out)
         print(f"wrote the per-rule table to {args.out}")
     return 0
+
+
+def _label_delay_arg(p: argparse.ArgumentParser, default: str = "at their fraud_reported_time only") -> None:
+    p.add_argument("--label-delay", type=_duration, metavar="DURATION",
+                   help=f"fraud labels feed the features this long after the transaction at the earliest, "
+                        f"e.g. 48h or 2d (default: {default})")
+
+
+def _max_dropped_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-dropped", type=_fraction, default=0.01, metavar="FRACTION",
+                   help="rows with bad values are dropped and summarised; more than this share of the file "
+                        "is refused as a format problem (default 0.01)")
 
 
 def _world_args(p: argparse.ArgumentParser) -> None:
@@ -284,8 +350,24 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model directory from a history (or a simulated one)")
     t.add_argument("--data", type=Path, help="labelled history, .csv or .parquet (default: simulate one)")
     t.add_argument("--out", type=Path, required=True, help="model directory to write")
-    t.add_argument("--label-delay-hours", type=float,
-                   help="labels become visible this long after the transaction at the earliest")
+    t.add_argument("--label-delay", type=_duration, metavar="DURATION",
+                   help="fraud labels feed the features this long after the transaction at the earliest, "
+                        "e.g. 48h or 2d (default: at their fraud_reported_time, never without one)")
+    t.add_argument("--valid-from", type=_moment, metavar="TIME",
+                   help="the validation period starts here (ISO 8601 or epoch ms; default: the last 20%% of the "
+                        "history's time span)")
+    t.add_argument("--train-until", type=_moment, metavar="TIME",
+                   help="training rows end before this (default: --valid-from); earlier leaves a gap whose rows "
+                        "only feed the features")
+    t.add_argument("--review-rate", type=_fraction, default=0.005,
+                   help="share of validation transactions the REVIEW threshold sends to review (default 0.005)")
+    t.add_argument("--decline-fpr", type=_fraction, default=0.001,
+                   help="share of legitimate validation transactions the DECLINE threshold may decline "
+                        "(default 0.001)")
+    t.add_argument("--fraud-weight", type=float, default=1.0,
+                   help="weight of a fraud row against a legitimate one (default 1: calibrated probabilities; "
+                        "see docs/training.md)")
+    _max_dropped_arg(t)
     t.add_argument("--if-stale", action="store_true",
                    help="only train when --out holds no model this build can serve (used by make serve)")
     _world_args(t)
@@ -295,8 +377,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=Path, required=True, help="model directory")
     r.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
     r.add_argument("--rules", type=Path, help="rules file (default: packaged rules)")
-    r.add_argument("--label-delay-hours", type=float,
-                   help="fraud labels feed the features this long after the transaction at the earliest")
+    _label_delay_arg(r)
     r.add_argument("--reasons-method", choices=("path", "shap"), default="path",
                    help="how model reasons are attributed; use the server's FRAUDSCORE_REASONS_METHOD (default: path)")
     r.set_defaults(run=_replay)
@@ -307,8 +388,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=Path, required=True, help="labelled history (is_fraud), .csv or .parquet")
     e.add_argument("--out", type=Path,
                    help="report directory (default: <model>/evaluation-<data file name without extension>)")
-    e.add_argument("--label-delay-hours", type=float,
-                   help="fraud labels feed the features this long after the transaction at the earliest")
+    _label_delay_arg(e, default="the model's training label delay")
+    _max_dropped_arg(e)
     e.set_defaults(run=_evaluate)
 
     bt = sub.add_parser("backtest", help="replay a labelled history and report, per rule: hits, hit rate, "
@@ -318,8 +399,7 @@ def parser() -> argparse.ArgumentParser:
     bt.add_argument("--model", type=Path,
                     help="model directory: test the model-path rules on its decisions "
                          "(default: no model, test the fallback rules as the service without one)")
-    bt.add_argument("--label-delay-hours", type=float,
-                    help="fraud labels feed the features this long after the transaction at the earliest")
+    _label_delay_arg(bt)
     bt.add_argument("--out", type=Path, help="also write the per-rule table, .csv or .parquet")
     bt.set_defaults(run=_backtest)
 

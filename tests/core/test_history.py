@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import DataError
-from core.history import COLUMNS, COLUMNS_BY_NAME, History, read_history, validate_history, write_history
+from core.history import COLUMNS, COLUMNS_BY_NAME, History, validate_history, write_history
+from core.history_read import read_history
 from core.simulate import simulate
 
 FORMATS = ("csv", "csv.gz", "parquet")
@@ -107,6 +108,9 @@ coordinate = st.one_of(st.just(math.nan), st.floats(-90, 90))
 def histories(draw: Any) -> History:
     n = draw(st.integers(0, 6))
     ids = draw(st.lists(text, min_size=n, max_size=n, unique=True))
+    event_time_ms = np.array(draw(st.lists(st.integers(0, 2**61), min_size=n, max_size=n)), dtype=np.int64)
+    # A fraud is reported at or after its transaction (-1: never); anything else is refused.
+    report_delay = np.array(draw(st.lists(st.integers(-1, 2**61), min_size=n, max_size=n)), dtype=np.int64)
     return History.from_columns({
         # A suffix that is not a digit keeps ids non-empty and never PAN-shaped.
         "transaction_id": [f"{i}#" for i in ids],
@@ -116,7 +120,7 @@ def histories(draw: Any) -> History:
         "merchant_category": draw(st.lists(st.sampled_from(["", "0742", "5411"]), min_size=n, max_size=n)),
         "amount_minor": draw(st.lists(st.integers(1, 2**62), min_size=n, max_size=n)),
         "currency": draw(st.lists(st.sampled_from(["USD", "EUR", "JPY"]), min_size=n, max_size=n)),
-        "event_time_ms": draw(st.lists(st.integers(-(2**62), 2**62), min_size=n, max_size=n)),
+        "event_time_ms": event_time_ms,
         "channel": draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)),
         "country": draw(st.lists(text, min_size=n, max_size=n)),
         "latitude": draw(st.lists(coordinate, min_size=n, max_size=n)),
@@ -124,7 +128,7 @@ def histories(draw: Any) -> History:
         "device_id": draw(st.lists(text, min_size=n, max_size=n)),
         "ip_address": draw(st.lists(text, min_size=n, max_size=n)),
         "is_fraud": draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)),
-        "fraud_reported_time_ms": draw(st.lists(st.integers(-1, 2**62), min_size=n, max_size=n)),
+        "fraud_reported_time_ms": np.where(report_delay < 0, -1, event_time_ms + report_delay),
     }).sorted_by_time()
 
 

@@ -11,15 +11,18 @@ import lightgbm as lgb
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from core.errors import ModelLoadError
+from core.errors import ModelLoadError, TrainingError
 from core.evaluation import roc_auc
 from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURE_SET_VERSION
 from core.history import History
 from core.model import MANIFEST_FILE, MODEL_FILE, load_model_dir
 from core.replay import replay_features
 from core.simulate import simulate
-from core.train import train
+from core.times import iso_ms
+from core.train import operating_thresholds, time_split, train
 
 MANIFEST_KEYS = {
     "model_version", "feature_set_version", "feature_names", "categorical_features", "objective", "thresholds",
@@ -52,13 +55,21 @@ def test_the_model_directory_holds_the_model_and_its_manifest(model_dir: Path, s
     assert manifest["categorical_features"] == list(CATEGORICAL_FEATURES)
     assert manifest["objective"] == "binary"
     assert set(manifest["thresholds"]) == {"review", "decline"}
-    assert manifest["threshold_policy"] == {"review_fpr": 0.01, "decline_fpr": 0.001}
+    assert manifest["threshold_policy"] == {"review_rate": 0.005, "decline_fpr": 0.001}
     assert set(manifest["metrics"]) >= {"roc_auc", "average_precision", "recall_at_fpr_1%", "recall_at_fpr_0.1%"}
     training = manifest["training"]
     valid = validation_rows(small_history)
     assert training["rows"] + training["validation_rows"] == len(small_history)
     assert training["validation_rows"] == int(valid.sum())
+    assert training["gap_rows"] == 0
+    assert training["train_until"] == training["valid_from"]
     assert training["best_iteration"] >= 1
+    assert training["class_imbalance"] == {"fraud_weight": 1.0, "early_stopping_metric": "average_precision"}
+    assert training["params"]["metric"] == ["average_precision"]
+    assert training["data"] == {"source": "an in-memory history"}
+    assert len(training["data_fingerprint"]) == 16
+    assert set(manifest["versions"]) == {"python", "fraudscore", "lightgbm", "numpy", "numba", "pyarrow"}
+    assert manifest["versions"]["lightgbm"] == lgb.__version__
     model = load_model_dir(model_dir)
     assert model.version == manifest["model_version"]
     assert model.manifest == manifest
@@ -74,7 +85,7 @@ def test_the_numba_forest_matches_lightgbm_on_replayed_features(model_dir: Path,
     np.testing.assert_allclose(forest.predict(replayed), expected, rtol=0, atol=1e-9)
 
 
-def test_thresholds_are_ordered_and_hold_their_false_positive_rates(
+def test_thresholds_hold_their_operating_points_on_the_validation_period(
     model_dir: Path, small_history: History, replayed: np.ndarray
 ) -> None:
     manifest = manifest_of(model_dir)
@@ -85,15 +96,95 @@ def test_thresholds_are_ordered_and_hold_their_false_positive_rates(
     p = booster.predict(replayed[valid], num_threads=1)
     y = small_history.is_fraud[valid]
     legit = p[y == 0]
-    assert np.sum(legit >= review) <= np.floor(0.01 * legit.size)
     assert np.sum(legit >= decline) <= np.floor(0.001 * legit.size)
-    # Lowest such thresholds: one float lower, review would flag more than 1% of legitimate rows
+    in_review = (p >= review) & (p < decline)
+    assert in_review.sum() <= 0.005 * p.size
+    # Lowest such review threshold: one float lower, more than 0.5 % would land in REVIEW
     # (unless it was clamped at zero).
     if review > 0.0:
-        assert np.sum(legit >= np.nextafter(review, -np.inf)) > 0.01 * legit.size
+        lower = np.nextafter(review, -np.inf)
+        assert np.sum((p >= lower) & (p < decline)) > 0.005 * p.size
     # The metrics in the manifest are the validation period's.
-    assert manifest["metrics"]["roc_auc"] == pytest.approx(roc_auc(y, p), abs=1e-9)
-    assert manifest["metrics"]["valid_fraud_rate"] == pytest.approx(float(y.mean()))
+    metrics = manifest["metrics"]
+    assert metrics["roc_auc"] == pytest.approx(roc_auc(y, p), abs=1e-9)
+    assert metrics["valid_fraud_rate"] == pytest.approx(float(y.mean()))
+    assert metrics["valid_review_rate"] == pytest.approx(float(in_review.mean()))
+    assert metrics["valid_decline_fpr"] == pytest.approx(float(np.mean(legit >= decline)))
+    assert metrics["valid_recall_decline"] == pytest.approx(float(np.mean(p[y == 1] >= decline)))
+
+
+@settings(max_examples=200, deadline=None)
+# Scores below 1: a threshold lives in [0, 1], so a legitimate row at exactly 1.0 could never be
+# left undeclined (a sigmoid reaches 1.0 only past a raw score of ~37).
+@given(scores=st.lists(st.sampled_from([0.0, 0.01, 0.2, 0.5, 0.9]) | st.floats(0, 1, exclude_max=True), min_size=1,
+                       max_size=300),
+       fraud_every=st.integers(1, 20),
+       review_rate=st.floats(0, 0.5), decline_fpr=st.floats(0, 0.5))
+def test_operating_thresholds_never_exceed_their_rates_and_are_the_lowest_that_do_not(
+        scores: list[float], fraud_every: int, review_rate: float, decline_fpr: float) -> None:
+    p = np.array(scores)
+    y = (np.arange(p.size) % fraud_every == 0).astype(np.float64)
+    t = operating_thresholds(y, p, review_rate=review_rate, decline_fpr=decline_fpr)
+    assert 0.0 <= t.review <= t.decline <= 1.0
+    legit = p[y == 0]
+    declined = p >= t.decline
+    if legit.size:
+        assert np.sum(legit >= t.decline) <= decline_fpr * legit.size + 1e-9
+    reviewed = (p >= t.review) & ~declined
+    assert reviewed.sum() <= (review_rate + 1e-12) * p.size + 1e-9
+    if 0.0 < t.review < t.decline:  # not clamped: one float lower admits too many
+        lower = np.nextafter(t.review, -np.inf)
+        assert np.sum((p >= lower) & ~declined) > review_rate * p.size
+
+
+def test_time_split_defaults_to_the_last_fifth_and_honours_a_gap() -> None:
+    t = np.arange(0, 1000, dtype=np.int64)
+    default = time_split(t)
+    assert default.valid_from_ms == default.train_until_ms == 799
+    assert default.train.sum() == 799 and default.valid.sum() == 201 and not default.gap.any()
+    gapped = time_split(t, valid_from_ms=600, train_until_ms=500)
+    assert (gapped.train.sum(), gapped.gap.sum(), gapped.valid.sum()) == (500, 100, 400)
+    assert not (gapped.train & gapped.valid).any()
+    assert time_split(t, valid_from_ms=900).train_until_ms == 900
+
+
+@pytest.mark.parametrize(("valid_from", "train_until", "problem"), [
+    (500, 600, "would train on the period that judges it"),
+    (2000, None, "no validation rows"),
+    (None, 0, "no training rows"),
+])
+def test_time_split_refuses_overlap_and_empty_sides(valid_from: int | None, train_until: int | None,
+                                                    problem: str) -> None:
+    with pytest.raises(TrainingError, match=problem) as caught:
+        time_split(np.arange(0, 1000, dtype=np.int64), valid_from_ms=valid_from, train_until_ms=train_until)
+    assert "1970-01-01T00:00:00" in str(caught.value) or "--train-until" in str(caught.value)
+
+
+def test_training_windows_and_a_gap_are_written_to_the_manifest(tmp_path: Path) -> None:
+    tiny = simulate(num_days=6, num_cards=150, num_merchants=68, seed=5, fraud_scale=5.0)
+    day = 86_400_000
+    start = int(tiny.event_time_ms[0])
+    train(tiny, tmp_path / "m", valid_from_ms=start + 4 * day, train_until_ms=start + 3 * day,
+          num_boost_round=5, early_stopping_rounds=5, progress=False)
+    training = manifest_of(tmp_path / "m")["training"]
+    t = tiny.event_time_ms
+    assert training["rows"] == int(np.sum(t < start + 3 * day))
+    assert training["gap_rows"] == int(np.sum((t >= start + 3 * day) & (t < start + 4 * day)))
+    assert training["validation_rows"] == int(np.sum(t >= start + 4 * day))
+    assert training["gap_rows"] > 0
+    assert training["valid_from"] == iso_ms(start + 4 * day)
+    assert training["train_until"] == iso_ms(start + 3 * day)
+
+
+def test_a_fraud_weight_is_recorded_and_changes_the_model(tmp_path: Path) -> None:
+    tiny = simulate(num_days=3, num_cards=150, num_merchants=68, seed=5, fraud_scale=5.0)
+    plain = train(tiny, tmp_path / "a", num_boost_round=10, early_stopping_rounds=10, progress=False)
+    weighted = train(tiny, tmp_path / "b", num_boost_round=10, early_stopping_rounds=10, fraud_weight=20.0,
+                     progress=False)
+    assert plain.model_version != weighted.model_version
+    training = manifest_of(tmp_path / "b")["training"]
+    assert training["class_imbalance"]["fraud_weight"] == 20.0
+    assert training["params"]["scale_pos_weight"] == 20.0
 
 
 def test_training_twice_with_the_same_seed_gives_the_same_model(tmp_path: Path) -> None:
@@ -110,8 +201,17 @@ def test_training_twice_with_the_same_seed_gives_the_same_model(tmp_path: Path) 
 
 def test_training_refuses_a_history_too_small_to_learn_from() -> None:
     tiny = simulate(num_days=1, num_cards=10, num_merchants=68, seed=1)
-    with pytest.raises(ValueError, match="at least 100 transactions"):
+    with pytest.raises(TrainingError, match="at least 100 transactions"):
         train(tiny.slice(0, 50), Path("unused"), progress=False)
+
+
+def test_training_refuses_a_period_without_fraud_saying_what_to_do(tmp_path: Path) -> None:
+    tiny = simulate(num_days=3, num_cards=150, num_merchants=68, seed=5, fraud_scale=5.0)
+    legit_only = History(**{**tiny.columns(), "is_fraud": np.where(
+        tiny.event_time_ms >= int(tiny.event_time_ms[-1]) - 86_400_000, 0, tiny.is_fraud).astype(np.int8)})
+    with pytest.raises(TrainingError, match=r"validation period .* holds no fraud.*--valid-from"):
+        train(legit_only, tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
 
 
 # --- load_model_dir refusals ----------------------------------------------------------------------

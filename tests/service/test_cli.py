@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.history import read_history
+from core.history_read import read_history
 from core.model import load_model_dir
 from core.replay import score_history
 from service.app import load_rules
@@ -195,3 +195,87 @@ def test_evaluate_refuses_a_bad_model_or_history_with_exit_2(tmp_path: Path, mod
     assert out.returncode == 2
     assert "column 'is_fraud': no transaction is labelled fraud" in out.stderr
     assert not (model_dir / "evaluation-unlabelled").exists()
+
+
+def users_export(tmp_path: Path, *, bad_rows: int, pan: bool = False) -> Path:
+    """A simulated history as a payment team might export it: decimal amounts, ISO 8601 times,
+    and `bad_rows` rows with broken values."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    from core.encode import currency_exponent
+    from core.simulate import simulate
+    from core.times import iso_ms
+
+    h = simulate(num_days=4, num_cards=200, num_merchants=68, seed=5, fraud_scale=5.0)
+    amount = [f"{m / 10 ** currency_exponent(c):.{currency_exponent(c)}f}" for m, c in zip(
+        h.amount_minor.tolist(), h.currency.tolist(), strict=True)]
+    event_time = [iso_ms(t) for t in h.event_time_ms.tolist()]
+    for i in range(bad_rows):
+        amount[10 + 7 * i] = "n/a"
+    card_id = h.card_id.tolist()
+    if pan:
+        card_id[3] = "4111111111111111"
+    table = pa.table({
+        "transaction_id": h.transaction_id.tolist(), "card_id": card_id, "merchant_id": h.merchant_id.tolist(),
+        "merchant_category": h.merchant_category.tolist(), "amount": amount, "currency": h.currency.tolist(),
+        "event_time": event_time, "channel": h.channel.tolist(), "country": h.country.tolist(),
+        "is_fraud": h.is_fraud.tolist(), "fraud_reported_time_ms": h.fraud_reported_time_ms.tolist(),
+    })
+    path = tmp_path / "export.csv"
+    pa_csv.write_csv(table, path)
+    return path
+
+
+def test_train_on_a_users_export_drops_and_reports_bad_rows(tmp_path: Path) -> None:
+    import hashlib
+
+    from core.history_read import read_history_dropping
+    from core.times import parse_time_ms
+
+    data = users_export(tmp_path, bad_rows=3)
+    history, _ = read_history_dropping(data)
+    start = int(history.event_time_ms[0])
+    valid_from = start + 3 * 86_400_000
+    out = fraudscore("train", "--data", str(data), "--out", str(tmp_path / "m"), "--label-delay", "1d12h",
+                     "--valid-from", str(valid_from), "--train-until", "2026-01-03T00:00:00Z",
+                     "--review-rate", "0.01", "--decline-fpr", "0.002")
+    assert out.returncode == 0, out.stderr
+    assert f"read {len(history) + 3} rows from {data}: kept {len(history)}, dropped 3" in out.stdout
+    assert "column 'amount_minor' read as amount" not in out.stdout  # forms are listed by the file's name
+    assert "column 'amount' read as amount_minor" in out.stdout
+    assert "3 rows, column 'amount': expected a decimal amount" in out.stdout
+    model = load_model_dir(tmp_path / "m")
+    training = model.manifest["training"]
+    assert training["label_delay_ms"] == 36 * 3_600_000
+    assert model.manifest["threshold_policy"] == {"review_rate": 0.01, "decline_fpr": 0.002}
+    assert training["valid_from"].startswith(datetime_text(valid_from))
+    assert parse_time_ms(training["train_until"]) == parse_time_ms("2026-01-03T00:00:00Z")
+    assert training["data"]["source"] == "export.csv"  # the name, not this machine's path
+    assert training["data"]["rows_dropped"] == 3
+    assert training["data"]["dropped"][0]["first_rows"] == [11, 18, 25]
+    assert training["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    report = (tmp_path / "m" / "report.md").read_text()
+    assert "## Data read" in report and "| `amount` | expected a decimal amount" in report
+
+
+def datetime_text(ms: int) -> str:
+    from core.times import iso_ms
+
+    return iso_ms(ms)[:19]
+
+
+def test_train_refuses_a_file_that_is_mostly_bad_or_holds_card_numbers(tmp_path: Path) -> None:
+    bad = fraudscore("train", "--data", str(users_export(tmp_path, bad_rows=40)), "--out", str(tmp_path / "m"),
+                     "--max-dropped", "0.001")
+    assert bad.returncode == 2
+    assert "rows have bad values, more than the 0.10% that may be dropped" in bad.stderr
+    assert "--max-dropped" in bad.stderr
+    pan = fraudscore("train", "--data", str(users_export(tmp_path, bad_rows=0, pan=True)),
+                     "--out", str(tmp_path / "m"), "--max-dropped", "0.5")
+    assert pan.returncode == 2
+    assert "row 4, column 'card_id': value looks like a raw card number" in pan.stderr
+    assert "4111111111111111" not in pan.stderr + pan.stdout
+    assert not (tmp_path / "m").exists()
+    flag = fraudscore("train", "--out", str(tmp_path / "m"), "--valid-from", "next tuesday")
+    assert flag.returncode == 2 and "--valid-from: expected ISO 8601" in flag.stderr
