@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from core.encode import KeyHasher
 from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.features.store import load_snapshot, save_snapshot
 from core.model import LoadedModel, load_model_dir
 from core.scoring import Scorer
 from service.batcher import Item, MicroBatcher
@@ -74,13 +75,13 @@ def load_challenger(path: Path | None) -> LoadedModel | None:
     return model
 
 
-def restore_state(settings: Settings) -> EntityState:
+def restore_state(settings: Settings, hasher: KeyHasher) -> EntityState:
     """State from the last snapshot, or empty (with a clear log line) when there is none or it is unusable."""
     if settings.state_dir is not None:
         path = settings.state_dir / SNAPSHOT_FILE
         if path.exists():
             try:
-                state = EntityState.load(path, feature_set_version=FEATURE_SET_VERSION)
+                state = load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)
                 log.info("state restored", extra={"path": str(path), "cards": state.card.occupancy()})
                 if (state.card.capacity, state.merchant.capacity) != (settings.card_capacity, settings.entity_capacity):
                     log.warning("restored state keeps the snapshot's capacities, not the configured ones; "
@@ -142,7 +143,7 @@ class App:
         model_seen = model_stamp(settings.model_dir) if settings.model_dir is not None else None
         model, reason = load_model(settings.model_dir)
         challenger = load_challenger(settings.challenger_model_dir)
-        self.engine = FeatureEngine(restore_state(settings))
+        self.engine = FeatureEngine(restore_state(settings, self.hasher))
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
                                  hasher=self.hasher, metrics=self.metrics,
@@ -172,13 +173,16 @@ class App:
         if settings.id_hash_key == DEFAULT_ID_HASH_KEY:
             log.warning("FRAUDSCORE_ID_HASH_KEY is the published default: identifiers in state snapshots can be "
                         "brute-forced back; set a secret key in production")
+        elif len(settings.id_hash_key.encode()) < 16:  # the key's length only, never the key
+            log.warning("FRAUDSCORE_ID_HASH_KEY is shorter than 16 bytes: a short secret can be guessed, and with "
+                        "it identifiers in state snapshots; set at least 16 random bytes")
         self._executor: Executor | None = None
         self._batcher: MicroBatcher | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
         m = self.metrics
         m.idempotency_entries.set_function(lambda: len(self.idempotency))
-        m.idempotency_evictions.set_function(lambda: self.idempotency.evicted)
+        m.idempotency_evicted = lambda: self.idempotency.evicted
         m.model_loaded.set(1 if model else 0)
         m.model_info.labels(self.model_version, self.ruleset_version, self.feature_set_version).set(1)
         if challenger is not None:
@@ -286,7 +290,7 @@ class App:
             await self._until_settled()
             answers = await self.idempotency.completed()
             outcomes = await self.outcomes_seen.completed()
-            await asyncio.shield(asyncio.to_thread(_write_snapshot, state_dir, copy, answers, outcomes))
+            await asyncio.shield(asyncio.to_thread(_write_snapshot, state_dir, copy, self.hasher, answers, outcomes))
         log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE),
                                                   "cards": copy.card.occupancy(), "answers": len(answers),
                                                   "outcomes": len(outcomes)})
@@ -330,8 +334,8 @@ class App:
             self._metrics_server.server_close()
 
 
-def _write_snapshot(state_dir: Path, state: EntityState, answers: Remembered[bytes],
+def _write_snapshot(state_dir: Path, state: EntityState, hasher: KeyHasher, answers: Remembered[bytes],
                     outcomes: Remembered[bool]) -> None:
     """Records first, then state: if the records cannot be written, the state is not either."""
     save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes)
-    state.save(state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION)
+    save_snapshot(state, state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)

@@ -54,11 +54,38 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Exit 0 when the local server's health service says SERVING (for container health checks)."""
+    """Exit 0 when the local server's health service says SERVING (for container health checks).
+
+    Default port: FRAUDSCORE_HEALTH_PORT when > 0 (plaintext, health only), else FRAUDSCORE_PORT;
+    --tls-ca (and --tls-cert/--tls-key for mutual TLS) probe a TLS port."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+    from service.config import Settings
+
+    port = args.port
+    if port is None:
+        try:
+            settings = Settings.load()
+        except ValueError as exc:
+            print(f"fraudscore health: {exc}", file=sys.stderr)
+            return 2
+        port = settings.health_port or settings.port
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_cert is not None and args.tls_ca is None):
+        print("fraudscore health: --tls-cert and --tls-key go together, and with --tls-ca", file=sys.stderr)
+        return 2
+    target = f"{args.host}:{port}"
+    if args.tls_ca is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        try:
+            ca, cert, key = (p.read_bytes() if p is not None else None for p in (args.tls_ca, args.tls_cert, args.tls_key))
+        except OSError as exc:
+            print(f"fraudscore health: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
+        options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert), options=options)
+    with channel:
         try:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout).status
@@ -331,7 +358,13 @@ def parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING")
     h.add_argument("--host", default="127.0.0.1")
-    h.add_argument("--port", type=int, default=50051)
+    h.add_argument("--port", type=int, help="default: FRAUDSCORE_HEALTH_PORT when > 0 (plaintext, health only), "
+                                             "else FRAUDSCORE_PORT (default 50051)")
+    h.add_argument("--tls-ca", type=Path, help="probe over TLS, trusting this PEM CA bundle")
+    h.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS; with --tls-key")
+    h.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS; with --tls-cert")
+    h.add_argument("--tls-server-name", help="name to verify the server certificate against, when it does not "
+                                             "cover --host")
     h.add_argument("--service", default="", help="service name to check (default: the whole server)")
     h.add_argument("--timeout", type=float, default=2.0, help="seconds")
     h.set_defaults(run=_health)

@@ -85,7 +85,8 @@ class Settings:
     idempotency_max_entries: int = 200_000
     """Most remembered answers; the oldest go first beyond this."""
     id_hash_key: str = field(default=DEFAULT_ID_HASH_KEY, repr=False)
-    """Secret for the keyed hash of identifiers in state. Set your own; changing it forgets all state."""
+    """Secret for the keyed hash (keyed BLAKE2b) of identifiers in state, as text (its UTF-8 bytes are the
+    key). Set your own, at least 16 random bytes; changing it forgets all state. Never logged."""
     card_capacity: int = DEFAULT_CARD_CAPACITY
     """Cards tracked in state (power of two); least recently seen are evicted beyond it."""
     entity_capacity: int = DEFAULT_ENTITY_CAPACITY
@@ -94,6 +95,24 @@ class Settings:
     """How a REVIEW or DECLINE answer's model reasons are attributed: "path" (Saabas: each split
     on the transaction's path credits its feature; about a prediction's cost) or "shap" (exact
     TreeSHAP, as LightGBM's pred_contrib; ~0.2 ms a flagged transaction). docs/reasons.md."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the gRPC port (server certificate first). Set with `tls_key_file`
+    (both or neither): the port then serves TLS only. docs/security.md."""
+    tls_key_file: Path | None = None
+    """PEM private key (unencrypted) of `tls_cert_file`."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle. Set (with the certificate and key): mutual TLS, every client must present a
+    certificate signed by one of these CAs, or the handshake fails."""
+    auth_tokens_file: Path | None = None
+    """Bearer tokens, one a line (blank lines and lines starting with # skipped). Set: every call but
+    grpc.health.v1.Health and server reflection needs metadata `authorization: Bearer <token>`,
+    or ends UNAUTHENTICATED. Re-read when its content changes (`auth_tokens_reload_s`, SIGHUP)."""
+    auth_tokens_reload_s: float = 5.0
+    """Seconds between checks of the tokens file's content (a mounted Secret changes it in place);
+    a changed file is validated and swapped in, a refused one leaves the old tokens. 0: only on SIGHUP."""
+    health_port: int = 0
+    """An extra plaintext port serving only grpc.health.v1 (kubelet probes send neither TLS nor
+    tokens), with the main health service's status. 0: none."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR. Logs are JSON lines on stderr."""
     fault_injection: str = ""
@@ -145,6 +164,26 @@ class Settings:
              "must be empty, \"model-raise\", \"model-slow\" or \"pipeline-stall\"")
         need(self.shed_mode in ("refuse", "fallback"), "shed_mode", "must be \"refuse\" or \"fallback\"")
         need(self.max_stream_messages >= 1, "max_stream_messages", "must be ≥ 1")
+        need(0 <= self.health_port <= 65535, "health_port", "must be 0..65535 (0: no health port)")
+        need(self.health_port == 0 or self.health_port != self.port, "health_port",
+             "must differ from FRAUDSCORE_PORT (it serves plaintext health only)")
+        need(self.auth_tokens_reload_s >= 0, "auth_tokens_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
+        if not self.id_hash_key:  # not through need(): its message would quote the key
+            raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY is empty: a keyed hash needs a secret; set one of at least "
+                             "16 random bytes, or unset it for the published development key")
+        self._validate_tls()
+
+    def _validate_tls(self) -> None:
+        """Which TLS files go together; their content is checked at start-up (service/security.py)."""
+        cert, key = ENV_PREFIX + "TLS_CERT_FILE", ENV_PREFIX + "TLS_KEY_FILE"
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            have, missing = (cert, key) if self.tls_key_file is None else (key, cert)
+            raise ValueError(f"{missing} is missing: {have} is set, and TLS needs both the PEM certificate chain "
+                             f"({cert}) and its private key ({key}); set {missing}, or unset both to serve plaintext")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE is set but {cert} and {key} are not: mutual TLS "
+                             "needs the server's own certificate and key too; set them, or unset "
+                             f"{ENV_PREFIX}TLS_CLIENT_CA_FILE")
 
     def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **changes)

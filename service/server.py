@@ -3,7 +3,12 @@
 Start-up: load rules, model and state → bind the port with health NOT_SERVING →
 compile and warm the kernels on the pipeline thread → SERVING. SIGTERM or SIGINT:
 NOT_SERVING → stop taking calls → finish in-flight work within the grace → final
-state snapshot → exit 0. SIGHUP: reload the rules file and the model directory (service/reload.py).
+state snapshot → exit 0. SIGHUP: reload the rules file and the model directory (service/reload.py),
+and the bearer tokens file (service/security.py).
+
+Security (service/security.py, docs/security.md): the port serves plaintext, TLS or mutual TLS;
+with a tokens file an interceptor refuses calls without an accepted bearer token, except health
+and reflection; FRAUDSCORE_HEALTH_PORT adds a plaintext port serving health only.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from service.errors import (
     OverloadedError,
     StreamTooLongError,
 )
+from service.security import load_security
 from service.validation import validate_outcome, validate_transaction
 
 log = logging.getLogger("fraudscore.server")
@@ -230,36 +236,83 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    port: int = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
+    if port == 0:
+        raise OSError(f"cannot bind {what} {address}; is another server running there?")
+    return port
+
+
+def _health_server(settings: Settings, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server | None:
+    """FRAUDSCORE_HEALTH_PORT: plaintext, grpc.health.v1 only, sharing the main health servicer
+    (so its status is the main port's at every moment), for probes that can do neither TLS nor tokens."""
+    if settings.health_port == 0:
+        return None
+    # Probes are few; the bound keeps a flood on this port from queueing without limit.
+    server = grpc.aio.server(maximum_concurrent_rpcs=16, options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _bind(server, f"{settings.host}:{settings.health_port}", None, "health port")
+    return server
+
+
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and return."""
+    security = load_security(settings)  # first: a bad certificate or tokens file fails before any work
+    app = App(settings)
+    requests = app.metrics.requests
+
+    def refused(method: str) -> None:
+        service_name, _, name = method.lstrip("/").partition("/")
+        if service_name == SERVICE_NAME:  # a bounded label set: only our own methods are counted
+            requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+
     server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_concurrent_rpcs, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
-    ])
+    ], interceptors=security.interceptors(on_refused=refused))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    app = App(settings)
     pb_grpc.add_FraudScoringServicer_to_server(FraudScoringService(app), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"cannot bind gRPC port {settings.host}:{settings.port}; is another server running there?")
+    credentials = security.tls.server_credentials() if security.tls is not None else None
+    port = _bind(server, f"{settings.host}:{settings.port}", credentials, "gRPC port")
+    health_server = _health_server(settings, health_servicer)
+    log.info("security", extra={
+        "transport": security.transport, "auth": "bearer" if security.tokens is not None else "off",
+        "auth_tokens": len(security.tokens.digests) if security.tokens is not None else 0,
+        "health_port": settings.health_port})
+    if security.tokens is not None and security.tls is None:
+        log.warning("bearer tokens over plaintext: anyone on the network path can read them; set "
+                    "FRAUDSCORE_TLS_CERT_FILE and FRAUDSCORE_TLS_KEY_FILE")
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app.reloader.request)  # reload rules and model (service/reload.py)
+    watcher = security.watcher
+
+    def reload_requested() -> None:  # SIGHUP: rules and model (service/reload.py), and the tokens file
+        app.reloader.request()
+        if watcher is not None:
+            watcher.request()
+
+    loop.add_signal_handler(signal.SIGHUP, reload_requested)
+    if watcher is not None:
+        watcher.start()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline") as executor:
         await app.start(executor)
         _tune_gc()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"port": port, "metrics_port": app.metrics_port, "model_version": app.model_version,
+        log.info("serving", extra={"port": port, "metrics_port": app.metrics_port, "health_port": settings.health_port,
+                                   "transport": security.transport, "model_version": app.model_version,
                                    "ruleset_version": app.ruleset_version, "feature_set_version": app.feature_set_version})
         if ready is not None:
             ready(port)
@@ -269,7 +322,11 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         app.serving = False
         await server.stop(settings.shutdown_grace_s)
+        if watcher is not None:
+            await watcher.stop()
         await app.stop()
+        if health_server is not None:  # last: probes see NOT_SERVING, not a refused connection, while draining
+            await health_server.stop(0)
     with contextlib.suppress(Exception):
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

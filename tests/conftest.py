@@ -63,8 +63,10 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, *, model_dir: Path | None, state_dir: Path | None = None,
-                 extra_env: dict[str, str] | None = None, timeout_s: float = 120.0) -> ServerProcess:
-    """Start `fraudscore serve` as a real process and wait until health says SERVING."""
+                 extra_env: dict[str, str] | None = None, timeout_s: float = 120.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> ServerProcess:
+    """Start `fraudscore serve` as a real process and wait until health says SERVING
+    (asked over TLS with `credentials` when given, for a server whose port serves TLS)."""
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSCORE_")}
     env.update({
@@ -84,7 +86,9 @@ def start_server(tmp: Path, *, model_dir: Path | None, state_dir: Path | None = 
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, port, metrics_port, log_path)
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(server.target) as channel:
+    channel = (grpc.insecure_channel(server.target) if credentials is None
+               else grpc.secure_channel(server.target, credentials))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:

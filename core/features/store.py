@@ -9,18 +9,40 @@ behind the interface, for tests and as the model of what a store must do.
 
 A row is one entity of one kind: its key, `last_seen_ms`, and its `values` and `tags`
 slots in the layout of `core.features.state` (V and T per kind, read from the arrays).
+
+`save_snapshot` / `load_snapshot` persist the local store, stamped with the scheme and key
+fingerprint of the `KeyHasher` that made its keys, so state keyed otherwise is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from numba import njit
 
+from core.encode import KeyHasher
 from core.features.kernels import find_slot
-from core.features.state import MAX_PROBE, EntityState, EntityTable
+
+# The snapshot layout's private helpers: the keyed snapshot lives here, not in state.py,
+# because state.py's bytes are part of FEATURE_SET_VERSION, and the hash of identifiers
+# is no part of what a model learnt (every deployment has its own key anyway).
+from core.features.state import (
+    _LAYOUT,
+    _TABLE_ARRAYS,
+    MAX_PROBE,
+    EntityState,
+    EntityTable,
+    _checked_table,
+    _read_snapshot,
+)
+from core.files import write_atomically
+
+KEYED_SNAPSHOT_FORMAT = 2
+"""Format 2 is format 1 (`EntityState.save`) plus `key_scheme` and `key_fingerprint`. A build
+that reads only format 1 refuses it, so a rollback cannot read these keys as its own either."""
 
 _U64, _I64, _F64 = np.dtype(np.uint64), np.dtype(np.int64), np.dtype(np.float64)
 
@@ -182,3 +204,59 @@ def _find_slots(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
             if keys[j] == 0:
                 break
     return slots
+
+
+def save_snapshot(state: EntityState, path: Path, *, feature_set_version: str, hasher: KeyHasher) -> None:
+    """Write a snapshot of `state`, whose keys `hasher` made, atomically (temporary file, fsync, rename).
+
+    Stamped with the hasher's scheme and key fingerprint (never the key).
+    """
+    arrays: dict[str, Any] = {
+        "format": np.array([KEYED_SNAPSHOT_FORMAT]),
+        "feature_set_version": np.array([feature_set_version]),
+        "key_scheme": np.array([hasher.scheme]),
+        "key_fingerprint": np.array([hasher.fingerprint]),
+    }
+    for t in state.tables():
+        for name in _TABLE_ARRAYS:
+            arrays[f"{t.kind}.{name}"] = getattr(t, name)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def load_snapshot(path: Path, *, feature_set_version: str, hasher: KeyHasher) -> EntityState:
+    """Read a snapshot written by `save_snapshot` with the same key scheme and key as `hasher`.
+
+    Raises ValueError saying what is wrong when the snapshot is corrupt, from other kernels,
+    or keyed otherwise: by an older scheme (format 1, xxh64 keys), another scheme, or another
+    FRAUDSCORE_ID_HASH_KEY. Such keys mean nothing to `hasher`; mixed into its state they would
+    never match a card again, so the whole snapshot is refused.
+    """
+    arrays = _read_snapshot(path)  # the format-1 arrays: opened, checked and refused alike
+    found_format = arrays["format"].ravel().tolist()
+    if found_format == [1]:
+        raise ValueError("snapshot format 1 carries no key stamp (written before keyed BLAKE2b, when identifiers "
+                         f"were hashed with xxh64): its keys mean nothing to key scheme {hasher.scheme}")
+    if found_format != [KEYED_SNAPSHOT_FORMAT]:
+        raise ValueError(f"snapshot format {', '.join(map(str, found_format))}, expected {KEYED_SNAPSHOT_FORMAT}")
+    scheme, fingerprint = _read_key_stamp(path)
+    if scheme != hasher.scheme:
+        raise ValueError(f"snapshot keys were made by key scheme {scheme}, this server's are {hasher.scheme}")
+    if fingerprint != hasher.fingerprint:
+        # Neither fingerprint is said: a log reader could test guessed keys against one.
+        raise ValueError("snapshot keys were made with another FRAUDSCORE_ID_HASH_KEY (the key fingerprints "
+                         "differ): they mean nothing under this key")
+    found = [str(v) for v in arrays["feature_set_version"].ravel().tolist()]
+    if found != [feature_set_version]:
+        raise ValueError(f"snapshot is for feature set {', '.join(found)}, these kernels are {feature_set_version}")
+    return EntityState(**{kind: _checked_table(kind, arrays) for kind in _LAYOUT})
+
+
+def _read_key_stamp(path: Path) -> tuple[str, str]:
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            scheme, fingerprint = data["key_scheme"].ravel().tolist(), data["key_fingerprint"].ravel().tolist()
+    except Exception as exc:  # as _read_snapshot: every way damaged bytes fail is one ValueError
+        raise ValueError(f"unreadable snapshot key stamp: {exc.__class__.__name__}: {exc}") from exc
+    if len(scheme) != 1 or len(fingerprint) != 1:
+        raise ValueError("snapshot key stamp is not one scheme and one fingerprint")
+    return str(scheme[0]), str(fingerprint[0])

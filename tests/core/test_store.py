@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +17,26 @@ from hypothesis import strategies as st
 
 from core.encode import KeyHasher
 from core.errors import StateStoreError
-from core.features import NUM_FEATURES, EntityState, FeatureEngine, kernels
+from core.features import FEATURE_SET_VERSION, NUM_FEATURES, EntityState, FeatureEngine, kernels
 from core.features.state import EntityTable
-from core.features.store import LocalStore, StateStore, StoredRows
-from tests.core.test_features import Report, Txn, encode, event_streams, run_engine
+from core.features.store import (
+    KEYED_SNAPSHOT_FORMAT,
+    LocalStore,
+    StateStore,
+    StoredRows,
+    load_snapshot,
+    save_snapshot,
+)
+from tests.core.test_features import (
+    Report,
+    Txn,
+    assert_same_state,
+    busy_state,
+    encode,
+    event_streams,
+    rewrite,
+    run_engine,
+)
 
 Event = Txn | Report
 BASE_MS = 1_767_225_600_000
@@ -287,3 +304,68 @@ def test_an_engine_on_a_store_has_no_in_process_state() -> None:
     assert FeatureEngine(state).state is state
     with pytest.raises(TypeError, match="EntityState or a StateStore"):
         FeatureEngine(object())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- keyed snapshots
+
+
+@pytest.fixture
+def keyed_snapshot(tmp_path: Path) -> tuple[Path, EntityState]:
+    engine, events = busy_state()
+    run_engine(events, engine=engine)
+    path = tmp_path / "state.npz"
+    save_snapshot(engine.state, path, feature_set_version=FEATURE_SET_VERSION, hasher=_HASHER)
+    return path, engine.state
+
+
+def test_keyed_snapshot_round_trips(keyed_snapshot: tuple[Path, EntityState]) -> None:
+    path, state = keyed_snapshot
+    restored = load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=KeyHasher(b"test_store"))
+    assert_same_state(restored, state)
+    with np.load(path) as data:  # a fingerprint, never the key
+        assert data["key_fingerprint"].tolist() == [_HASHER.fingerprint]
+        assert b"test_store" not in b"".join(data[name].tobytes() for name in data.files)
+
+
+def test_snapshot_made_with_another_key_is_refused(keyed_snapshot: tuple[Path, EntityState]) -> None:
+    other = KeyHasher(b"another-key-0123456789")
+    with pytest.raises(ValueError, match="another FRAUDSCORE_ID_HASH_KEY") as refused:
+        load_snapshot(keyed_snapshot[0], feature_set_version=FEATURE_SET_VERSION, hasher=other)
+    # Neither fingerprint is in the message (a log reader could test guessed keys against one).
+    assert other.fingerprint not in str(refused.value) and _HASHER.fingerprint not in str(refused.value)
+
+
+def test_snapshot_of_another_key_scheme_is_refused(keyed_snapshot: tuple[Path, EntityState]) -> None:
+    path = keyed_snapshot[0]
+    rewrite(path, key_scheme=np.array(["sha3-64"]))
+    with pytest.raises(ValueError, match="key scheme sha3-64, this server's are blake2b-64"):
+        load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=_HASHER)
+    rewrite(path, drop="key_scheme")
+    with pytest.raises(ValueError, match="unreadable snapshot key stamp"):
+        load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=_HASHER)
+
+
+def test_unstamped_format_1_snapshot_is_refused_as_xxh64_keyed(tmp_path: Path) -> None:
+    # What every snapshot before keyed BLAKE2b is: xxh64 keys that would never match again.
+    engine, events = busy_state()
+    run_engine(events, engine=engine)
+    path = tmp_path / "state.npz"
+    engine.state.save(path, feature_set_version=FEATURE_SET_VERSION)
+    with pytest.raises(ValueError, match=r"format 1 carries no key stamp .*xxh64"):
+        load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=_HASHER)
+
+
+def test_keyed_snapshot_is_refused_by_a_format_1_reader(keyed_snapshot: tuple[Path, EntityState]) -> None:
+    # A rollback to a build that hashed with xxh64 must not take these keys for its own.
+    with pytest.raises(ValueError, match=f"format {KEYED_SNAPSHOT_FORMAT}, expected 1"):
+        EntityState.load(keyed_snapshot[0], feature_set_version=FEATURE_SET_VERSION)
+
+
+def test_keyed_snapshot_of_another_feature_set_or_damaged_is_refused(
+        keyed_snapshot: tuple[Path, EntityState]) -> None:
+    path = keyed_snapshot[0]
+    with pytest.raises(ValueError, match="feature set"):
+        load_snapshot(path, feature_set_version="fs-000000000000", hasher=_HASHER)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="unreadable snapshot"):
+        load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=_HASHER)

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.encode import KeyHasher
+from core.features import FEATURE_SET_VERSION, EntityState
 from tests.conftest import REPO, ServerProcess, start_server
 from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, status_codes, txn, uid, value
 
@@ -121,7 +123,11 @@ def test_sigterm_drains_snapshots_state_and_a_restart_restores_it(tmp_path: Path
     srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir)
     card = uid("card")
     a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
-    b = txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000)
+    # Same card, device, IP and merchant: b's features depend on a through every entity kind, so
+    # `expected != as_if_new` below holds whatever the test model learnt (a small model may
+    # ignore a card's history alone, as one trained on other key bits did).
+    b = txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000, device_id=a.device_id,
+            ip_address=a.ip_address, merchant_id=a.merchant_id)
     results: list[grpc.StatusCode] = []
 
     def load() -> None:
@@ -414,3 +420,41 @@ def test_a_message_over_the_size_limit_is_refused_with_a_status_and_the_server_k
         assert value(scrape(srv), "fraudscore_state_entities", kind="card") == 1  # the refused batch changed nothing
     finally:
         assert srv.stop() == 0
+
+
+def test_state_keyed_otherwise_is_refused_at_restart_and_the_server_starts_empty(tmp_path: Path,
+                                                                                  model_dir: Path) -> None:
+    # Keys made with another FRAUDSCORE_ID_HASH_KEY, or by xxh64 before keyed BLAKE2b, would never
+    # match a card again: the snapshot is refused whole, saying why, never mixed in.
+    state_dir, snapshot = tmp_path / "state", tmp_path / "state" / "state.npz"
+    first_key, second_key = "first-secret-0123456789abcdef", "second-secret-0123456789abcdef"
+    logs: list[str] = []
+
+    def serve(key: str, *, score: bool = False) -> str:
+        srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir,
+                           extra_env={"FRAUDSCORE_ID_HASH_KEY": key})
+        try:
+            if score:
+                with grpc.insecure_channel(srv.target) as ch:
+                    pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=txn()), timeout=5)
+        finally:
+            assert srv.stop() == 0  # SIGTERM: a final snapshot, stamped with this key
+        logs.append(srv.log())
+        return logs[-1]
+
+    serve(first_key, score=True)
+    assert "state restored" in serve(first_key)  # the same key: restored
+    log = serve(second_key)
+    assert "state snapshot refused; starting with empty state" in log and "state restored" not in log
+    assert "another FRAUDSCORE_ID_HASH_KEY" in log
+    assert "state restored" in serve(second_key)  # the snapshot written at that shutdown is the new key's
+
+    EntityState.empty(card_capacity=4096, merchant_capacity=4096, customer_capacity=4096, device_capacity=4096,
+                      ip_capacity=4096).save(snapshot, feature_set_version=FEATURE_SET_VERSION)
+    log = serve(second_key)
+    assert "state snapshot refused; starting with empty state" in log and "xxh64" in log
+
+    for text in logs:  # never the key, nor its fingerprint
+        assert first_key not in text and second_key not in text
+        assert KeyHasher(first_key.encode()).fingerprint not in text
+        assert KeyHasher(second_key.encode()).fingerprint not in text

@@ -44,3 +44,11 @@ def test_settings_are_frozen() -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         Settings.load(env=env)
+
+
+def test_id_hash_key_is_read_as_text_never_shown_and_never_empty() -> None:
+    secret = "a-production-secret-0123456789"
+    s = Settings.load(env={"FRAUDSCORE_ID_HASH_KEY": secret})
+    assert s.id_hash_key == secret and secret not in repr(s)
+    with pytest.raises(ValueError, match="FRAUDSCORE_ID_HASH_KEY is empty"):
+        Settings.load(env={"FRAUDSCORE_ID_HASH_KEY": ""})
