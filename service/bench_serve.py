@@ -107,8 +107,11 @@ def _server_side(before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
     """What the server itself saw between two scrapes: Score calls by code, fallbacks by reason,
     and the share of answered Score calls inside the budget by its own clock."""
     def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        """Change of `name`, summed over every series carrying these labels (e.g. all codes)."""
+        def total(seen: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+            wanted = labels.items()
+            return sum(v for (n, ls), v in seen.items() if n == name and wanted <= dict(ls).items())
+        return total(after) - total(before)
 
     codes = {dict(labels)["code"]: after[(name, labels)] - before.get((name, labels), 0.0)
              for (name, labels) in after if name == "fraudscore_requests_total" and ("method", "Score") in labels}

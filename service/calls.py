@@ -1,10 +1,11 @@
-"""Call plumbing shared by the RPC handlers: per-method metrics, the one place errors become
-status codes, and waiting for answers without cancelling the work behind them."""
+"""Call plumbing shared by the RPC handlers: per-method metrics, the request id, the one place
+errors become status codes, and waiting for answers without cancelling the work behind them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from core.errors import FraudscoreError
+from service import logs
 from service.errors import status_of
 from service.metrics import Metrics
 
@@ -34,16 +36,41 @@ class Calls:
     __slots__ = ("_by_code", "_duration", "_requests", "method")
 
     def __init__(self, metrics: Metrics, method: str) -> None:
-        self._requests, self.method = metrics.requests, method
-        self._duration = metrics.request_duration.labels(method)
-        self._by_code: dict[grpc.StatusCode, Any] = {}
+        self._requests, self._duration, self.method = metrics.requests, metrics.request_duration, method
+        self._by_code: dict[grpc.StatusCode, tuple[Any, Any]] = {}
 
     def count(self, code: grpc.StatusCode, started: float) -> None:
-        child = self._by_code.get(code)
-        if child is None:
-            child = self._by_code[code] = self._requests.labels(self.method, code.name)
-        child.inc()
-        self._duration.observe(time.perf_counter() - started)
+        children = self._by_code.get(code)
+        if children is None:
+            children = self._by_code[code] = (self._requests.labels(self.method, code.name),
+                                              self._duration.labels(self.method, code.name))
+        took = time.perf_counter() - started
+        children[0].inc()
+        children[1].observe(took)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("call finished", extra={"method": self.method, "code": code.name,
+                                              "duration_ms": round(took * 1000, 3)})
+
+
+def start_call(context: grpc.aio.ServicerContext) -> contextvars.Token[str | None]:
+    """The call's request id: the client's `x-request-id` if it sent a valid one, else a new one.
+    Set for the handler's log lines and sent back in the trailing metadata."""
+    rid = None
+    for key, value in context.invocation_metadata() or ():
+        if key == logs.REQUEST_ID_HEADER:
+            if isinstance(value, str) and logs.valid_request_id(value):
+                rid = value
+            break
+    if rid is None:
+        rid = logs.new_request_id()
+    context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, rid),))
+    return logs.request_id.set(rid)
+
+
+def end_call(token: contextvars.Token[str | None]) -> None:
+    # A stream's generator may be closed from another task (its context then differs): nothing to undo there.
+    with contextlib.suppress(ValueError):
+        logs.request_id.reset(token)
 
 
 async def _failed(exc: BaseException, calls: Calls, started: float, context: grpc.aio.ServicerContext) -> None:
@@ -59,20 +86,25 @@ async def _failed(exc: BaseException, calls: Calls, started: float, context: grp
     if not isinstance(exc, FraudscoreError):
         log.exception("unexpected error in %s", calls.method, exc_info=exc)
     code, message = status_of(exc)
+    if log.isEnabledFor(logging.DEBUG):  # the class only: an error's text may quote the input
+        log.debug("call refused", extra={"method": calls.method, "code": code.name, "error": type(exc).__name__})
     calls.count(code, started)
     await _abort(context, code, message)
 
 
 @contextlib.asynccontextmanager
 async def observed(calls: Calls, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """`_failed` around a streaming call; counts it OK when it ends without error."""
+    """`_failed` around a streaming call, with its request id; counts it OK when it ends without error."""
     started = time.perf_counter()
+    token = start_call(context)
     try:
         yield
     except BaseException as exc:  # _failed re-raises what it does not answer
         await _failed(exc, calls, started, context)
     else:
         calls.count(grpc.StatusCode.OK, started)
+    finally:
+        end_call(token)
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -89,13 +121,17 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., 
         async def handler(self: HasCalls, request: Any, context: grpc.aio.ServicerContext) -> R:
             calls = self.calls[method]
             started = time.perf_counter()
+            token = start_call(context)
             try:
-                result = await fn(self, request, context)
-            except BaseException as exc:  # _failed re-raises what it does not answer
-                await _failed(exc, calls, started, context)
-                raise AssertionError("unreachable: errors end in context.abort, which raises") from exc
-            calls.count(grpc.StatusCode.OK, started)
-            return result
+                try:
+                    result = await fn(self, request, context)
+                except BaseException as exc:  # _failed re-raises what it does not answer
+                    await _failed(exc, calls, started, context)
+                    raise AssertionError("unreachable: errors end in context.abort, which raises") from exc
+                calls.count(grpc.StatusCode.OK, started)
+                return result
+            finally:
+                end_call(token)
         return handler
     return decorate
 

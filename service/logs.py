@@ -1,18 +1,46 @@
-"""Structured logs: one JSON object per line on stderr, via orjson.
+"""Structured logs: one JSON object per line on stderr, via orjson, with the request id of
+the call a line is about (`request_id`, from the `x-request-id` metadata or generated).
 
-Never pass identifiers (card, customer, device, IP, transaction id) or amounts to a log
-call; log counts, codes and hashed ids only.
+Never pass identifiers (card, customer, merchant, device, IP, transaction id) or amounts to
+a log call; log counts, codes and hashed ids only. As a second line of defence, fields
+passed under those names are written as "[redacted]".
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import re
+import secrets
 import sys
+import traceback
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import orjson
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+_SENSITIVE = frozenset({"card_id", "customer_id", "merchant_id", "device_id", "ip_address", "transaction_id",
+                        "amount", "amount_minor", "latitude", "longitude", "transaction", "request"})
+
+# The id of the call being handled (set by service/calls.py for the handler's task); None elsewhere,
+# e.g. on the pipeline thread, whose lines are about batches of many calls.
+request_id: ContextVar[str | None] = ContextVar("fraudscore_request_id", default=None)
+REQUEST_ID_HEADER = "x-request-id"
+# What a client may send: a UUID, a trace id, a ULID… Anything else is replaced, not echoed.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
+# Generated ids: a random per-process prefix and a counter (unique, and cheaper than uuid4 per call).
+_GENERATED_PREFIX = secrets.token_hex(6)
+_generated = itertools.count(1)
+
+
+def valid_request_id(value: str) -> bool:
+    """Whether a client-sent request id is usable: 1–128 characters of [A-Za-z0-9._:+=/-]."""
+    return _VALID_REQUEST_ID.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    return f"{_GENERATED_PREFIX}-{next(_generated):x}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,12 +51,17 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = request_id.get()
+        if rid is not None:
+            entry["request_id"] = rid
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = "[redacted]" if key in _SENSITIVE else value
         if record.exc_info and record.exc_info[0] is not None:
+            # The frames and the exception's class, not its message: a message may quote input
+            # (`KeyError('card-…')`), and input never reaches the log.
             entry["error"] = record.exc_info[0].__name__
-            entry["traceback"] = self.formatException(record.exc_info)
+            entry["traceback"] = "".join(traceback.format_tb(record.exc_info[2])) + record.exc_info[0].__name__
         return orjson.dumps(entry, default=str).decode()
 
 
