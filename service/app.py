@@ -1,8 +1,9 @@
 """The server's parts wired together: settings → rules, model, state → pipeline, batcher, metrics.
 
 Snapshots: the entity state and, beside it, the idempotency records (answers and outcome
-reports seen), written together periodically and at shutdown, restored at start. Why the
-two stay consistent: `App.snapshot` and docs/design.md ("Idempotency across restarts").
+reports seen), written together periodically and at shutdown (`App.snapshot`), restored at
+start (service/restore.py). Why the two stay consistent: `App.snapshot` and docs/design.md
+("Idempotency across restarts").
 """
 
 from __future__ import annotations
@@ -13,118 +14,34 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from fraudscore.v1 import fraudscore_pb2 as pb
 from prometheus_client import start_http_server
 
 from core.encode import KeyHasher
-from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
-from core.features.store import load_snapshot, save_snapshot
-from core.model import LoadedModel, load_model_dir
 from core.scoring import Scorer
 from service.batcher import Item, MicroBatcher
 from service.config import DEFAULT_ID_HASH_KEY, Settings
-from service.idempotency import IdempotencyCache, Remembered
-from service.idempotency_store import RECORDS_FILE, load_records, save_records
+from service.idempotency import IdempotencyCache
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
 from service.reload import Reloader, load_rules, loaded_stamp, model_stamp, rules_stamp
+from service.restore import (
+    SNAPSHOT_FILE,
+    load_challenger,
+    load_model,
+    restore_idempotency,
+    restore_state,
+    write_snapshot,
+)
 
 log = logging.getLogger("fraudscore.app")
-SNAPSHOT_FILE = "state.npz"
 # How long a snapshot waits for answers already in its state copy to reach their calls. They
 # arrive within a few event-loop turns; running out means a bug, and the snapshot is skipped.
 DELIVERY_TIMEOUT_S = 10.0
 T = TypeVar("T")
-
-
-def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
-    """The model, or None and the fallback reason (the service then answers from the fallback rules)."""
-    if path is None:
-        return None, "no_model"
-    if not path.exists():
-        log.error("model directory not found; serving from fallback rules", extra={"model_dir": str(path)})
-        return None, "no_model"
-    try:
-        return load_model_dir(path), ""
-    except ModelLoadError as exc:
-        log.error("model refused; serving from fallback rules", extra={"model_dir": str(path), "reason": exc.reason})
-        return None, "model_load_failed"
-
-
-def load_challenger(path: Path | None) -> LoadedModel | None:
-    """The challenger model, or None (logged why) when unset, missing or refused: never fails start-up."""
-    if path is None:
-        return None
-    if not path.exists():
-        log.error("challenger model directory not found; running without a challenger",
-                  extra={"challenger_model_dir": str(path)})
-        return None
-    try:
-        model = load_model_dir(path)
-    except Exception as exc:  # a challenger must never stop the service from starting
-        reason = exc.reason if isinstance(exc, ModelLoadError) else f"{exc.__class__.__name__}: {exc}"
-        log.error("challenger model refused; running without a challenger",
-                  extra={"challenger_model_dir": str(path), "reason": reason})
-        return None
-    log.info("challenger model loaded; scored in shadow, never answered",
-             extra={"challenger_model_dir": str(path), "model_version": model.version})
-    return model
-
-
-def restore_state(settings: Settings, hasher: KeyHasher) -> EntityState:
-    """State from the last snapshot, or empty (with a clear log line) when there is none or it is unusable."""
-    if settings.state_dir is not None:
-        path = settings.state_dir / SNAPSHOT_FILE
-        if path.exists():
-            try:
-                state = load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)
-                log.info("state restored", extra={"path": str(path), "cards": state.card.occupancy()})
-                if (state.card.capacity, state.merchant.capacity) != (settings.card_capacity, settings.entity_capacity):
-                    log.warning("restored state keeps the snapshot's capacities, not the configured ones; "
-                                "delete the snapshot to start over with the new capacities",
-                                extra={"card_capacity": state.card.capacity,
-                                       "entity_capacity": state.merchant.capacity})
-                return state
-            except ValueError as exc:
-                log.error("state snapshot refused; starting with empty state", extra={"path": str(path), "reason": str(exc)})
-    return EntityState.empty(card_capacity=settings.card_capacity, merchant_capacity=settings.entity_capacity,
-                             customer_capacity=settings.entity_capacity, device_capacity=settings.entity_capacity,
-                             ip_capacity=settings.entity_capacity)
-
-
-def restore_idempotency(settings: Settings, answers: IdempotencyCache[pb.ScoreResponse, bytes],
-                        outcomes: IdempotencyCache[bool, bool]) -> None:
-    """Saved answers and outcome reports, if intact; restored whether or not the state snapshot was.
-
-    Records without the state they describe make a retry return its first answer without
-    counting (the count went with the state): no transaction counts twice. The reverse,
-    state without its records, would count retries twice; a refused records file cannot
-    be helped, and the state is kept all the same (losing every entity's history would cost
-    more than counting a few retries twice), with an error saying so.
-    """
-    if settings.state_dir is None:
-        return
-    path = settings.state_dir / RECORDS_FILE
-    if not path.exists():
-        if (settings.state_dir / SNAPSHOT_FILE).exists():
-            log.warning("no idempotency records beside the state snapshot; retries of transactions scored "
-                        "before this restart will be scored and counted again", extra={"path": str(path)})
-        return
-    try:
-        saved = load_records(path)
-    except ValueError as exc:
-        log.error("idempotency records refused; starting with no idempotency records: retries of transactions "
-                  "scored before this restart will be scored and counted again",
-                  extra={"path": str(path), "reason": str(exc)})
-        return
-    kept_answers, kept_outcomes = answers.restore(saved.answers), outcomes.restore(saved.outcomes)
-    log.info("idempotency records restored", extra={
-        "path": str(path), "answers": kept_answers, "outcomes": kept_outcomes,
-        "dropped_expired_or_over_bound": len(saved.answers) + len(saved.outcomes) - kept_answers - kept_outcomes})
 
 
 class App:
@@ -290,7 +207,7 @@ class App:
             await self._until_settled()
             answers = await self.idempotency.completed()
             outcomes = await self.outcomes_seen.completed()
-            await asyncio.shield(asyncio.to_thread(_write_snapshot, state_dir, copy, self.hasher, answers, outcomes))
+            await asyncio.shield(asyncio.to_thread(write_snapshot, state_dir, copy, self.hasher, answers, outcomes))
         log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE),
                                                   "cards": copy.card.occupancy(), "answers": len(answers),
                                                   "outcomes": len(outcomes)})
@@ -332,10 +249,3 @@ class App:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-
-
-def _write_snapshot(state_dir: Path, state: EntityState, hasher: KeyHasher, answers: Remembered[bytes],
-                    outcomes: Remembered[bool]) -> None:
-    """Records first, then state: if the records cannot be written, the state is not either."""
-    save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes)
-    save_snapshot(state, state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)

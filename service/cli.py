@@ -41,10 +41,10 @@ def _warm(args: argparse.Namespace) -> int:
     """Compile every kernel into Numba's on-disk cache (used at image build time)."""
     from core.encode import KeyHasher
     from core.scoring import Scorer
-    from service.app import load_model
     from service.config import Settings
     from service.pipeline import warm_up
     from service.reload import load_rules
+    from service.restore import load_model
 
     settings = Settings.load(model_dir=args.model)
     model, _ = load_model(settings.model_dir)

@@ -1,0 +1,118 @@
+"""What a server starts from: its models, and the state and idempotency records it kept
+across a restart (written by `write_snapshot`, restored by `restore_state` and
+`restore_idempotency`). Nothing here stops a start-up: whatever cannot be used is logged
+with the reason and replaced by its safe default (no model: fallback rules; no state:
+empty state; no records: none).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.encode import KeyHasher
+from core.errors import ModelLoadError
+from core.features import FEATURE_SET_VERSION, EntityState
+from core.features.store import load_snapshot, save_snapshot
+from core.model import LoadedModel, load_model_dir
+from service.config import Settings
+from service.idempotency import IdempotencyCache, Remembered
+from service.idempotency_store import RECORDS_FILE, load_records, save_records
+
+log = logging.getLogger("fraudscore.app")
+SNAPSHOT_FILE = "state.npz"
+
+
+def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
+    """The model, or None and the fallback reason (the service then answers from the fallback rules)."""
+    if path is None:
+        return None, "no_model"
+    if not path.exists():
+        log.error("model directory not found; serving from fallback rules", extra={"model_dir": str(path)})
+        return None, "no_model"
+    try:
+        return load_model_dir(path), ""
+    except ModelLoadError as exc:
+        log.error("model refused; serving from fallback rules", extra={"model_dir": str(path), "reason": exc.reason})
+        return None, "model_load_failed"
+
+
+def load_challenger(path: Path | None) -> LoadedModel | None:
+    """The challenger model, or None (logged why) when unset, missing or refused: never fails start-up."""
+    if path is None:
+        return None
+    if not path.exists():
+        log.error("challenger model directory not found; running without a challenger",
+                  extra={"challenger_model_dir": str(path)})
+        return None
+    try:
+        model = load_model_dir(path)
+    except Exception as exc:  # a challenger must never stop the service from starting
+        reason = exc.reason if isinstance(exc, ModelLoadError) else f"{exc.__class__.__name__}: {exc}"
+        log.error("challenger model refused; running without a challenger",
+                  extra={"challenger_model_dir": str(path), "reason": reason})
+        return None
+    log.info("challenger model loaded; scored in shadow, never answered",
+             extra={"challenger_model_dir": str(path), "model_version": model.version})
+    return model
+
+
+def restore_state(settings: Settings, hasher: KeyHasher) -> EntityState:
+    """State from the last snapshot, or empty (with a clear log line) when there is none or it is unusable."""
+    if settings.state_dir is not None:
+        path = settings.state_dir / SNAPSHOT_FILE
+        if path.exists():
+            try:
+                state = load_snapshot(path, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)
+                log.info("state restored", extra={"path": str(path), "cards": state.card.occupancy()})
+                if (state.card.capacity, state.merchant.capacity) != (settings.card_capacity, settings.entity_capacity):
+                    log.warning("restored state keeps the snapshot's capacities, not the configured ones; "
+                                "delete the snapshot to start over with the new capacities",
+                                extra={"card_capacity": state.card.capacity,
+                                       "entity_capacity": state.merchant.capacity})
+                return state
+            except ValueError as exc:
+                log.error("state snapshot refused; starting with empty state", extra={"path": str(path), "reason": str(exc)})
+    return EntityState.empty(card_capacity=settings.card_capacity, merchant_capacity=settings.entity_capacity,
+                             customer_capacity=settings.entity_capacity, device_capacity=settings.entity_capacity,
+                             ip_capacity=settings.entity_capacity)
+
+
+def restore_idempotency(settings: Settings, answers: IdempotencyCache[pb.ScoreResponse, bytes],
+                        outcomes: IdempotencyCache[bool, bool]) -> None:
+    """Saved answers and outcome reports, if intact; restored whether or not the state snapshot was.
+
+    Records without the state they describe make a retry return its first answer without
+    counting (the count went with the state): no transaction counts twice. The reverse,
+    state without its records, would count retries twice; a refused records file cannot
+    be helped, and the state is kept all the same (losing every entity's history would cost
+    more than counting a few retries twice), with an error saying so.
+    """
+    if settings.state_dir is None:
+        return
+    path = settings.state_dir / RECORDS_FILE
+    if not path.exists():
+        if (settings.state_dir / SNAPSHOT_FILE).exists():
+            log.warning("no idempotency records beside the state snapshot; retries of transactions scored "
+                        "before this restart will be scored and counted again", extra={"path": str(path)})
+        return
+    try:
+        saved = load_records(path)
+    except ValueError as exc:
+        log.error("idempotency records refused; starting with no idempotency records: retries of transactions "
+                  "scored before this restart will be scored and counted again",
+                  extra={"path": str(path), "reason": str(exc)})
+        return
+    kept_answers, kept_outcomes = answers.restore(saved.answers), outcomes.restore(saved.outcomes)
+    log.info("idempotency records restored", extra={
+        "path": str(path), "answers": kept_answers, "outcomes": kept_outcomes,
+        "dropped_expired_or_over_bound": len(saved.answers) + len(saved.outcomes) - kept_answers - kept_outcomes})
+
+
+def write_snapshot(state_dir: Path, state: EntityState, hasher: KeyHasher, answers: Remembered[bytes],
+                    outcomes: Remembered[bool]) -> None:
+    """Records first, then state: if the records cannot be written, the state is not either."""
+    save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes)
+    save_snapshot(state, state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)
