@@ -7,7 +7,7 @@ PROTO_OUT := protos/fraudscore/v1/fraudscore_pb2.py
 MODEL_DIR ?= models/default
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint proto model bench clean
+.PHONY: serve test lint proto model bench clean loadtest
 
 # The environment: created once, reinstalled when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -39,6 +39,20 @@ lint: $(PROTO_OUT)
 
 bench: model
 	$(BIN)/fraudscore bench --model $(MODEL_DIR)
+
+# Headless locust run against a server you started (`make serve`): loopback hosts only.
+# Latency percentiles and failures in loadtest/results/<name>_stats.csv (and _stats_history.csv,
+# _failures.csv, _exceptions.csv); answers by traffic kind and decision in <name>_decisions.csv.
+HOST       ?= 127.0.0.1:50051
+USERS      ?= 50
+SPAWN_RATE ?= 10
+RUN_TIME   ?= 1m
+RESULTS    ?= loadtest/results
+LOADTEST_ARGS ?=
+loadtest: $(PROTO_OUT)
+	mkdir -p $(RESULTS)
+	$(BIN)/locust -f loadtest/locustfile.py --host $(HOST) --headless -u $(USERS) -r $(SPAWN_RATE) \
+		-t $(RUN_TIME) --csv $(RESULTS)/loadtest --only-summary $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/fraudscore/v1/*_pb2*.py protos/fraudscore/v1/*_pb2*.pyi

@@ -1,19 +1,36 @@
-"""Locust load test for the FraudScoring API.
+"""Locust load test for the FraudScoring API, driven by the built-in simulator's traffic.
 
+    make loadtest                                  # headless, 127.0.0.1:50051, CSV in loadtest/results/
     locust -f loadtest/locustfile.py --host 127.0.0.1:50051            # web UI on :8089
-    locust -f loadtest/locustfile.py --host 127.0.0.1:50051 --headless -u 50 -r 10 -t 1m
+    locust -f loadtest/locustfile.py --host 127.0.0.1:50051 --headless -u 50 -r 10 -t 1m \\
+        --csv loadtest/results/run
 
-Each simulated user is a payment switch: mostly single Score calls over a realistic pool
-of cards, merchants and devices (so the features see repeat customers), some ScoreBatch
-calls, and occasional ReportOutcome. Calls carry a 50 ms deadline like a real switch;
-a deadline miss counts as a failure. Point it only at servers you run.
+Each simulated user is a payment switch. The payments come from core.simulate, replayed
+in time order (service.loadgen.SimulatedTraffic, the same traffic as `fraudscore bench
+serve`): repeat customers, merchants, devices and IPs, with the simulator's fraud patterns
+(card testing, account takeover, compromised merchant, large amounts) mixed in at its
+natural ~1 % (`--fraud-scale` multiplies it). Mostly single Score calls, some ScoreBatch
+calls, and ReportOutcome: CONFIRMED_FRAUD for the simulator's fraud once the replay reaches
+its report time (1–30 days later, as chargebacks come), else CONFIRMED_LEGITIMATE.
+
+Calls carry a deadline (`--deadline-ms`, 50 ms like a real switch); a deadline miss, like
+any other error status, counts as a failure. Latency percentiles are locust's own (its
+`_stats.csv` and `_stats_history.csv`). With `--csv PREFIX`, `PREFIX_decisions.csv` adds
+the answers by traffic kind (normal / fraud-like, by the simulator's label) and decision.
+
+Load is only ever sent to this machine: a host that is not a loopback address is refused.
 """
 
 from __future__ import annotations
 
+import csv
+import heapq
+import itertools
+import logging
+import os
 import random
 import time
-import uuid
+from collections import Counter
 from typing import Any
 
 import grpc
@@ -21,54 +38,94 @@ import grpc.experimental.gevent as grpc_gevent
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from locust import User, between, events, task
+from locust.env import Environment
+
+from service.loadgen import Label, SimulatedTraffic, check_loopback
 
 grpc_gevent.init_gevent()  # grpc must cooperate with locust's gevent loop
 
+DEFAULT_HOST = "127.0.0.1:50051"
 DEADLINE_S = 0.05
-CARDS = [f"card_lt_{i:06d}" for i in range(20_000)]
-MERCHANTS = [(f"m_lt_{i:04d}", random.Random(i).choice(["5411", "5812", "5732", "5999", "4111", "6011"]))
-             for i in range(800)]
-CHANNELS = [pb.CARD_PRESENT, pb.ECOMMERCE, pb.ECOMMERCE, pb.CARD_NOT_PRESENT_OTHER, pb.ATM]
+KINDS = ("normal", "fraud-like")
+
+_traffic: SimulatedTraffic | None = None
+_run_prefix = f"lt{os.getpid()}-{time.time_ns()}"
+# (traffic kind, decision name or "degraded") -> answers; a degraded answer also counts its decision.
+decisions: Counter[tuple[str, str]] = Counter()
+# Fraud reports not yet sent: (traffic position from which due, tie-break, reported time, transaction).
+_reports: list[tuple[int, int, int, pb.Transaction]] = []
+_report_seq = itertools.count()
 
 
 @events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _options(parser: Any) -> None:
-    parser.add_argument("--deadline-ms", type=float, default=DEADLINE_S * 1000, help="per-call deadline")
+    parser.add_argument("--deadline-ms", type=float, default=DEADLINE_S * 1000,
+                        help="per-call gRPC deadline; a miss counts as a failure (default 50)")
+    parser.add_argument("--fraud-scale", type=float, default=1.0,
+                        help="multiplies the simulator's fraud incidence (1: ~1 %% of payments; 20: ~20 %%)")
+    parser.add_argument("--sim-days", type=int, default=30, help="days of simulated traffic replayed in order")
+    parser.add_argument("--sim-cards", type=int, default=20_000, help="cards in the simulated world (merchants: a tenth of it, at least 100)")
+    parser.add_argument("--sim-seed", type=int, default=5, help="seed of the simulated world")
 
 
-def transaction(rng: random.Random) -> pb.Transaction:
-    card = rng.randrange(len(CARDS))
-    merchant, mcc = MERCHANTS[rng.randrange(len(MERCHANTS))]
-    return pb.Transaction(
-        transaction_id=uuid.uuid4().hex,
-        card_id=CARDS[card],
-        customer_id=f"cust_lt_{card:06d}",
-        merchant_id=merchant,
-        merchant_category=mcc,
-        amount_minor=max(100, int(rng.lognormvariate(8.0, 1.0))),
-        currency="USD",
-        event_time_ms=int(time.time() * 1000),
-        channel=rng.choice(CHANNELS),
-        country="US",
-        latitude=40.7 + rng.uniform(-0.5, 0.5),
-        longitude=-74.0 + rng.uniform(-0.5, 0.5),
-        device_id=f"dev_lt_{card:06d}" if rng.random() < 0.95 else uuid.uuid4().hex[:12],
-        ip_address=f"10.{card % 256}.{(card // 256) % 256}.{rng.randrange(1, 255)}",
-    )
+def _host(environment: Environment) -> str:
+    return environment.host or DEFAULT_HOST
+
+
+@events.init.add_listener  # type: ignore[untyped-decorator]
+def _start(environment: Environment, **_: Any) -> None:
+    """Refuse a remote host; build the simulated history once per process, before any user calls."""
+    global _traffic
+    try:
+        check_loopback(_host(environment))
+    except ValueError as exc:
+        raise SystemExit(f"loadtest: refused --host {_host(environment)!r}: {exc}. Run the server on this "
+                         "machine and point the load test at 127.0.0.1:PORT.") from None
+    if _traffic is None:
+        opts = environment.parsed_options
+        _traffic = SimulatedTraffic(num_days=opts.sim_days, num_cards=opts.sim_cards,
+                                    num_merchants=max(100, opts.sim_cards // 10), seed=opts.sim_seed,
+                                    fraud_scale=opts.fraud_scale) if opts else SimulatedTraffic()
+
+
+@events.quitting.add_listener  # type: ignore[untyped-decorator]
+def _write_decisions(environment: Environment, **_: Any) -> None:
+    names = [pb.Decision.Name(d) for d in (pb.APPROVE, pb.REVIEW, pb.DECLINE)] + ["degraded"]
+    for kind in KINDS:
+        counts = ", ".join(f"{name} {decisions[kind, name]}" for name in names)
+        logging.info("loadtest answers for %s traffic: %s", kind, counts)
+    prefix = environment.parsed_options.csv_prefix if environment.parsed_options else None
+    if prefix:
+        with open(f"{prefix}_decisions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["Traffic", *names])
+            writer.writerows([kind, *(decisions[kind, name] for name in names)] for kind in KINDS)
+
+
+class CallFailed(Exception):
+    """A call that ended with an error status (a deadline miss: DEADLINE_EXCEEDED)."""
+
+
+def _next(n: int) -> tuple[list[pb.Transaction], list[Label]]:
+    if _traffic is None:  # a user started without the init event (e.g. a locust library run)
+        raise RuntimeError("the simulated traffic was not built: run through locust")
+    return _traffic.take_labelled(_run_prefix, n)
 
 
 class PaymentSwitch(User):
-    """One switch connection. Host is `address:port` of the gRPC server."""
+    """One switch connection. Host is `address:port` of the gRPC server (loopback only)."""
 
+    host = DEFAULT_HOST
     wait_time = between(0.005, 0.02)
 
     def on_start(self) -> None:
+        check_loopback(self.host)  # also guards users started without the init check
+        opts = self.environment.parsed_options
+        self.deadline_s = opts.deadline_ms / 1000 if opts else DEADLINE_S
         self.rng = random.Random()
-        self.deadline_s = self.environment.parsed_options.deadline_ms / 1000 if self.environment.parsed_options \
-            else DEADLINE_S
         self.channel = grpc.insecure_channel(self.host)
         self.stub = pb_grpc.FraudScoringStub(self.channel)
-        self.scored: list[pb.Transaction] = []
+        self.legitimate: list[pb.Transaction] = []  # recent answered ones, for CONFIRMED_LEGITIMATE reports
 
     def on_stop(self) -> None:
         self.channel.close()
@@ -79,32 +136,55 @@ class PaymentSwitch(User):
         response = None
         try:
             response = fn(request, timeout=self.deadline_s)
-        except grpc.RpcError as exc:
-            exception = exc
+        except grpc.RpcError as exc:  # one line per status in locust's failure table and CSV
+            exception = CallFailed(f"{exc.code().name}: {exc.details()}")
+        took_s = time.perf_counter() - start
+        if exception is None and took_s > self.deadline_s:
+            # gRPC may still deliver an answer that arrives just past a (sub-millisecond) deadline.
+            exception = CallFailed(f"DEADLINE_EXCEEDED: answered after the {self.deadline_s * 1000:g} ms deadline")
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - start) * 1000,
+            request_type="grpc", name=name, response_time=took_s * 1000,
             response_length=size, exception=exception, context={})
         return response
 
+    def _count(self, answers: list[pb.ScoreResponse], txns: list[pb.Transaction], labels: list[Label]) -> None:
+        for answer, txn, label in zip(answers, txns, labels, strict=True):
+            kind = KINDS[label.is_fraud]
+            decisions[kind, pb.Decision.Name(answer.decision)] += 1
+            decisions[kind, "degraded"] += answer.degraded
+            if label.is_fraud:
+                heapq.heappush(_reports, (label.report_due_at, next(_report_seq), label.reported_time_ms, txn))
+            else:
+                self.legitimate.append(txn)
+        del self.legitimate[:-200]
+
     @task(40)
     def score(self) -> None:
-        txn = transaction(self.rng)
-        if self._call("Score", self.stub.Score, pb.ScoreRequest(transaction=txn), 1) is not None:
-            self.scored.append(txn)
-            del self.scored[:-100]
+        txns, labels = _next(1)
+        reply = self._call("Score", self.stub.Score, pb.ScoreRequest(transaction=txns[0]), 1)
+        if reply is not None:
+            self._count([reply], txns, labels)
 
     @task(2)
     def score_batch(self) -> None:
-        txns = [transaction(self.rng) for _ in range(self.rng.randint(2, 20))]
-        self._call("ScoreBatch", self.stub.ScoreBatch, pb.ScoreBatchRequest(transactions=txns), len(txns))
+        txns, labels = _next(self.rng.randint(2, 20))
+        reply = self._call("ScoreBatch", self.stub.ScoreBatch, pb.ScoreBatchRequest(transactions=txns), len(txns))
+        if reply is not None:
+            self._count(list(reply.results), txns, labels)
 
     @task(1)
     def report_outcome(self) -> None:
-        if not self.scored:
+        """A fraud report once the replay reaches the simulator's report time (1–30 days after the
+        fraud, as chargebacks come), else a legitimate confirmation (which counts nothing)."""
+        now_ms = int(time.time() * 1000)
+        if _reports and _traffic is not None and _reports[0][0] <= _traffic.next:
+            _, _, reported_ms, txn = heapq.heappop(_reports)
+            outcome, reported_ms = pb.CONFIRMED_FRAUD, min(reported_ms, now_ms)
+        elif self.legitimate:
+            txn = self.legitimate.pop(self.rng.randrange(len(self.legitimate)))
+            outcome, reported_ms = pb.CONFIRMED_LEGITIMATE, now_ms
+        else:
             return
-        txn = self.rng.choice(self.scored)
-        request = pb.ReportOutcomeRequest(
-            transaction_id=txn.transaction_id, card_id=txn.card_id, merchant_id=txn.merchant_id,
-            outcome=pb.CONFIRMED_FRAUD if self.rng.random() < 0.3 else pb.CONFIRMED_LEGITIMATE,
-            reported_time_ms=int(time.time() * 1000))
+        request = pb.ReportOutcomeRequest(transaction_id=txn.transaction_id, card_id=txn.card_id,
+                                          merchant_id=txn.merchant_id, outcome=outcome, reported_time_ms=reported_ms)
         self._call("ReportOutcome", self.stub.ReportOutcome, request, 1)

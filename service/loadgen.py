@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from hdrh.histogram import HdrHistogram
@@ -40,32 +41,67 @@ def check_loopback(target: str) -> None:
 
 
 POOL_DAYS, POOL_CARDS, POOL_MERCHANTS, POOL_SEED = 30, 20_000, 2_000, 5
+WEEK_MS = 7 * 86_400_000
 
 
-class _Pool:
-    """A simulated month of payments (~790,000, 1 % fraud), its clock shifted so that its last
-    event is the moment it was built; handed out in order, so event times advance as they
-    would in production. Past its end it starts again with new cards (ids prefixed by lap).
+@dataclass(frozen=True, slots=True)
+class Label:
+    """The simulator's truth about one payment handed out by `SimulatedTraffic`."""
+
+    is_fraud: bool
+    # The traffic position (`SimulatedTraffic.next`) from which its fraud report is due, and the
+    # report's time on the traffic's clock; -1 for a legitimate payment.
+    report_due_at: int
+    reported_time_ms: int
+
+
+class SimulatedTraffic:
+    """Payments from the built-in simulator (core.simulate: normal spending plus its four fraud
+    patterns), its clock shifted by whole weeks to end in the week before it was built; handed out
+    in order, so event times advance as they would in production. Past its end it starts again
+    with new cards (ids prefixed by lap). The default is a simulated month (~790,000 payments,
+    1 % fraud); `fraud_scale` multiplies the fraud (core.simulate).
 
     Load must look like the traffic the model was trained for: synthetic calls that all
     share a timestamp, an IP or a handful of merchants look like an attack to the model,
     and a run would measure the cost of explaining declines instead of the common path.
+    Shared by `fraudscore bench serve` and the locust file (loadtest/locustfile.py).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, num_days: int = POOL_DAYS, num_cards: int = POOL_CARDS,
+                 num_merchants: int = POOL_MERCHANTS, seed: int = POOL_SEED, fraud_scale: float = 1.0) -> None:
         from core.simulate import simulate
 
-        h = simulate(num_days=POOL_DAYS, num_cards=POOL_CARDS, num_merchants=POOL_MERCHANTS, seed=POOL_SEED)
-        shift = int(time.time() * 1000) - int(h.event_time_ms[-1])
+        h = simulate(num_days=num_days, num_cards=num_cards, num_merchants=num_merchants, seed=seed,
+                     fraud_scale=fraud_scale)
+        # Whole weeks, so hour of day and day of week stay as simulated (an arbitrary shift moves the
+        # daily rhythm: with the default model, 5.4 % instead of 3.5 % of a first day's legitimate
+        # payments land in REVIEW or DECLINE). The last event falls within the week before now.
+        shift = (int(time.time() * 1000) - int(h.event_time_ms[-1])) // WEEK_MS * WEEK_MS
         self.columns: dict[str, list[Any]] = {
             name: getattr(h, name).tolist() for name in (
                 "card_id", "customer_id", "merchant_id", "merchant_category", "amount_minor", "currency",
                 "channel", "country", "latitude", "longitude", "device_id", "ip_address")}
         self.columns["event_time_ms"] = (h.event_time_ms + shift).tolist()
+        reported = h.fraud_reported_time_ms
+        fraud = (h.is_fraud != 0) & (reported >= 0)
+        # A report is due once the replay reaches its time (a month's last reports: in the next lap).
+        self._is_fraud: list[bool] = fraud.tolist()
+        self._report_due: list[int] = np.where(fraud, np.searchsorted(h.event_time_ms, reported), -1).tolist()
+        self._reported_ms: list[int] = np.where(fraud, reported + shift, -1).tolist()
         self.size = len(h)
         self.next = 0
 
     def take(self, prefix: str, n: int) -> list[pb.Transaction]:
+        """The next `n` payments, with transaction ids `prefix-k`."""
+        return self._take(prefix, n, None)
+
+    def take_labelled(self, prefix: str, n: int) -> tuple[list[pb.Transaction], list[Label]]:
+        """The next `n` payments and what the simulator knows about each (fraud, and when reported)."""
+        labels: list[Label] = []
+        return self._take(prefix, n, labels), labels
+
+    def _take(self, prefix: str, n: int, labels: list[Label] | None) -> list[pb.Transaction]:
         c = self.columns
         out = []
         for k in range(self.next, self.next + n):
@@ -81,15 +117,19 @@ class _Pool:
             if lat == lat and lon == lon:  # not NaN
                 txn.latitude, txn.longitude = lat, lon
             out.append(txn)
+            if labels is not None:
+                fraud = self._is_fraud[i]
+                labels.append(Label(fraud, lap * self.size + self._report_due[i] if fraud else -1,
+                                    self._reported_ms[i]))
         self.next += n
         return out
 
 
-_pool: _Pool | None = None
+_pool: SimulatedTraffic | None = None
 
 
 def transactions(prefix: str, n: int) -> list[pb.Transaction]:
-    """The next `n` payments of the simulated month (see `_Pool`), with ids `prefix-k`.
+    """The next `n` payments of the simulated month (see `SimulatedTraffic`), with ids `prefix-k`.
 
     Built ahead of a run so the client spends its CPU on calls; then moved out of the
     garbage collector's sight (gc.freeze), whose full passes over a few hundred thousand
@@ -97,7 +137,7 @@ def transactions(prefix: str, n: int) -> list[pb.Transaction]:
     """
     global _pool
     if _pool is None:
-        _pool = _Pool()
+        _pool = SimulatedTraffic()
     out = _pool.take(prefix, n)
     gc.freeze()
     return out

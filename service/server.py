@@ -44,7 +44,7 @@ from service.errors import (
     StreamTooLongError,
 )
 from service.security import load_security
-from service.validation import validate_outcome, validate_transaction
+from service.validation import decoded, lenient, validate_outcome, validate_transaction
 
 log = logging.getLogger("fraudscore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FraudScoring"].full_name
@@ -115,6 +115,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
 
     @unary("Score")
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        request = decoded(request)
         if not request.HasField("transaction"):
             raise InvalidInputError("transaction", "required")
         validate_transaction(request.transaction, latest_ms=self.app.latest_event_time_ms())
@@ -125,7 +126,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
 
     @unary("ScoreBatch")
     async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
-        txns = list(request.transactions)
+        txns = list(decoded(request).transactions)
         limit = self.app.settings.max_batch_request
         if not txns or len(txns) > limit:
             raise InvalidInputError("transactions", f"between 1 and {limit} transactions", got=str(len(txns)))
@@ -152,6 +153,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                 async for request in request_iterator:
                     if index >= limit:
                         raise StreamTooLongError(limit)
+                    request = decoded(request, f"stream[{index}]")
                     if not request.HasField("transaction"):
                         raise InvalidInputError(f"stream[{index}].transaction", "required")
                     validate_transaction(request.transaction, prefix=f"stream[{index}].transaction.",
@@ -182,6 +184,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         """Fraud and chargebacks count once per transaction; a legitimate report counts nothing,
         and a fraud report after it still counts. Repeats are acknowledged with accepted=false."""
         app = self.app
+        request = decoded(request)
         validate_outcome(request, latest_ms=app.latest_event_time_ms())
         if not app.serving:
             raise NotServingError("starting or draining")
@@ -236,6 +239,27 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def add_scoring_service(service: FraudScoringService, server: grpc.aio.Server) -> None:
+    """As the generated add_FraudScoringServicer_to_server, with request deserializers that hand a
+    request that does not parse to its handler (service.validation.lenient), to be refused
+    INVALID_ARGUMENT like any other bad input."""
+    def handler(kind: Callable[..., grpc.RpcMethodHandler], fn: Callable[..., Any], request: type,
+                response: Any) -> grpc.RpcMethodHandler:
+        return kind(fn, request_deserializer=lenient(request), response_serializer=response.SerializeToString)
+
+    handlers = {
+        "Score": handler(grpc.unary_unary_rpc_method_handler, service.Score, pb.ScoreRequest, pb.ScoreResponse),
+        "ScoreBatch": handler(grpc.unary_unary_rpc_method_handler, service.ScoreBatch, pb.ScoreBatchRequest,
+                              pb.ScoreBatchResponse),
+        "ScoreStream": handler(grpc.stream_stream_rpc_method_handler, service.ScoreStream, pb.ScoreRequest,
+                               pb.ScoreResponse),
+        "ReportOutcome": handler(grpc.unary_unary_rpc_method_handler, service.ReportOutcome,
+                                 pb.ReportOutcomeRequest, pb.ReportOutcomeResponse),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
     port: int = (server.add_insecure_port(address) if credentials is None
                  else server.add_secure_port(address, credentials))
@@ -274,7 +298,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     ], interceptors=security.interceptors(on_refused=refused))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    pb_grpc.add_FraudScoringServicer_to_server(FraudScoringService(app), server)
+    add_scoring_service(FraudScoringService(app), server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):

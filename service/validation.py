@@ -9,8 +9,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from fraudscore.v1 import fraudscore_pb2 as pb
+from google.protobuf.message import DecodeError
 
 from core.errors import InvalidInputError
 from core.identifiers import looks_like_pan
@@ -25,6 +28,41 @@ _COUNTRY = re.compile(r"[A-Z]{2}")
 _MCC = re.compile(r"[0-9]{4}")
 _CHANNELS = frozenset(pb.Channel.values())
 _OUTCOMES = frozenset(v for v in pb.Outcome.values() if v != pb.OUTCOME_UNSPECIFIED)
+
+
+M = TypeVar("M")
+
+
+class Undecodable:
+    """A request whose bytes do not parse as its message (corrupt wire format, a string field
+    that is not UTF-8). The handler refuses it INVALID_ARGUMENT; left to grpc.aio, it would be
+    answered UNKNOWN before any handler, unseen by the status mapping and the metrics."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def lenient(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
+    """A request deserializer for `message_type` that turns a decode error into `Undecodable`."""
+    name = message_type.DESCRIPTOR.full_name  # type: ignore[attr-defined]
+    parse: Callable[[bytes], M] = message_type.FromString  # type: ignore[attr-defined]
+
+    def deserialize(data: bytes) -> M | Undecodable:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Undecodable(name)
+    return deserialize
+
+
+def decoded(request: M | Undecodable, field: str = "request") -> M:
+    """`request`, or InvalidInputError when its bytes did not parse."""
+    if isinstance(request, Undecodable):
+        raise InvalidInputError(field, f"a serialized {request.message}",
+                                got="bytes that do not parse: corrupt wire format, or a string field that is not UTF-8")
+    return request
 
 
 def _identifier(prefix: str, name: str, value: str, *, required: bool) -> None:
