@@ -114,7 +114,34 @@ def loaded_stamp(before: RulesStamp, ruleset: Ruleset) -> RulesStamp:
     return RulesStamp((before.files[0], *(FileStamp(p, _UNREAD, d) for p, d in ruleset.list_files)))
 
 
-class Reloader:
+class WatchTask:
+    """A background task that a signal (`request`, from SIGHUP) or its own timer wakes; the
+    subclass's `_run` is the loop. Event loop only."""
+
+    task_name = "watch"
+
+    def __init__(self) -> None:
+        self._requested = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self) -> None:
+        """Check now (SIGHUP). Event loop only."""
+        self._requested.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.task_name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Reloader(WatchTask):
     """Watches the rules file (every `rules_interval_s`) and the model directory (every
     `model_interval_s`; 0 = only on `request`) and swaps a validated, warmed `Scorer` into
     `pipeline`. One reload at a time, on one task, for both."""
@@ -122,6 +149,7 @@ class Reloader:
     def __init__(self, path: Path | None, seen: RulesStamp | None, *, pipeline: Pipeline, hasher: KeyHasher,
                  metrics: Metrics, interval_s: float, reasons_method: str, model_dir: Path | None = None,
                  model_seen: RulesStamp | None = None, model_interval_s: float = 0.0) -> None:
+        super().__init__()
         self.path = path
         self._seen = seen  # the stamp of the content in use (or last refused): polling acts on change only
         self.model_dir = model_dir
@@ -131,25 +159,9 @@ class Reloader:
         self._metrics = metrics
         self._intervals_s = {"rules": interval_s, "model": model_interval_s}
         self._reasons_method = reasons_method
-        self._requested = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         for result in ("ok", "refused"):  # exported from zero, so rate() and alerts see the first one
             metrics.rules_reloads.labels(result)
             metrics.model_reloads.labels(result)
-
-    def request(self) -> None:
-        """Check now (SIGHUP): the rules are reloaded whether or not they changed, the model when
-        its files did. Event loop only."""
-        self._requested.set()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="reload")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         checks: dict[str, Callable[..., Awaitable[bool]]] = {"rules": self._check, "model": self._check_model}

@@ -28,7 +28,7 @@ import grpc
 
 from core.errors import FraudscoreError
 from service.config import ENV_PREFIX, Settings
-from service.reload import RulesStamp, rules_stamp
+from service.reload import RulesStamp, WatchTask, rules_stamp
 
 log = logging.getLogger("fraudscore.security")
 
@@ -232,33 +232,21 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _refusing(handler, why)
 
 
-class TokenWatcher:
+class TokenWatcher(WatchTask):
     """Re-reads the tokens file when its content changes: every `interval_s` (0: never) its stat
     is compared, the file read and hashed only when the stat moved (service/reload.py's stamps,
     which follow a Secret's `..data` symlink swap), and on `request` (SIGHUP). A file that is
     refused leaves the tokens in use and is logged with the reason; it is not retried until it
     changes again."""
 
+    task_name = "auth-tokens-reload"
+
     def __init__(self, path: Path, tokens: BearerTokens, *, interval_s: float, seen: RulesStamp | None) -> None:
+        super().__init__()
         self.path = path
         self.tokens = tokens
         self._interval_s = interval_s
         self._seen = seen
-        self._requested = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def request(self) -> None:
-        """Check now (SIGHUP). Event loop only."""
-        self._requested.set()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="auth-tokens-reload")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         while True:
