@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from core.encode import mapped
+from core.errors import DataError
 from core.identifiers import looks_like_pan as is_pan
 
 DType = Literal["str", "int64", "int8", "float64"]
@@ -196,10 +197,15 @@ class ValueProblem:
     fatal: bool = False
 
 
-def value_problems(history: History) -> list[ValueProblem]:
+REPORTED_BEFORE = "fraud reported before the transaction happened; check both times' units and time zones"
+DUPLICATE_ID = "duplicate transaction_id: repeats the id of an earlier row; each transaction must appear once"
+
+
+def value_problems(history: History, *, duplicates: bool = True) -> list[ValueProblem]:
     """Every documented value rule the rows of `history` break, in column order (empty: all good).
 
-    Duplicate transaction ids are flagged on the repeats; the first occurrence stays.
+    With `duplicates`, repeated transaction ids are flagged on the repeats; the first
+    occurrence stays (core.history_read judges repeats itself, among otherwise good rows).
     """
     problems: list[ValueProblem] = []
 
@@ -212,8 +218,8 @@ def value_problems(history: History) -> list[ValueProblem]:
 
     for name in _ID_COLUMNS:
         check(name, getattr(history, name) == "", "empty id; every row needs one")
-    check("transaction_id", _repeated_ids(history.transaction_id),
-          "duplicate transaction_id: repeats the id of an earlier row; each transaction must appear once")
+    if duplicates:
+        check("transaction_id", repeated_ids(history.transaction_id), DUPLICATE_ID)
     check("card_id", looks_like_pan(history.card_id),
           "value looks like a raw card number (13-19 digits); send a token or keyed hash instead", fatal=True)
     check("amount_minor", history.amount_minor <= 0,
@@ -233,11 +239,11 @@ def value_problems(history: History) -> list[ValueProblem]:
     check("fraud_reported_time_ms", reported < -1,
           "expected epoch milliseconds, or -1 when not fraud or never reported")
     check("fraud_reported_time_ms", (reported >= 0) & (reported < history.event_time_ms) & (history.is_fraud == 1),
-          "fraud reported before the transaction happened; check both times' units and time zones")
+          REPORTED_BEFORE)
     return problems
 
 
-def _repeated_ids(ids: np.ndarray) -> np.ndarray:
+def repeated_ids(ids: np.ndarray) -> np.ndarray:
     """Mask of rows whose id appeared on an earlier row."""
     repeat = np.zeros(len(ids), dtype=bool)
     if len(ids) < 2:
@@ -248,9 +254,21 @@ def _repeated_ids(ids: np.ndarray) -> np.ndarray:
     return repeat
 
 
-def first_occurrence(ids: np.ndarray, row: int) -> int:
-    """Position of the first row with the same id as `row`."""
-    return int(np.flatnonzero(ids == ids[row])[0])
+def problem_error(problem: ValueProblem, history: History, source: str,
+                  row_numbers: np.ndarray | None = None) -> DataError:
+    """The `DataError` for `problem`'s first row. `row_numbers` maps a row of `history` to its
+    row in the file (default: position + 1)."""
+    def row_of(position: int) -> int:
+        return int(row_numbers[position]) if row_numbers is not None else position + 1
+
+    rows = np.flatnonzero(problem.rows)
+    first = int(rows[0])
+    reason = f"{problem.reason} ({len(rows)} such rows)"
+    if problem.reason == DUPLICATE_ID:
+        seen = int(np.flatnonzero(history.transaction_id == history.transaction_id[first])[0])
+        reason = (f"duplicate transaction_id: this row repeats the id of row {row_of(seen)}; "
+                  f"each transaction must appear once ({len(rows)} such rows)")
+    return DataError(source, reason, row=row_of(first), column=problem.column)
 
 
 def validate_history(history: History, *, source: str = "<in-memory history>") -> None:
@@ -258,17 +276,9 @@ def validate_history(history: History, *, source: str = "<in-memory history>") -
 
     Rows are counted from 1 in the order of `history` (for a file: before sorting).
     """
-    from core.errors import DataError
-
-    for problem in value_problems(history):
-        rows = np.flatnonzero(problem.rows)
-        first = int(rows[0])
-        reason = f"{problem.reason} ({len(rows)} such rows)"
-        if problem.column == "transaction_id" and problem.reason.startswith("duplicate"):
-            seen = first_occurrence(history.transaction_id, first)
-            reason = (f"duplicate transaction_id: this row repeats the id of row {seen + 1}; "
-                      f"each transaction must appear once ({len(rows)} such rows)")
-        raise DataError(source, reason, row=first + 1, column=problem.column)
+    problems = value_problems(history)
+    if problems:
+        raise problem_error(problems[0], history, source)
 
 
 def write_history(history: History, path: str | Path) -> None:
@@ -311,12 +321,15 @@ def write_table(columns: Mapping[str, np.ndarray], path: str | Path) -> None:
 __all__ = [
     "COLUMNS",
     "COLUMNS_BY_NAME",
+    "DUPLICATE_ID",
+    "REPORTED_BEFORE",
     "Channel",
     "ColumnSpec",
     "History",
     "ValueProblem",
-    "first_occurrence",
     "looks_like_pan",
+    "problem_error",
+    "repeated_ids",
     "validate_history",
     "value_problems",
     "write_history",

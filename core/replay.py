@@ -39,13 +39,17 @@ def label_visible_time_ms(history: History, *, label_delay_ms: int | None = None
     """When each fraud label becomes known (int64; -1 for no label).
 
     The report time when the history has one; otherwise event time + `label_delay_ms`.
-    With `label_delay_ms` set, a report is never visible before event time + delay either.
+    With `label_delay_ms` set, a report is never visible before event time + delay either,
+    and never before event time + 1 ms: a transaction is scored before its own label exists.
     """
     fraud = history.is_fraud.astype(bool)
     reported = history.fraud_reported_time_ms.astype(np.int64).copy()
     if label_delay_ms is not None:
         delayed = history.event_time_ms + np.int64(label_delay_ms)
         reported = np.where(reported >= 0, np.maximum(reported, delayed), delayed)
+    # Never before the transaction has been scored: a label reported in the same millisecond
+    # (or with no delay) would otherwise reach that very transaction's features.
+    reported = np.where(reported >= 0, np.maximum(reported, history.event_time_ms + 1), reported)
     return np.where(fraud & (reported >= 0), reported, np.int64(-1))
 
 

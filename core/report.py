@@ -22,6 +22,7 @@ import orjson
 
 from core.evaluation import average_precision, precision_recall_curve, recall_at_fpr, roc_auc
 from core.model import Thresholds
+from core.times import iso_ms
 
 REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
@@ -97,7 +98,7 @@ def report_metrics(
         "transactions": int(y.size),
         "fraud": int(y.sum()),
         "fraud_rate": float(y.mean()) if y.size else float("nan"),
-        "period": {"from": _iso(int(event_time_ms.min())), "until": _iso(int(event_time_ms.max()))} if y.size else None,
+        "period": {"from": iso_ms(int(event_time_ms.min())), "until": iso_ms(int(event_time_ms.max()))} if y.size else None,
         "roc_auc": roc_auc(y, score),
         "average_precision": average_precision(y, score),
         "recall_at_fpr_0.1%": recall_at_fpr(y, score, 0.001),
@@ -144,10 +145,6 @@ def write_report(
 
 
 # --- rendering ------------------------------------------------------------------------------------
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
-
 
 def _date(day: int) -> str:
     return datetime.fromtimestamp(day * 86_400, tz=UTC).date().isoformat()

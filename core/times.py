@@ -12,6 +12,8 @@ import re
 from datetime import UTC, datetime, timedelta
 
 _INTEGER = re.compile(r"[+-]?\d+")
+# 2000-01-01: an earlier event time is most likely epoch seconds (or a year) read as milliseconds.
+EARLIEST_PLAUSIBLE_MS = 946_684_800_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}

@@ -64,15 +64,16 @@ def time_split(
 ) -> TimeSplit:
     """Split a time-sorted history by time only: train on `t < train_until`, validate on `t >= valid_from`.
 
-    By default the last `valid_fraction` of the time span validates and training runs up to
-    it. A `train_until` before `valid_from` leaves a gap, e.g. the weeks before the
+    By default the last `valid_fraction` of the time span validates (or, with only
+    `train_until`, everything from it) and training runs up to it. A `train_until` before `valid_from` leaves a gap, e.g. the weeks before the
     validation period whose labels were not yet final. Raises `TrainingError` for a split
     that overlaps or leaves a side empty.
     """
     t = event_time_ms
     first, last = int(t[0]), int(t[-1])
     if valid_from_ms is None:
-        valid_from_ms = int(first + (1.0 - valid_fraction) * (last - first))
+        default = int(first + (1.0 - valid_fraction) * (last - first))
+        valid_from_ms = default if train_until_ms is None else max(default, train_until_ms)
     if train_until_ms is None:
         train_until_ms = valid_from_ms
     span = f"the history runs from {iso_ms(first)} to {iso_ms(last)}"
@@ -84,8 +85,13 @@ def time_split(
         raise TrainingError(f"no training rows before --train-until {iso_ms(train_until_ms)}; {span}")
     if not valid_from_ms <= last:
         raise TrainingError(f"no validation rows from --valid-from {iso_ms(valid_from_ms)}; {span}")
-    return TimeSplit(train=t < train_until_ms, valid=t >= valid_from_ms,
-                     train_until_ms=train_until_ms, valid_from_ms=valid_from_ms)
+    split = TimeSplit(train=t < train_until_ms, valid=t >= valid_from_ms,
+                      train_until_ms=train_until_ms, valid_from_ms=valid_from_ms)
+    for name, rows, flag in (("training", split.train, "--train-until"), ("validation", split.valid, "--valid-from")):
+        if rows.sum() < MIN_ROWS:
+            raise TrainingError(f"the {name} period holds {int(rows.sum())} rows, fewer than {MIN_ROWS}: too few to "
+                                f"{'learn from' if name == 'training' else 'judge a model on'}; move {flag} ({span})")
+    return split
 
 
 def operating_thresholds(y: np.ndarray, p: np.ndarray, *, review_rate: float, decline_fpr: float) -> Thresholds:
@@ -98,10 +104,12 @@ def operating_thresholds(y: np.ndarray, p: np.ndarray, *, review_rate: float, de
 
 
 def _fingerprint(history: History) -> str:
+    """A hash of the rows read and kept: what changes the features or the labels changes it."""
     digest = hashlib.sha256()
-    for arr in (history.event_time_ms, history.amount_minor, history.is_fraud):
+    for arr in (history.event_time_ms, history.amount_minor, history.is_fraud, history.fraud_reported_time_ms):
         digest.update(np.ascontiguousarray(arr).tobytes())
-    digest.update("\n".join(history.transaction_id.tolist()).encode())
+    for ids in (history.transaction_id, history.card_id, history.merchant_id):
+        digest.update("\x1f".join(ids.tolist()).encode() + b"\x1e")
     return digest.hexdigest()[:16]
 
 
@@ -244,7 +252,10 @@ def train(
     (out_dir / MODEL_FILE).write_text(model_text)
     (out_dir / MANIFEST_FILE).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     write_report(out_dir, yv, p_valid, t[split.valid], thresholds=thresholds,
-                 model_version=model_version, data="the validation period (held out from training)",
+                 model_version=model_version,
+                 data="the validation period: held out from training, but early stopping and the thresholds were "
+                      "chosen on it, so these numbers are slightly optimistic (`fraudscore evaluate` on later data "
+                      "gives an unbiased view)",
                  feature_importance=gain_importance(booster, iteration=booster.best_iteration),
                  data_read=data_read)
     return TrainResult(out_dir=out_dir, model_version=model_version, metrics=metrics,

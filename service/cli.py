@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import FraudscoreError
+
+if TYPE_CHECKING:
+    from core.history import History
+    from core.model import LoadedModel
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -130,10 +136,10 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _duration(text: str) -> int:
-    """argparse type: a duration such as 36h, 2d or 1d12h, in milliseconds."""
+    """argparse type: a duration such as 36h, 2d or 1d12h (or 0), in milliseconds."""
     from core.times import parse_duration_ms
 
-    ms = parse_duration_ms(text)
+    ms = 0 if text.strip() == "0" else parse_duration_ms(text)
     if ms is None:
         raise argparse.ArgumentTypeError(f"expected a duration such as 36h, 2d, 1d12h or 90m, got {text!r}")
     return ms
@@ -141,24 +147,61 @@ def _duration(text: str) -> int:
 
 def _moment(text: str) -> int:
     """argparse type: ISO 8601 (UTC when no offset) or epoch milliseconds, as epoch milliseconds."""
-    from core.times import parse_time_ms
+    from core.times import EARLIEST_PLAUSIBLE_MS, parse_time_ms
 
     ms = parse_time_ms(text)
     if ms is None:
         raise argparse.ArgumentTypeError(
             f"expected ISO 8601 such as 2026-03-01 or 2026-03-01T12:00:00Z, or epoch milliseconds, got {text!r}")
+    if text.strip().lstrip("+-").isdigit() and ms < EARLIEST_PLAUSIBLE_MS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} read as epoch milliseconds is before 2000: a year or epoch seconds? Write ISO 8601 "
+            "such as 2026-10-15, or epoch milliseconds")
     return ms
 
 
-def _fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) such as 0.005, got {text!r}")
-    return value
+def _number_in(low: float, high: float, *, high_included: bool, example: str) -> Callable[[str], float]:
+    """argparse type: a finite number in [low, high) or [low, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (low <= value < high or (high_included and value == high)):
+            bounds = f"[{low:g}, {high:g}{']' if high_included else ')'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {bounds} such as {example}, got {text!r}")
+        return value
+    return parse
+
+
+_rate = _number_in(0.0, 1.0, high_included=False, example="0.005")
+
+
+def _label_delay(args: argparse.Namespace, model: LoadedModel | None) -> int | None:
+    """--label-delay, else the delay `model` was trained with: features computed as in its training."""
+    if args.label_delay is not None or model is None:
+        return int(args.label_delay) if args.label_delay is not None else None
+    delay = (model.manifest.get("training") or {}).get("label_delay_ms")
+    if delay is not None:
+        print(f"label delay: {delay / 3_600_000:g} h, as model {model.version} was trained (--label-delay to change)")
+    return int(delay) if delay is not None else None
+
+
+def _warn_if_trained_on(history: History, model: LoadedModel) -> None:
+    """Say so when the rows evaluated overlap the model's training rows: metrics on them flatter it."""
+    import numpy as np
+
+    from core.times import parse_time_ms
+
+    training = model.manifest.get("training") or {}
+    start, end = (parse_time_ms(str(training.get(key, ""))) for key in ("train_from", "train_until"))
+    if start is None or end is None:
+        return
+    inside = int(np.count_nonzero((history.event_time_ms >= start) & (history.event_time_ms < end)))
+    if inside:
+        print(f"warning: {inside} of {len(history)} rows fall inside model {model.version}'s training window "
+              f"({training['train_from']} to {training['train_until']}): the model learnt from them, so the metrics "
+              "flatter it; evaluate on later data", file=sys.stderr)
 
 
 def _sha256(path: Path) -> str:
@@ -224,7 +267,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     history = read_history(args.data)
     model = load_model_dir(args.model)
-    label_delay_ms = args.label_delay
+    label_delay_ms = _label_delay(args, model)
     with tqdm(total=len(history), desc="replay", unit="txn", mininterval=0.5) as bar:
         table = score_history(history, model, load_rules(args.rules), label_delay_ms=label_delay_ms,
                               reasons_method=args.reasons_method, on_progress=bar.update)
@@ -252,11 +295,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                         "nothing; evaluate on a labelled history", column="is_fraud")
     stem = Path(args.data.name.removesuffix(".gz")).stem
     out = args.out if args.out is not None else args.model / f"evaluation-{stem}"
-    label_delay_ms = args.label_delay
-    if label_delay_ms is None:  # judge the model under the label delay it was trained with
-        label_delay_ms = (model.manifest.get("training") or {}).get("label_delay_ms")
-        if label_delay_ms is not None:
-            print(f"label delay: {label_delay_ms / 3_600_000:g} h, as the model was trained (--label-delay to change)")
+    label_delay_ms = _label_delay(args, model)
+    _warn_if_trained_on(history, model)
     # The features as `replay` computes them, the probabilities as the server's forest does.
     with tqdm(total=len(history), desc="evaluate", unit="txn", mininterval=0.5, disable=None) as bar:
         features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=bar.update)
@@ -286,7 +326,7 @@ def _backtest(args: argparse.Namespace) -> int:
     ruleset = load_ruleset(args.rules)  # a bad file fails before the (slower) history is read
     model = load_model_dir(args.model) if args.model is not None else None
     history = read_history(args.data)
-    label_delay_ms = args.label_delay
+    label_delay_ms = _label_delay(args, model)
     with tqdm(total=len(history), desc="backtest", unit="txn", mininterval=0.5, disable=None) as bar:
         report = backtest(history, ruleset, model, label_delay_ms=label_delay_ms, source=str(args.data),
                           on_progress=bar.update)
@@ -327,7 +367,8 @@ def _label_delay_arg(p: argparse.ArgumentParser, default: str = "at their fraud_
 
 
 def _max_dropped_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-dropped", type=_fraction, default=0.01, metavar="FRACTION",
+    p.add_argument("--max-dropped", type=_number_in(0.0, 1.0, high_included=True, example="0.01"), default=0.01,
+                   metavar="FRACTION",
                    help="rows with bad values are dropped and summarised; more than this share of the file "
                         "is refused as a format problem (default 0.01)")
 
@@ -392,12 +433,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--train-until", type=_moment, metavar="TIME",
                    help="training rows end before this (default: --valid-from); earlier leaves a gap whose rows "
                         "only feed the features")
-    t.add_argument("--review-rate", type=_fraction, default=0.005,
+    t.add_argument("--review-rate", type=_rate, default=0.005,
                    help="share of validation transactions the REVIEW threshold sends to review (default 0.005)")
-    t.add_argument("--decline-fpr", type=_fraction, default=0.001,
+    t.add_argument("--decline-fpr", type=_rate, default=0.001,
                    help="share of legitimate validation transactions the DECLINE threshold may decline "
                         "(default 0.001)")
-    t.add_argument("--fraud-weight", type=float, default=1.0,
+    t.add_argument("--fraud-weight", type=_number_in(1e-6, 1e6, high_included=True, example="5"), default=1.0,
                    help="weight of a fraud row against a legitimate one (default 1: calibrated probabilities; "
                         "see docs/training.md)")
     _max_dropped_arg(t)

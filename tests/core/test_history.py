@@ -263,8 +263,8 @@ def test_duplicate_transaction_id_names_the_repeating_row(tmp_path: Path) -> Non
 def test_unreadable_files(tmp_path: Path) -> None:
     raises_data_error(tmp_path / "absent.csv", column=None)
     raises_data_error(write_text(tmp_path, "whatever", "h.json"), column=None)
-    ragged = write_text(tmp_path, f"{HEADER}\nt1,c1,m1,5,USD\n")
-    assert "cannot parse" in raises_data_error(ragged, column=None).reason
+    ragged = write_text(tmp_path, f"{HEADER}\nt1,c1,m1,5,USD,1\nt2,c1,m1,5,USD\n")
+    assert "the header's number of fields" in raises_data_error(ragged, column=None, row=2).reason
     raises_data_error(write_text(tmp_path, "not parquet", "h.parquet"), column=None)
 
 

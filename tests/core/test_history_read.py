@@ -182,22 +182,29 @@ def mixed_rows(n: int = 300) -> list[dict[str, str]]:
 
 def test_dropping_reports_every_reason_with_counts_and_first_rows(tmp_path: Path) -> None:
     history, report = read_history_dropping(csv_file(tmp_path, mixed_rows()), max_dropped_fraction=0.05)
-    assert (report.rows_read, report.rows_kept, report.rows_dropped) == (300, 294, 6)
-    assert len(history) == 294
+    assert (report.rows_read, report.rows_kept, report.rows_dropped) == (300, 295, 5)
+    assert len(history) == 295
     kept = set(history.transaction_id.tolist())
-    assert {"t10", "t20", "t21", "t40", "t50"}.isdisjoint(kept)
+    assert {"t10", "t20", "t21", "t50"}.isdisjoint(kept)
     assert "t5" in kept and "t30" not in kept  # t30 carried t5's id
     assert list(history.event_time_ms) == sorted(history.event_time_ms)
     by_reason = {(d.column, d.reason.split(";")[0].split(" (")[0]): (d.count, d.first_rows) for d in report.dropped}
-    assert by_reason[("amount_minor", "expected a whole number that fits int64")] == (1, (21,))
-    assert by_reason[("amount_minor", "expected an amount > 0 in minor currency units")] == (1, (11,))
-    assert by_reason[("currency", "expected a 3-letter upper-case ISO 4217 code such as USD")] == (2, (22, 51))
-    assert by_reason[("merchant_id", "empty id")] == (1, (51,))
-    assert by_reason[("transaction_id", "duplicate transaction_id: repeats the id of an earlier row")] == (1, (31,))
-    assert by_reason[("fraud_reported_time_ms", "fraud reported before the transaction happened")] == (1, (41,))
+    assert by_reason == {
+        ("amount_minor", "expected a whole number that fits int64"): (1, (21,)),
+        ("amount_minor", "expected an amount > 0 in minor currency units"): (1, (11,)),
+        ("currency", "expected a 3-letter upper-case ISO 4217 code such as USD"): (2, (22, 51)),
+        ("merchant_id", "empty id"): (1, (51,)),
+        ("transaction_id", "duplicate transaction_id: repeats the id of an earlier row"): (1, (31,)),
+    }
+    # A fraud reported "before" it happened keeps its label as a target, never as a feature.
+    (adjusted,) = report.adjusted
+    assert (adjusted.column, adjusted.count, adjusted.first_rows) == ("fraud_reported_time_ms", 1, (41,))
+    t40 = history.transaction_id.tolist().index("t40")
+    assert (history.is_fraud[t40], history.fraud_reported_time_ms[t40]) == (1, -1)
+    assert (report.fraud_read, report.fraud_kept) == (1, 1)
     summary = report.summary()
-    assert "kept 294, dropped 6" in summary and "rows 22, 51" in summary
-    assert report.as_dict()["rows_dropped"] == 6
+    assert "kept 295, dropped 5" in summary and "rows 22, 51" in summary and "kept, adjusted: 1 rows" in summary
+    assert report.as_dict()["rows_dropped"] == 5
 
 
 def test_too_many_bad_rows_is_a_format_problem_and_raises_with_the_reasons(tmp_path: Path) -> None:
@@ -205,10 +212,137 @@ def test_too_many_bad_rows_is_a_format_problem_and_raises_with_the_reasons(tmp_p
     with pytest.raises(DataError) as caught:
         read_history_dropping(path, max_dropped_fraction=0.01)
     message = str(caught.value)
-    assert "6 of 300 rows have bad values" in message
+    assert "5 of 300 rows have bad values" in message
     assert "ISO 4217" in message and "--max-dropped" in message
     with pytest.raises(DataError, match=r"\(\d+ such rows\)"):
         read_history(path)  # the strict reader stops at the first
+
+
+def test_the_limit_is_a_share_of_rows_compared_exactly(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["0"] * 29 + ["100"] * 71)
+    _, report = read_history_dropping(csv_file(tmp_path, rows), max_dropped_fraction=0.29)  # 29/100 is allowed
+    assert report.rows_dropped == 29
+    with pytest.raises(DataError, match="29 of 100 rows"):
+        read_history_dropping(csv_file(tmp_path, rows), max_dropped_fraction=0.28)
+
+
+def test_dropping_most_of_the_fraud_is_refused_even_under_the_row_limit(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["100"] * 1000, is_fraud="0")
+    for i in range(10):
+        rows[i * 50]["is_fraud"] = "1"
+    for i in range(6):
+        rows[i * 50]["currency"] = "usd"  # 6 rows: 0.6 % of the file, 60 % of its fraud
+    with pytest.raises(DataError, match="6 of the 10 rows labelled fraud have bad values"):
+        read_history_dropping(csv_file(tmp_path, rows), max_dropped_fraction=0.01)
+    _, report = read_history_dropping(csv_file(tmp_path, rows), max_dropped_fraction=0.6)
+    assert (report.fraud_read, report.fraud_kept) == (10, 4)
+    assert "(6 of them labelled fraud)" in report.summary()
+
+
+def test_repeated_ids_are_judged_among_good_rows_and_conflicting_labels_drop_every_copy(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["100"] * 200, is_fraud="0")
+    rows[50]["transaction_id"] = rows[5]["transaction_id"]   # t5 again, re-exported as fraud
+    rows[50]["is_fraud"] = "1"
+    rows[7]["amount_minor"] = "oops"                         # t7's first copy is bad ...
+    rows[60]["transaction_id"] = rows[7]["transaction_id"]   # ... so its clean repeat is the one kept
+    rows[70]["transaction_id"] = rows[9]["transaction_id"]   # a plain repeat: the later copy goes
+    history, report = read_history_dropping(csv_file(tmp_path, rows), max_dropped_fraction=1.0)
+    ids = history.transaction_id.tolist()
+    assert "t5" not in ids  # which copy is right cannot be told
+    assert ids.count("t7") == 1 and history.amount_minor[ids.index("t7")] == 100
+    assert ids.count("t9") == 1
+    reasons = {d.reason.split(":")[0]: (d.count, d.first_rows) for d in report.dropped}
+    assert reasons["repeated transaction_id whose copies disagree on is_fraud"] == (2, (6, 51))
+    assert reasons["duplicate transaction_id"] == (1, (71,))
+
+
+def test_a_file_without_a_header_never_shows_its_first_row(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text("t_0001,4111111111111111,m_77,12.50,USD,2026-03-01T00:00:00Z,0\n"
+                    "t_0002,4111111111111112,m_78,13.50,USD,2026-03-01T00:00:01Z,0\n")
+    with pytest.raises(DataError, match="is the first line a header") as caught:
+        read_history_dropping(path)
+    for value in ("4111111111111111", "t_0001", "m_77", "12.50"):
+        assert value not in str(caught.value)
+
+
+def test_a_column_named_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text("transaction_id,card_id,merchant_id,amount,amount,currency,event_time_ms\nt,c,m,1,2,USD,1\n")
+    with pytest.raises(DataError, match="more than once") as caught:
+        read_history(path)
+    assert caught.value.column == "amount"
+
+
+def test_lines_with_the_wrong_number_of_fields_are_dropped_by_row_and_the_rows_after_keep_their_numbers(
+        tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["100"] * 200)
+    rows[90]["amount_minor"] = "0"
+    path = csv_file(tmp_path, rows)
+    lines = path.read_text().splitlines()
+    lines[11] += ",stray"  # row 11
+    lines[31] = lines[31].rsplit(",", 1)[0]  # row 31: a field short
+    path.write_text("\n".join(lines) + "\n")
+    history, report = read_history_dropping(path, max_dropped_fraction=0.05)
+    assert (report.rows_read, report.rows_kept) == (200, 197)
+    by_column = {d.column: (d.count, d.first_rows) for d in report.dropped}
+    assert by_column["(whole line)"] == (2, (11, 31))
+    assert by_column["amount_minor"] == (1, (91,))  # still row 91 with two lines skipped before it
+    assert {"t10", "t30", "t90"}.isdisjoint(history.transaction_id.tolist())
+    with pytest.raises(DataError, match="number of fields") as caught:
+        read_history(path)
+    assert caught.value.row == 11
+
+
+def test_labels_blank_or_written_as_floats(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["100"] * 100, is_fraud="0.0")
+    rows[3]["is_fraud"] = "1.0"   # pandas writes an int column with blanks as floats
+    rows[4]["is_fraud"] = ""      # a blank label is not "legitimate"
+    history, report = read_history_dropping(csv_file(tmp_path, rows), max_dropped_fraction=0.05)
+    assert history.is_fraud.sum() == 1 and "t3" in history.transaction_id[history.is_fraud == 1]
+    assert [(d.column, d.reason, d.first_rows) for d in report.dropped] == [
+        ("is_fraud", "missing label; expected 0 or 1", (5,))]
+
+
+def test_epoch_seconds_are_noted(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["100"] * 3)
+    for i, row in enumerate(rows):
+        row["event_time_ms"] = str(1_772_000_000 + i)  # seconds, not milliseconds
+    _, report = read_history_dropping(csv_file(tmp_path, rows))
+    assert any("3 event times fall before 2000-01-01" in note and "multiply them by 1000" in note
+               for note in report.notes)
+    assert "note: 3 event times" in report.summary()
+
+
+def test_parquet_forms_from_other_tools(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    nanoseconds = [MARCH_1 * 1_000_000 + 123_456, (MARCH_1 + 250) * 1_000_000 + 999_000]  # as pandas writes
+    pq.write_table(pa.table({
+        "transaction_id": ["a", "b"], "card_id": ["c", "c"], "merchant_id": ["m", "m"],
+        "merchant_category": pa.array([742, 5411], pa.int64()),                  # lost its leading zero
+        "amount": pa.array([Decimal("12.500000000000000000"), Decimal("7")], pa.decimal128(38, 18)),
+        "currency": ["USD", "USD"],
+        "event_time": pa.array(nanoseconds, pa.timestamp("ns", tz="UTC")),  # finer than a millisecond
+        "fraud_reported_time": pa.array([float(MARCH_1 + 10_000), float("nan")]),  # epoch ms as doubles
+        "is_fraud": pa.array([1.0, 0.0]),
+    }), path)
+    history = read_history(path)
+    assert history.merchant_category.tolist() == ["0742", "5411"]
+    assert history.amount_minor.tolist() == [1250, 700]
+    assert history.event_time_ms.tolist() == [MARCH_1, MARCH_1 + 250]
+    assert history.fraud_reported_time_ms.tolist() == [MARCH_1 + 10_000, -1]
+
+
+@pytest.mark.parametrize(("text", "minor"), [(" 12.50 ", 1250), ("12.5000000", 1250), ("0.1", 10), ("3.", 300)])
+def test_decimal_amount_text_variants(tmp_path: Path, text: str, minor: int) -> None:
+    assert read_history(csv_file(tmp_path, rows_with("amount", [text]))).amount_minor.tolist() == [minor]
+
+
+def test_float_amounts_with_arithmetic_noise_read_as_meant(tmp_path: Path) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"transaction_id": ["a"], "card_id": ["c"], "merchant_id": ["m"], "currency": ["USD"],
+                             "event_time_ms": [1], "amount": [0.1 + 0.2]}), path)
+    assert read_history(path).amount_minor.tolist() == [30]
 
 
 def test_a_raw_card_number_refuses_the_whole_file_even_when_dropping(tmp_path: Path) -> None:

@@ -104,6 +104,17 @@ def test_label_visible_time() -> None:
     assert label_visible_time_ms(h, label_delay_ms=1000).tolist() == [5000, 3000, -1, 5000]
 
 
+@pytest.mark.parametrize(("report_hours", "label_delay_ms"), [(0, None), (None, 0), (0, 0)])
+def test_a_fraud_never_sees_its_own_label(report_hours: float | None, label_delay_ms: int | None) -> None:
+    # Reported in the very millisecond it happened, or with no delay: the service scored the
+    # payment before anyone knew, so its own features hold no fraud; the next payment's do.
+    h = fraud_at_hours(report_hours=report_hours)
+    f = replay_features(h, label_delay_ms=label_delay_ms)
+    assert f[0, CARD_FRAUD] == 0 and f[0, MERCHANT_FRAUD] == 0
+    assert f[1, MERCHANT_FRAUD] > 0 and f[2, CARD_FRAUD] > 0
+    assert label_visible_time_ms(h, label_delay_ms=label_delay_ms)[0] == BASE_MS + 1
+
+
 def test_legitimate_rows_never_count_as_fraud() -> None:
     h = fraud_at_hours(report_hours=2, is_fraud=0)
     assert (replay_features(h)[:, [CARD_FRAUD, MERCHANT_FRAUD]] == 0).all()

@@ -146,12 +146,16 @@ def test_time_split_defaults_to_the_last_fifth_and_honours_a_gap() -> None:
     assert (gapped.train.sum(), gapped.gap.sum(), gapped.valid.sum()) == (500, 100, 400)
     assert not (gapped.train & gapped.valid).any()
     assert time_split(t, valid_from_ms=900).train_until_ms == 900
+    only_until = time_split(t, train_until_ms=850)  # validation starts where training ends
+    assert (only_until.valid_from_ms, only_until.train.sum(), only_until.valid.sum()) == (850, 850, 150)
 
 
 @pytest.mark.parametrize(("valid_from", "train_until", "problem"), [
     (500, 600, "would train on the period that judges it"),
     (2000, None, "no validation rows"),
     (None, 0, "no training rows"),
+    (950, None, "validation period holds 50 rows, fewer than 100"),
+    (None, 50, "training period holds 50 rows, fewer than 100"),
 ])
 def test_time_split_refuses_overlap_and_empty_sides(valid_from: int | None, train_until: int | None,
                                                     problem: str) -> None:

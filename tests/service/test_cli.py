@@ -257,6 +257,12 @@ def test_train_on_a_users_export_drops_and_reports_bad_rows(tmp_path: Path) -> N
     assert training["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     report = (tmp_path / "m" / "report.md").read_text()
     assert "## Data read" in report and "| `amount` | expected a decimal amount" in report
+    assert "slightly optimistic" in report
+    # Evaluating it on its own training file: features under its label delay, and a warning.
+    again = fraudscore("evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--max-dropped", "0.01")
+    assert again.returncode == 0, again.stderr
+    assert f"label delay: 36 h, as model {model.version} was trained" in again.stdout
+    assert "rows fall inside model" in again.stderr and "the metrics flatter it" in again.stderr
 
 
 def datetime_text(ms: int) -> str:
@@ -279,3 +285,7 @@ def test_train_refuses_a_file_that_is_mostly_bad_or_holds_card_numbers(tmp_path:
     assert not (tmp_path / "m").exists()
     flag = fraudscore("train", "--out", str(tmp_path / "m"), "--valid-from", "next tuesday")
     assert flag.returncode == 2 and "--valid-from: expected ISO 8601" in flag.stderr
+    year = fraudscore("train", "--out", str(tmp_path / "m"), "--train-until", "2026")
+    assert year.returncode == 2 and "a year or epoch seconds?" in year.stderr
+    weight = fraudscore("train", "--out", str(tmp_path / "m"), "--fraud-weight", "inf")
+    assert weight.returncode == 2 and "--fraud-weight: expected a number in" in weight.stderr
