@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: serve test lint proto model bench clean loadtest
 
-# The environment: created once, reinstalled when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The environment: created once, reinstalled when pyproject.toml or the pins change. The
+# pins (constraints.txt) are the image's too, so tests run the versions the image ships.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Generated code and .pyi stubs: produced here, never edited by hand (tests/test_generated.py checks).

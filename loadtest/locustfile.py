@@ -18,6 +18,11 @@ any other error status, counts as a failure. Latency percentiles are locust's ow
 `_stats.csv` and `_stats_history.csv`). With `--csv PREFIX`, `PREFIX_decisions.csv` adds
 the answers by traffic kind (normal / fraud-like, by the simulator's label) and decision.
 
+Against a server with TLS (`--grpc-tls-ca`, and `--grpc-tls-cert`/`--grpc-tls-key` for mutual TLS;
+locust's own `--tls-cert`/`--tls-key` are its web UI's) and bearer
+tokens (`--token-file`: the first token of a file in the server's format, one a line, blank and
+`#` lines skipped), every call goes over TLS and carries `authorization: Bearer <token>`.
+
 Load is only ever sent to this machine: a host that is not a loopback address is refused.
 """
 
@@ -31,6 +36,7 @@ import os
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -55,6 +61,10 @@ decisions: Counter[tuple[str, str]] = Counter()
 # Fraud reports not yet sent: (traffic position from which due, tie-break, reported time, transaction).
 _reports: list[tuple[int, int, int, pb.Transaction]] = []
 _report_seq = itertools.count()
+# Set from the options once per process (`_start`): None for plaintext; call metadata, empty without a token.
+_credentials: grpc.ChannelCredentials | None = None
+_channel_options: list[tuple[str, str]] = []
+_metadata: tuple[tuple[str, str], ...] = ()
 
 
 @events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
@@ -66,6 +76,39 @@ def _options(parser: Any) -> None:
     parser.add_argument("--sim-days", type=int, default=30, help="days of simulated traffic replayed in order")
     parser.add_argument("--sim-cards", type=int, default=20_000, help="cards in the simulated world (merchants: a tenth of it, at least 100)")
     parser.add_argument("--sim-seed", type=int, default=5, help="seed of the simulated world")
+    parser.add_argument("--grpc-tls-ca", default="", help="call over TLS, trusting this PEM CA bundle")
+    parser.add_argument("--grpc-tls-cert", default="", help="client certificate (PEM) for mutual TLS; with --grpc-tls-key")
+    parser.add_argument("--grpc-tls-key", default="", help="client private key (PEM) for mutual TLS; with --grpc-tls-cert")
+    parser.add_argument("--grpc-tls-server-name", default="",
+                        help="name to verify the server certificate against, when it does not cover the host")
+    parser.add_argument("--token-file", default="",
+                        help="send `authorization: Bearer` with the first token of this file (one a line, "
+                             "blank and # lines skipped, as FRAUDSCORE_AUTH_TOKENS_FILE)")
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"loadtest: {option} {path}: cannot read ({exc.strerror})") from None
+
+
+def _security(opts: Any) -> None:
+    """TLS credentials and the bearer token from the options, read once before any user starts."""
+    global _credentials, _channel_options, _metadata
+    if bool(opts.grpc_tls_cert) != bool(opts.grpc_tls_key) or (opts.grpc_tls_cert and not opts.grpc_tls_ca):
+        raise SystemExit("loadtest: --grpc-tls-cert and --grpc-tls-key go together, and with --grpc-tls-ca")
+    if opts.grpc_tls_ca:
+        key = _read("--grpc-tls-key", opts.grpc_tls_key) if opts.grpc_tls_key else None
+        cert = _read("--grpc-tls-cert", opts.grpc_tls_cert) if opts.grpc_tls_cert else None
+        _credentials = grpc.ssl_channel_credentials(_read("--grpc-tls-ca", opts.grpc_tls_ca), key, cert)
+        _channel_options = [("grpc.ssl_target_name_override", opts.grpc_tls_server_name)] if opts.grpc_tls_server_name else []
+    if opts.token_file:
+        lines = _read("--token-file", opts.token_file).decode(errors="replace").splitlines()
+        tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+        if not tokens:
+            raise SystemExit(f"loadtest: --token-file {opts.token_file}: no token in it (one a line)")
+        _metadata = (("authorization", f"Bearer {tokens[0]}"),)
 
 
 def _host(environment: Environment) -> str:
@@ -81,6 +124,8 @@ def _start(environment: Environment, **_: Any) -> None:
     except ValueError as exc:
         raise SystemExit(f"loadtest: refused --host {_host(environment)!r}: {exc}. Run the server on this "
                          "machine and point the load test at 127.0.0.1:PORT.") from None
+    if environment.parsed_options:
+        _security(environment.parsed_options)
     if _traffic is None:
         opts = environment.parsed_options
         _traffic = SimulatedTraffic(num_days=opts.sim_days, num_cards=opts.sim_cards,
@@ -123,7 +168,8 @@ class PaymentSwitch(User):
         opts = self.environment.parsed_options
         self.deadline_s = opts.deadline_ms / 1000 if opts else DEADLINE_S
         self.rng = random.Random()
-        self.channel = grpc.insecure_channel(self.host)
+        self.channel = (grpc.insecure_channel(self.host) if _credentials is None
+                        else grpc.secure_channel(self.host, _credentials, options=_channel_options))
         self.stub = pb_grpc.FraudScoringStub(self.channel)
         self.legitimate: list[pb.Transaction] = []  # recent answered ones, for CONFIRMED_LEGITIMATE reports
 
@@ -135,7 +181,7 @@ class PaymentSwitch(User):
         exception: Exception | None = None
         response = None
         try:
-            response = fn(request, timeout=self.deadline_s)
+            response = fn(request, timeout=self.deadline_s, metadata=_metadata or None)
         except grpc.RpcError as exc:  # one line per status in locust's failure table and CSV
             exception = CallFailed(f"{exc.code().name}: {exc.details()}")
         took_s = time.perf_counter() - start

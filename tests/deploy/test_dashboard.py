@@ -166,6 +166,49 @@ def test_the_alerts_cover_fallbacks_sheds_the_budget_and_no_model() -> None:
     assert any("fraudscore_model_loaded" in e and "== 0" in e for e in exprs.values()), "no model loaded"
 
 
+def _all_exprs() -> list[str]:
+    return _dashboard_exprs() + [str(r["expr"]) for r in _alert_rules()]
+
+
+def _selectors(expr: str, metric: str) -> list[str]:
+    """The matcher text of every selector of `metric` in `expr` ('' when it has none)."""
+    return [m.group(1) or "" for m in re.finditer(rf"\b{metric}\b(?:\{{([^{{}}]*)\}})?", expr)]
+
+
+def test_latency_queries_leave_out_stream_lifetimes() -> None:
+    """fraudscore_request_duration_seconds of ScoreStream is a stream's lifetime, not an answer's latency."""
+    for expr in _all_exprs():
+        for matchers in _selectors(expr, r"fraudscore_request_duration_seconds_(?:bucket|count|sum)"):
+            assert 'method="Score"' in matchers or 'method!="ScoreStream"' in matchers, expr
+
+
+def test_shed_ratios_keep_transactions_and_outcome_reports_apart() -> None:
+    for expr in _all_exprs():
+        if "fraudscore_sheds_total" in expr and "/" in expr:
+            reasons = {re.search(r'reason="(\w+)"', m).group(1) if "reason=" in m else None  # type: ignore[union-attr]
+                       for m in _selectors(expr, "fraudscore_sheds_total")}
+            assert len(reasons) == 1 and None not in reasons, f"one shed reason per ratio: {expr}"
+
+
+def test_no_alert_on_state_occupancy() -> None:
+    """Occupancy reaches ~100% on every warm pod by design (LRU): evictions per scored transaction alert."""
+    exprs = {str(r["alert"]): str(r["expr"]) for r in _alert_rules()}
+    assert not [a for a, e in exprs.items() if "fraudscore_state_entities" in e]
+    assert any("fraudscore_state_evictions_total" in e and "fraudscore_decisions_total" in e for e in exprs.values())
+
+
+def test_the_budget_is_documented_where_it_is_hard_coded() -> None:
+    """le="0.05" and "> 0.05" are FRAUDSCORE_BUDGET_MS's default: each place says so."""
+    for rule in _alert_rules():
+        if "0.05" in str(rule["expr"]):
+            assert "FRAUDSCORE_BUDGET_MS" in str(rule["annotations"]), rule["alert"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [q for p in dashboard["panels"] for q in [p, *p.get("panels", [])]]
+    for panel in panels:
+        if "0.05" in json.dumps(panel.get("targets", [])) + json.dumps(panel.get("fieldConfig", {})):
+            assert "FRAUDSCORE_BUDGET_MS" in panel.get("description", ""), panel["title"]
+
+
 def test_the_dashboard_shows_what_operators_need() -> None:
     used = set().union(*(_check_names(e) for e in _dashboard_exprs()))
     for name in ("fraudscore_requests_total", "fraudscore_request_duration_seconds_bucket",

@@ -5,6 +5,7 @@ project asks for (multi-stage, non-root, gRPC health check, Numba cache built in
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from service.config import Settings
+from tests.conftest import REPO, free_port
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -98,3 +100,38 @@ def test_the_image_has_the_shape_the_project_asks_for() -> None:
     assert re.search(r'CMD \["[^"]*fraudscore", "health"', health), "HEALTHCHECK through the gRPC health service"
     (entry,) = [a for w, a in final if w == "ENTRYPOINT"]
     assert entry.startswith("[") and "exec /opt/venv/bin/fraudscore" in entry, "exec form; fraudscore as PID 1"
+
+
+def _image_env() -> dict[str, str]:
+    """The runtime stage's ENV, as NAME=value pairs."""
+    instructions = _instructions()
+    final = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM"):]
+    return dict(pair.split("=", 1) for w, a in final if w == "ENV" for pair in a.split())
+
+
+def _health(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FRAUDSCORE_")}
+    return subprocess.run([sys.executable, "-m", "service.cli", "health", "--timeout", "0.5"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, env=clean | env)
+
+
+def test_the_image_serves_health_in_plaintext_beside_tls() -> None:
+    """The HEALTHCHECK (`fraudscore health`, plaintext) must work with TLS on the main port: the image
+    sets a health-only plaintext port, valid beside the default gRPC port and exposed."""
+    env = _image_env()
+    health_port = int(env["FRAUDSCORE_HEALTH_PORT"])
+    tls = {"FRAUDSCORE_TLS_CERT_FILE": "/etc/tls/tls.crt", "FRAUDSCORE_TLS_KEY_FILE": "/etc/tls/tls.key"}
+    settings = Settings.load({k: v for k, v in env.items() if k.startswith("FRAUDSCORE_")} | tls)
+    assert settings.health_port == health_port and settings.health_port != settings.port
+    exposed = {int(p) for w, a in _instructions() if w == "EXPOSE" for p in a.split()}
+    assert {settings.port, health_port} <= exposed
+    # With TLS on it probes the health port (nothing listens here: 1, not 2).
+    out = _health({"FRAUDSCORE_HEALTH_PORT": str(free_port())} | tls)
+    assert out.returncode == 1, out.stderr
+
+
+def test_health_with_tls_and_no_health_port_says_what_to_do() -> None:
+    tls = {"FRAUDSCORE_TLS_CERT_FILE": "/etc/tls/tls.crt", "FRAUDSCORE_TLS_KEY_FILE": "/etc/tls/tls.key"}
+    out = _health({"FRAUDSCORE_HEALTH_PORT": "0"} | tls)
+    assert out.returncode == 2
+    assert "FRAUDSCORE_HEALTH_PORT" in out.stderr and "--tls-ca" in out.stderr

@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from core.rules_file import load_ruleset
 from service.config import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +196,28 @@ def test_state_dir_is_a_writable_volume(chart: helm.Chart, variant: str) -> None
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
 
 
+def dockerfile_env(name: str) -> str:
+    """A variable the runtime image's ENV sets (ENV lines and their continuation lines)."""
+    (value,) = re.findall(rf"^(?:ENV\s+|\s+){name}=(\S+?)\s*\\?$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    return str(value)
+
+
+@pytest.mark.parametrize("mount_path", [None, "/data/fraudscore", "/data/fraudscore/"])
+def test_the_numba_cache_is_on_the_state_volume(chart: helm.Chart, mount_path: str | None) -> None:
+    """The image copies its build-time Numba cache into NUMBA_CACHE_DIR at start: it must be writable,
+    so it follows state.mountPath (on the read-only root every cached kernel would fail to load)."""
+    docs = render(chart, {"state": {"mountPath": mount_path}} if mount_path else None)
+    env = config_env(docs)
+    cache_dir = env["NUMBA_CACHE_DIR"]
+    if mount_path is None:
+        assert cache_dir == dockerfile_env("NUMBA_CACHE_DIR")  # the image's own default
+    state_mount = (mount_path or "/var/lib/fraudscore").rstrip("/")
+    assert cache_dir == f"{state_mount}/numba-cache"
+    (mount,) = [m for m in container(docs)["volumeMounts"] if m["mountPath"].rstrip("/") == state_mount]
+    assert mount["name"] == "state" and not mount.get("readOnly", False)
+    assert env["FRAUDSCORE_STATE_DIR"].rstrip("/") == state_mount
+
+
 def test_state_on_a_claim_needs_a_single_replica(chart: helm.Chart) -> None:
     single = {"state": {"existingClaim": "fs-state"}, "replicaCount": 1, "autoscaling": {"enabled": False}}
     volumes = {v["name"]: v for v in pod_spec(render(chart, single))["volumes"]}
@@ -249,7 +272,7 @@ def test_probes_are_grpc_on_the_grpc_port_without_tls_or_auth(chart: helm.Chart)
     for kind, probe in probes(docs).items():
         assert probe["grpc"] == {"port": int(env["FRAUDSCORE_PORT"])}, kind
         assert not {"httpGet", "exec", "tcpSocket"} & probe.keys()
-    assert "FRAUDSCORE_HEALTH_PORT" not in env
+    assert env["FRAUDSCORE_HEALTH_PORT"] == "0", "off, overriding the image's default health port"
 
 
 @pytest.mark.parametrize("variant", ["production", "tls-only", "auth-only"])
@@ -315,6 +338,24 @@ def test_the_chart_knows_every_setting(chart: helm.Chart, set_by_the_chart: set[
         assert name in set_by_the_chart
     else:
         assert env[name] == "7"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (2000000, "2000000"), (4194304, "4194304"), (1048576, "1048576"), (50, "50"), (0.5, "0.5"),
+    (2.5e6, "2500000"), ("4194304", "4194304"), (-1, "-1"),
+])
+def test_unquoted_numbers_render_as_the_server_parses_them(chart: helm.Chart, value: object, expected: str) -> None:
+    """Helm reads every number in values as a float64; toString would write 2e+06, which the server refuses."""
+    name = "FRAUDSCORE_IDEMPOTENCY_MAX_ENTRIES"
+    assert config_env(render(chart, {"config": {name: value}}))[name] == expected
+
+
+def test_large_unquoted_capacities_load_as_settings(chart: helm.Chart) -> None:
+    values = {"config": {"FRAUDSCORE_CARD_CAPACITY": 4194304, "FRAUDSCORE_IDEMPOTENCY_MAX_ENTRIES": 2000000},
+              "shutdownGraceSeconds": 1000000}
+    settings = Settings.load(config_env(render(chart, values)))
+    assert settings.card_capacity == 4194304 and settings.idempotency_max_entries == 2000000
+    assert settings.shutdown_grace_s == 1000000
 
 
 def test_an_unknown_setting_fails_rendering(chart: helm.Chart) -> None:
@@ -395,6 +436,76 @@ def test_an_existing_rules_config_map_is_used_not_rendered(chart: helm.Chart) ->
     assert all(d["metadata"]["name"] != "fraudscore-rules" for d in docs)
     no_rules = render(chart, {"rules": {"enabled": False}})
     assert "FRAUDSCORE_RULES_FILE" not in config_env(no_rules)
+
+
+BLOCKLIST_RULES = {
+    "version": "with-a-list-file",
+    "lists": {"blocked_cards": {"kind": "card", "file": "lists/blocked_cards.txt"}},
+    "rules": [{"name": "blocked_card", "when": "card in @blocked_cards", "action": "DECLINE",
+               "reason_code": "R_BLOCKED_CARD", "priority": 1}],
+}
+BLOCKLIST = {"blocked-cards": {"path": "lists/blocked_cards.txt", "content": "# chargebacks\ntok_blocked_1\n"}}
+
+
+def mounted_rules_dir(docs: list[dict[str, Any]], root: Path) -> Path:
+    """Lay out the rules volume as the kubelet would (each item's key at its path), under `root`,
+    and return where FRAUDSCORE_RULES_FILE points in it."""
+    rules_file = Path(config_env(docs)["FRAUDSCORE_RULES_FILE"])
+    (mount,) = [m for m in container(docs)["volumeMounts"] if m["mountPath"] == str(rules_file.parent)]
+    assert "subPath" not in mount  # a subPath mount never sees ConfigMap updates (the lists are watched)
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == mount["name"]]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]]
+    for item in volume["configMap"]["items"]:
+        target = root / item["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config_map["data"][item["key"]])
+    return root / rules_file.name
+
+
+def test_list_files_beside_the_rules_file_are_mounted_where_the_rules_name_them(
+        chart: helm.Chart, tmp_path: Path) -> None:
+    values = {"rules": {"content": json.dumps(BLOCKLIST_RULES), "extraFiles": BLOCKLIST}}
+    docs = render(chart, values)
+    rules_path = mounted_rules_dir(docs, tmp_path)
+    assert (tmp_path / "lists" / "blocked_cards.txt").read_text() == BLOCKLIST["blocked-cards"]["content"]
+    ruleset = load_ruleset(rules_path)  # as the server loads it: the list file resolves and parses
+    assert set(ruleset.lists) == {"blocked_cards"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    # A list change is part of the rules: it rolls the pods only with rollOnChange.
+    changed = {"rules": {"content": json.dumps(BLOCKLIST_RULES),
+                         "extraFiles": {"blocked-cards": {"path": "lists/blocked_cards.txt", "content": "tok_2\n"}}}}
+    assert pod_annotations(render(chart, changed)) == pod_annotations(docs)
+    rolled = [pod_annotations(render(chart, {"rules": v["rules"] | {"rollOnChange": True}}))["checksum/rules"]
+              for v in (values, changed)]
+    assert rolled[0] != rolled[1]
+
+
+def test_list_files_from_an_existing_config_map_are_mounted_by_key(chart: helm.Chart) -> None:
+    values = {"rules": {"existingConfigMap": "fraud-ops-rules",
+                        "extraFiles": {"blocked-cards": {"path": "lists/blocked_cards.txt"}}}}
+    (volume,) = [v for v in pod_spec(render(chart, values))["volumes"] if v["name"] == "rules"]
+    assert volume["configMap"]["name"] == "fraud-ops-rules"
+    assert volume["configMap"]["items"] == [{"key": "rules.json", "path": "rules.json"},
+                                            {"key": "blocked-cards", "path": "lists/blocked_cards.txt"}]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"k": {"path": "/etc/passwd", "content": "x"}}, "relative to the rules file"),
+    ({"k": {"path": "../secret.txt", "content": "x"}}, "relative to the rules file"),
+    ({"k": {"path": "rules.json", "content": "x"}}, "not rules.json"),
+    ({"k": {"content": "x"}}, "relative to the rules file"),
+    ({"lists/a.txt": {"path": "lists/a.txt", "content": "x"}}, "ConfigMap key"),
+    ({"a": {"path": "lists/a.txt", "content": "x"}, "b": {"path": "lists/a.txt", "content": "y"}}, "two keys"),
+    ({"k": {"path": "lists/a.txt"}}, "content is empty"),
+])
+def test_bad_rules_extra_files_fail_rendering(chart: helm.Chart, extra: dict[str, Any], message: str) -> None:
+    assert message in render_error(chart, {"rules": {"extraFiles": extra}})
+
+
+def test_rules_extra_files_content_with_an_existing_config_map_fails_rendering(chart: helm.Chart) -> None:
+    values = {"rules": {"existingConfigMap": "ops", "extraFiles": {"k": {"path": "lists/a.txt", "content": "x"}}}}
+    assert "leave content empty" in render_error(chart, values)
 
 
 # ---- scaling and placement ----------------------------------------------------------------------------

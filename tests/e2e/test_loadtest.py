@@ -1,15 +1,21 @@
-"""The locust file runs against a real server (loopback only): every call succeeds, the
-simulator's fraud-like traffic is in the mix and gets REVIEW/DECLINE answers, and locust's
-CSV stats are written."""
+"""The locust file runs against a real server (loopback only): every call succeeds, outcomes are
+reported, the simulator's fraud-like traffic is in the mix and is flagged (REVIEW/DECLINE) more
+often than normal traffic, and locust's CSV stats are written; over mutual TLS with a bearer token
+too."""
 
 from __future__ import annotations
 
 import csv
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import REPO, ServerProcess
+import grpc
+import pytest
+
+from tests.certs import CertificateAuthority, Issued
+from tests.conftest import REPO, ServerProcess, start_server
 
 LOCUST = Path(sys.executable).with_name("locust")
 
@@ -39,12 +45,14 @@ def test_locustfile_drives_all_rpcs_with_fraud_like_traffic(server: ServerProces
     assert int(stats["Aggregated"]["Failure Count"]) == 0
     assert stats["Score"]["99%"] not in ("", "N/A")  # latency percentiles as locust reports them
     assert (tmp_path / "run_stats_history.csv").stat().st_size > 0
+    assert int(stats["ReportOutcome"]["Request Count"]) >= 1, "no outcome was reported"
     decisions = _rows(tmp_path / "run_decisions.csv", "Traffic")
-    normal, fraud = decisions["normal"], decisions["fraud-like"]
-    assert int(normal["APPROVE"]) > 0
-    assert sum(int(fraud[d]) for d in ("APPROVE", "REVIEW", "DECLINE")) > 0, "no fraud-like traffic was sent"
-    flagged = sum(int(row[d]) for row in (normal, fraud) for d in ("REVIEW", "DECLINE"))
-    assert flagged > 0, decisions
+    assert int(decisions["normal"]["APPROVE"]) > 0
+    answered = {kind: sum(int(row[d]) for d in ("APPROVE", "REVIEW", "DECLINE")) for kind, row in decisions.items()}
+    assert answered["fraud-like"] > 0, "no fraud-like traffic was sent"
+    flagged = {kind: int(row["REVIEW"]) + int(row["DECLINE"]) for kind, row in decisions.items()}
+    fraud_rate, normal_rate = (flagged[k] / answered[k] for k in ("fraud-like", "normal"))
+    assert fraud_rate > normal_rate, f"fraud-like flagged {fraud_rate:.1%}, normal {normal_rate:.1%}: {decisions}"
 
 
 def test_locustfile_refuses_a_non_loopback_host(tmp_path: Path) -> None:
@@ -60,3 +68,46 @@ def test_a_deadline_miss_is_a_failure(server: ServerProcess, tmp_path: Path) -> 
     stats = _rows(tmp_path / "run_stats.csv", "Name")
     assert int(stats["Score"]["Failure Count"]) == int(stats["Score"]["Request Count"]) > 0
     assert "DEADLINE_EXCEEDED" in (tmp_path / "run_failures.csv").read_text()
+
+
+TOKEN = "tok-loadtest.1"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path, Issued, Path]]:
+    """A server with mutual TLS and bearer tokens (fallback rules: no model needed here)."""
+    tmp = tmp_path_factory.mktemp("secured")
+    ca = CertificateAuthority(tmp, "lt")
+    server_cert, client = ca.issue("server", server=True), ca.issue("client", server=False)
+    tokens = tmp / "tokens"
+    tokens.write_text(f"# load test\n{TOKEN}\n")
+    credentials = grpc.ssl_channel_credentials(ca.cert_pem, private_key=client.key_pem,
+                                               certificate_chain=client.cert_pem)
+    srv = start_server(tmp, model_dir=None, credentials=credentials, extra_env={
+        "FRAUDSCORE_TLS_CERT_FILE": str(server_cert.cert), "FRAUDSCORE_TLS_KEY_FILE": str(server_cert.key),
+        "FRAUDSCORE_TLS_CLIENT_CA_FILE": str(ca.cert), "FRAUDSCORE_AUTH_TOKENS_FILE": str(tokens)})
+    yield srv, ca.cert, client, tokens
+    srv.stop()
+
+
+def test_locustfile_calls_over_mutual_tls_with_a_token(
+        secured: tuple[ServerProcess, Path, Issued, Path], tmp_path: Path) -> None:
+    srv, ca, client, tokens = secured
+    tls = ["--grpc-tls-ca", str(ca), "--grpc-tls-cert", str(client.cert), "--grpc-tls-key", str(client.key)]
+    small = ["-u", "2", "-r", "2", "-t", "3s", "--deadline-ms", "2000", "--sim-days", "1", "--sim-cards", "200"]
+    result = _locust(srv.target, tmp_path, *small, *tls, "--token-file", str(tokens), "--csv", str(tmp_path / "ok"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = _rows(tmp_path / "ok_stats.csv", "Name")
+    assert int(stats["Score"]["Request Count"]) > 0 and int(stats["Aggregated"]["Failure Count"]) == 0
+    # Without the token every call is refused: the token really travels.
+    result = _locust(srv.target, tmp_path, *small, *tls, "--csv", str(tmp_path / "no_token"))
+    assert result.returncode == 1
+    assert "UNAUTHENTICATED" in (tmp_path / "no_token_failures.csv").read_text()
+
+
+def test_locustfile_refuses_incomplete_tls_options(tmp_path: Path) -> None:
+    result = _locust("127.0.0.1:1", tmp_path, "-u", "1", "-r", "1", "-t", "1s", "--grpc-tls-cert", "c.pem")
+    assert result.returncode != 0
+    assert "--grpc-tls-cert and --grpc-tls-key go together" in result.stdout + result.stderr
+    result = _locust("127.0.0.1:1", tmp_path, "-u", "1", "-r", "1", "-t", "1s", "--token-file", str(tmp_path / "none"))
+    assert result.returncode != 0 and "cannot read" in result.stdout + result.stderr

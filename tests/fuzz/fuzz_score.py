@@ -1,10 +1,21 @@
 """Coverage-guided fuzzing (atheris) of decode → validate → score, in process.
 
 Each input is a serialized ScoreBatchRequest, ScoreRequest or ReportOutcomeRequest (the
-first byte picks which, the rest is the message). Messages that decode and validate are
-scored by the service's own pipeline (service.pipeline.Pipeline, as the pipeline thread
-runs it) against one entity state kept across inputs; refused ones must raise
-InvalidInputError naming a field, and must leave that state unchanged.
+first byte picks which, the rest is the message). It is decoded as the server decodes it
+(service.validation.lenient: bytes that do not parse are refused INVALID_ARGUMENT naming
+`request`, not answered by gRPC before the handler) and validated as the handlers validate it.
+Messages that pass are scored by the service's own pipeline (service.pipeline.Pipeline, as the
+pipeline thread runs it) against one entity state kept across inputs.
+
+What it checks, per input: no crash and no hang (libFuzzer's -timeout); one answer per
+transaction, each in range; a refusal is InvalidInputError naming a request field (or
+`request`); and the entity state is unchanged after a refused input. In process, refused input
+reaches no code that holds the state (the harness, like the handlers, validates the whole
+request before anything is scored), so that last check guards two things only: that decoding
+and validation stay free of side effects, and that the gate comes first (tests/fuzz/
+test_harness.py shows it fails when either breaks). The server's promise that a refused call
+changes nothing — features, idempotency records, outcomes — is checked over a real channel by
+tests/e2e/test_fuzz.py.
 
     # atheris is in the dev extra (`make test` installs it): a manylinux wheel for CPython 3.11, no clang
     mkdir -p /tmp/fuzz-corpus      # an empty corpus folder gets valid seed messages written into it
@@ -31,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
-from google.protobuf.message import DecodeError
 
 from core import encode, identifiers
 from core.encode import KeyHasher
@@ -45,11 +55,13 @@ from service import validation
 from service.batcher import Item
 from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.validation import validate_outcome, validate_transaction
+from service.validation import decoded, lenient, validate_outcome, validate_transaction
 
 RULES = Path(__file__).resolve().parents[2] / "service" / "defaults" / "rules.json"
+# `request`: bytes that do not parse as the message (service.validation.decoded).
 FIELDS = frozenset(f.name for f in pb.Transaction.DESCRIPTOR.fields) | frozenset(
-    f.name for f in pb.ReportOutcomeRequest.DESCRIPTOR.fields)
+    f.name for f in pb.ReportOutcomeRequest.DESCRIPTOR.fields) | {"request"}
+_BATCH, _SINGLE, _REPORT = lenient(pb.ScoreBatchRequest), lenient(pb.ScoreRequest), lenient(pb.ReportOutcomeRequest)
 
 
 class Harness:
@@ -67,35 +79,32 @@ class Harness:
     def one_input(self, data: bytes) -> None:
         """Decode, validate and score one input; raise AssertionError on a broken promise."""
         kind, body = (data[0] % 3, data[1:]) if data else (0, b"")
-        try:
-            if kind == 0:
-                txns = list(pb.ScoreBatchRequest.FromString(body).transactions)
-            elif kind == 1:
-                request = pb.ScoreRequest.FromString(body)
-                txns = [request.transaction] if request.HasField("transaction") else []
-            else:
-                report = pb.ReportOutcomeRequest.FromString(body)
-        except DecodeError:
-            return  # gRPC answers an undecodable message before the service sees it
-        if kind == 2:
-            try:
-                validate_outcome(report)
-            except InvalidInputError as exc:
-                _check_refusal(exc)
-            return
-        if not txns:
-            return
         before = _snapshot(self.state)
         try:
-            for i, txn in enumerate(txns):
-                validate_transaction(txn, prefix=f"transactions[{i}].")
+            txns = self._admit(kind, body)
         except InvalidInputError as exc:
             _check_refusal(exc)
-            after = _snapshot(self.state)
-            if any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(before, after, strict=True)):
-                raise AssertionError("a refused batch changed the entity state") from exc
+            if any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(before, _snapshot(self.state), strict=True)):
+                raise AssertionError("a refused input changed the entity state") from exc
             return
-        self._score(txns)
+        if txns:
+            self._score(txns)
+
+    def _admit(self, kind: int, body: bytes) -> list[pb.Transaction]:
+        """What the handler would pass on to the batcher (nothing for a report); InvalidInputError if refused."""
+        if kind == 2:
+            validate_outcome(decoded(_REPORT(body)))
+            return []
+        if kind == 0:
+            txns = list(decoded(_BATCH(body)).transactions)
+            for i, txn in enumerate(txns):
+                validate_transaction(txn, prefix=f"transactions[{i}].")
+            return txns
+        request = decoded(_SINGLE(body))
+        if not request.HasField("transaction"):
+            return []
+        validate_transaction(request.transaction)
+        return [request.transaction]
 
     def _score(self, txns: list[pb.Transaction]) -> None:
         items = [Item(t, math.inf, 0, self.loop.create_future()) for t in txns]

@@ -52,6 +52,7 @@ keeps this list equal to the Settings fields), and the ones the chart sets itsel
   "FRAUDSCORE_LOG_LEVEL" "FRAUDSCORE_FAULT_INJECTION"
   "FRAUDSCORE_TLS_CERT_FILE" "FRAUDSCORE_TLS_KEY_FILE" "FRAUDSCORE_TLS_CLIENT_CA_FILE"
   "FRAUDSCORE_AUTH_TOKENS_FILE" "FRAUDSCORE_AUTH_TOKENS_RELOAD_S" "FRAUDSCORE_HEALTH_PORT"
+  "FRAUDSCORE_TLS_RELOAD_S" "FRAUDSCORE_MAX_CONNECTION_AGE_S"
   | toJson }}
 {{- end }}
 
@@ -122,9 +123,52 @@ so probes use the plaintext health-only port. */}}
 {{- default (.Files.Get "files/rules.json") .Values.rules.content }}
 {{- end }}
 
+{{/* A config value as the environment string the server parses. Helm reads every number in a
+values file as a float64, which toString writes as 2e+06 for 2000000 (refused by the server):
+a whole number is written as an integer. */}}
+{{- define "fraudscore.envValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}
+{{- if or (gt . 9.007199254740992e15) (lt . -9.007199254740992e15) }}
+{{- fail (printf "the number %v is too large to pass exactly; quote it in the values file" .) }}
+{{- end }}
+{{- int64 . | toString }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* rules.extraFiles: each key a ConfigMap key, each path relative to the rules file's
+directory (list files, docs/rules.md), inside it and not rules.json itself. */}}
+{{- define "fraudscore.checkRulesExtraFiles" -}}
+{{- $paths := list }}
+{{- range $key, $file := .Values.rules.extraFiles }}
+{{- if not (regexMatch "^[-._a-zA-Z0-9]+$" $key) }}
+{{- fail (printf "rules.extraFiles.%s: a ConfigMap key may hold only letters, digits, '-', '_' and '.'" $key) }}
+{{- end }}
+{{- if eq $key "rules.json" }}
+{{- fail "rules.extraFiles: the key rules.json is the rules file itself; name the list file's key otherwise" }}
+{{- end }}
+{{- $path := (default "" $file.path) }}
+{{- if or (not $path) (hasPrefix "/" $path) (has ".." (splitList "/" $path)) (has "" (splitList "/" $path)) (eq $path "rules.json") }}
+{{- fail (printf "rules.extraFiles.%s.path: %q must be a path relative to the rules file's directory, inside it (e.g. lists/blocked_cards.txt, as the rules file names it), and not rules.json" $key $path) }}
+{{- end }}
+{{- if has $path $paths }}
+{{- fail (printf "rules.extraFiles: two keys are mounted at %s" $path) }}
+{{- end }}
+{{- $paths = append $paths $path }}
+{{- if and $.Values.rules.existingConfigMap $file.content }}
+{{- fail (printf "rules.extraFiles.%s.content: with rules.existingConfigMap the file comes from that ConfigMap's key %s; leave content empty" $key $key) }}
+{{- end }}
+{{- if and (not $.Values.rules.existingConfigMap) (not $file.content) }}
+{{- fail (printf "rules.extraFiles.%s.content is empty: give the file's text (or use rules.existingConfigMap holding key %s)" $key $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Fail early on combinations that cannot work. */}}
 {{- define "fraudscore.validate" -}}
 {{- include "fraudscore.checkConfig" . }}
+{{- include "fraudscore.checkRulesExtraFiles" . }}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
 {{- fail "tls.enabled needs tls.existingSecret: the name of a kubernetes.io/tls Secret (tls.crt, tls.key)" }}
 {{- end }}
@@ -145,4 +189,10 @@ so probes use the plaintext health-only port. */}}
 {{- if ne (len $ports) (len (uniq $ports)) }}
 {{- fail (printf "service.grpcPort, service.metricsPort and service.healthPort must differ (got %v)" $ports) }}
 {{- end }}
+{{- end }}
+
+{{/* Numba's cache (NUMBA_CACHE_DIR): on the writable state volume, wherever it is mounted. The
+image's entrypoint copies its build-time cache there; on the read-only root it would fail. */}}
+{{- define "fraudscore.numbaCacheDir" -}}
+{{- printf "%s/numba-cache" (trimSuffix "/" .Values.state.mountPath) }}
 {{- end }}
