@@ -71,10 +71,16 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
     max_concurrent_rpcs: int = 256
-    """Calls in the server at once (a stream counts as one); past it gRPC answers
-    RESOURCE_EXHAUSTED before any work, the cheapest refusal there is. Under overload a call
-    waits inside gRPC before the server sees it, where no budget can be applied: keep this
-    near peak rate × budget (docs/design.md, "Serving under pressure")."""
+    """FraudScoring calls in the server at once (a stream counts as one); past it a call is answered
+    RESOURCE_EXHAUSTED before any work, counted in `fraudscore_sheds_total{reason="concurrency"}`.
+    gRPC's own limit, a little above (`grpc_concurrency_limit`), is the backstop for everything
+    else (health, reflection). Under overload a call waits inside gRPC before the server sees it,
+    where no budget can be applied: keep this near peak rate × budget (docs/design.md, "Serving
+    under pressure")."""
+    max_connection_age_s: float = 300.0
+    """A client connection is closed (GOAWAY, then `shutdown_grace_s` for its calls to finish) after
+    about this many seconds (gRPC adds ±10 % jitter); clients reconnect, through the load balancer,
+    so pods added by an autoscaler get their share. 0: never."""
     max_clock_skew_s: float = 300.0
     """event_time_ms and reported_time_ms may be at most this far ahead of the server's clock:
     a future-dated event would freeze its entities' decayed counters until then."""
@@ -103,16 +109,20 @@ class Settings:
     tls_client_ca_file: Path | None = None
     """PEM CA bundle. Set (with the certificate and key): mutual TLS, every client must present a
     certificate signed by one of these CAs, or the handshake fails."""
+    tls_reload_s: float = 5.0
+    """Seconds between checks of the TLS files' content (cert-manager renews a Secret in place); a
+    renewed certificate that loads is served to new connections without a restart. 0: only on SIGHUP."""
     auth_tokens_file: Path | None = None
     """Bearer tokens, one a line (blank lines and lines starting with # skipped). Set: every call but
-    grpc.health.v1.Health and server reflection needs metadata `authorization: Bearer <token>`,
-    or ends UNAUTHENTICATED. Re-read when its content changes (`auth_tokens_reload_s`, SIGHUP)."""
+    grpc.health.v1.Health/Check needs metadata `authorization: Bearer <token>` (Health/Watch and
+    server reflection too: they are streams that would hold call slots), or ends UNAUTHENTICATED.
+    Re-read when its content changes (`auth_tokens_reload_s`, SIGHUP)."""
     auth_tokens_reload_s: float = 5.0
     """Seconds between checks of the tokens file's content (a mounted Secret changes it in place);
     a changed file is validated and swapped in, a refused one leaves the old tokens. 0: only on SIGHUP."""
     health_port: int = 0
-    """An extra plaintext port serving only grpc.health.v1 (kubelet probes send neither TLS nor
-    tokens), with the main health service's status. 0: none."""
+    """An extra plaintext port serving only grpc.health.v1.Health/Check (kubelet probes send neither
+    TLS nor tokens), with the main health service's status; Watch there is UNIMPLEMENTED. 0: none."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR. Logs are JSON lines on stderr."""
     fault_injection: str = ""
@@ -167,10 +177,17 @@ class Settings:
         need(0 <= self.health_port <= 65535, "health_port", "must be 0..65535 (0: no health port)")
         need(self.health_port == 0 or self.health_port != self.port, "health_port",
              "must differ from FRAUDSCORE_PORT (it serves plaintext health only)")
+        need(self.tls_reload_s >= 0, "tls_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
+        need(self.max_connection_age_s >= 0, "max_connection_age_s", "must be ≥ 0 (0: connections never aged out)")
         need(self.auth_tokens_reload_s >= 0, "auth_tokens_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         if not self.id_hash_key:  # not through need(): its message would quote the key
             raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY is empty: a keyed hash needs a secret; set one of at least "
                              "16 random bytes, or unset it for the published development key")
+        try:
+            self.id_hash_key.encode()
+        except UnicodeEncodeError:  # e.g. raw bytes read as surrogates; the message never quotes the key
+            raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY has characters that are not valid text (bytes that are not "
+                             "UTF-8); set it to text, e.g. a base64 or hex encoding of the random bytes") from None
         self._validate_tls()
 
     def _validate_tls(self) -> None:
@@ -184,6 +201,11 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE is set but {cert} and {key} are not: mutual TLS "
                              "needs the server's own certificate and key too; set them, or unset "
                              f"{ENV_PREFIX}TLS_CLIENT_CA_FILE")
+
+    @property
+    def grpc_concurrency_limit(self) -> int:
+        """gRPC's own limit: the backstop above `max_concurrent_rpcs`, room for health and reflection."""
+        return self.max_concurrent_rpcs + max(16, self.max_concurrent_rpcs // 8)
 
     def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **changes)

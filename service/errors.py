@@ -4,6 +4,7 @@
     ├── InvalidInputError ............ INVALID_ARGUMENT   (bad request; nothing changed)
     ├── IdempotencyConflictError ..... FAILED_PRECONDITION (same id, different payload)
     ├── OverloadedError .............. RESOURCE_EXHAUSTED (shed: queue full; retry with backoff)
+    │   └── ConcurrencyLimitError .... RESOURCE_EXHAUSTED (shed: too many calls in progress)
     ├── StreamTooLongError ........... RESOURCE_EXHAUSTED (a stream past its message limit; open a new one)
     ├── DeadlineExpiredError ......... DEADLINE_EXCEEDED  (deadline passed before any work)
     ├── NotServingError .............. UNAVAILABLE        (starting or draining; retry elsewhere)
@@ -22,6 +23,15 @@ class OverloadedError(FraudscoreError):
         self.queued = queued
         self.limit = limit
         super().__init__(f"server overloaded: {queued} transactions queued, limit {limit}; retry with backoff")
+
+
+class ConcurrencyLimitError(OverloadedError):
+    """FRAUDSCORE_MAX_CONCURRENT_RPCS calls already in the server."""
+
+    def __init__(self, limit: int) -> None:
+        self.queued = self.limit = limit
+        FraudscoreError.__init__(self, f"server overloaded: {limit} calls in progress "
+                                       "(FRAUDSCORE_MAX_CONCURRENT_RPCS); retry with backoff")
 
 
 class StreamTooLongError(FraudscoreError):

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from core.identifiers import looks_like_pan
+
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _SENSITIVE = frozenset({"card_id", "customer_id", "merchant_id", "device_id", "ip_address", "transaction_id",
                         "amount", "amount_minor", "latitude", "longitude", "transaction", "request"})
@@ -29,14 +31,29 @@ request_id: ContextVar[str | None] = ContextVar("fraudscore_request_id", default
 REQUEST_ID_HEADER = "x-request-id"
 # What a client may send: a UUID, a trace id, a ULID… Anything else is replaced, not echoed.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
+# Runs of 13 or more digits, separators allowed between them (as core.identifiers reads a PAN).
+_DIGIT_RUN = re.compile(r"[0-9][0-9._/-]{11,}[0-9]")
+_DIGITS = re.compile(r"[0-9]{13,19}")
 # Generated ids: a random per-process prefix and a counter (unique, and cheaper than uuid4 per call).
 _GENERATED_PREFIX = secrets.token_hex(6)
 _generated = itertools.count(1)
 
 
 def valid_request_id(value: str) -> bool:
-    """Whether a client-sent request id is usable: 1–128 characters of [A-Za-z0-9._:+=/-]."""
-    return _VALID_REQUEST_ID.fullmatch(value) is not None
+    """Whether a client-sent request id is usable: 1–128 characters of [A-Za-z0-9._:+=/-], with
+    nothing in it that looks like a card number (it is logged and echoed: `carries_pan`)."""
+    return _VALID_REQUEST_ID.fullmatch(value) is not None and not carries_pan(value)
+
+
+def carries_pan(value: str) -> bool:
+    """Whether `value`, or a run of digits in it (whole, or split at its separators), looks like a
+    PAN (core.identifiers.looks_like_pan: 13–19 digits passing the Luhn check)."""
+    if len(value) < 13:
+        return False
+    for run in _DIGIT_RUN.findall(value):
+        if looks_like_pan(run) or any(looks_like_pan(d) for d in _DIGITS.findall(run)):
+            return True
+    return False
 
 
 def new_request_id() -> str:

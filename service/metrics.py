@@ -222,6 +222,11 @@ class Metrics:
         self.request_duration = Histogram("fraudscore_request_duration_seconds",
                                           "RPC latency inside the server, by method and status code",
                                           ["method", "code"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        # A ScoreStream's request_duration is the stream's lifetime; this is each of its messages.
+        self.stream_message_duration = Histogram(
+            "fraudscore_stream_message_duration_seconds",
+            "ScoreStream: one message's latency inside the server, from its arrival (decoded) to its answer "
+            "handed to gRPC", buckets=_LATENCY_BUCKETS_S, registry=r)
         # fraudscore_stage_duration_seconds{stage}, fraudscore_batch_size, fraudscore_pipeline_duration_seconds,
         # fraudscore_fraud_probability: recorded once a batch by the pipeline thread.
         self.pipeline = PipelineHistograms(STAGES)

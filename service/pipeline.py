@@ -182,8 +182,8 @@ class Pipeline:
             if now - self._challenger_logged_at >= CHALLENGER_ERROR_LOG_S:
                 self._challenger_logged_at = now
                 log.error("challenger model failed; answers are unaffected (logged at most once a minute)", extra={
-                    "model_version": challenger.version, "error": exc.__class__.__name__, "reason": str(exc),
-                    "batch_size": len(scored)})
+                    # The class only: an error's text is not ours to judge (it may quote input).
+                    "model_version": challenger.version, "error": exc.__class__.__name__, "batch_size": len(scored)})
 
     def _count_rule_hits(self, scored: ScoredBatch) -> None:
         """`fraudscore_rule_hits_total{rule, mode, decision}`: each rule's hits by the answer's final

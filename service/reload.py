@@ -44,6 +44,7 @@ from core.rules_file import load_ruleset, parse_ruleset
 from core.scoring import Scorer
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
+from service.restore import warn_if_simulated
 
 log = logging.getLogger("fraudscore.rules")
 model_log = logging.getLogger("fraudscore.model")
@@ -269,7 +270,9 @@ class Reloader(WatchTask):
     def _build_model(self, model_dir: Path, old: Scorer) -> Scorer:
         """Worker thread: the new model with the ruleset in use, checked and run once through
         prediction and both reason methods (pipeline.warm_up), so its first batch pays nothing extra."""
-        scorer = Scorer(load_model_dir(model_dir), old.ruleset, reasons_method=self._reasons_method)
+        model = load_model_dir(model_dir)
+        warn_if_simulated(model, when="reload")
+        scorer = Scorer(model, old.ruleset, reasons_method=self._reasons_method)
         warm_up(scorer, self._hasher)
         return scorer
 

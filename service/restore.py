@@ -8,7 +8,10 @@ empty state; no records: none).
 from __future__ import annotations
 
 import logging
+import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fraudscore.v1 import fraudscore_pb2 as pb
 
@@ -23,6 +26,20 @@ from service.idempotency_store import RECORDS_FILE, load_records, save_records
 
 log = logging.getLogger("fraudscore.app")
 SNAPSHOT_FILE = "state.npz"
+# Refused snapshots kept beside the state (`state.npz.refused-<UTC time>`), newest first; older ones deleted.
+REFUSED_KEPT = 3
+
+
+def warn_if_simulated(model: LoadedModel, *, when: str) -> None:
+    """A warning when `model` was trained on simulated data (its manifest's training.data.source
+    starts with "simulated"): such a model knows the simulator's fraud, not yours."""
+    training: Any = model.manifest.get("training")
+    data = training.get("data") if isinstance(training, dict) else None
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, str) and source.startswith("simulated"):
+        log.warning("the model making decisions was trained on simulated data, not on real transactions; "
+                    "train one on your own labelled history before relying on its decisions",
+                    extra={"model_version": model.version, "training_source": source[:64], "when": when})
 
 
 def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
@@ -33,10 +50,12 @@ def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
         log.error("model directory not found; serving from fallback rules", extra={"model_dir": str(path)})
         return None, "no_model"
     try:
-        return load_model_dir(path), ""
+        model = load_model_dir(path)
     except ModelLoadError as exc:
         log.error("model refused; serving from fallback rules", extra={"model_dir": str(path), "reason": exc.reason})
         return None, "model_load_failed"
+    warn_if_simulated(model, when="start-up")
+    return model, ""
 
 
 def load_challenger(path: Path | None) -> LoadedModel | None:
@@ -74,10 +93,44 @@ def restore_state(settings: Settings, hasher: KeyHasher) -> EntityState:
                                        "entity_capacity": state.merchant.capacity})
                 return state
             except ValueError as exc:
-                log.error("state snapshot refused; starting with empty state", extra={"path": str(path), "reason": str(exc)})
+                kept = set_aside(path)
+                log.error("state snapshot refused; starting with empty state. It was moved aside, not deleted "
+                          "(the next snapshot would overwrite it): to go back to it, stop the server with the "
+                          "setting it was made with (FRAUDSCORE_ID_HASH_KEY, this build's kernels) and move "
+                          "it back to the state file", extra={
+                              "path": str(path), "reason": str(exc), "moved_to": str(kept) if kept else None,
+                              "refused_copies_kept": REFUSED_KEPT})
     return EntityState.empty(card_capacity=settings.card_capacity, merchant_capacity=settings.entity_capacity,
                              customer_capacity=settings.entity_capacity, device_capacity=settings.entity_capacity,
                              ip_capacity=settings.entity_capacity)
+
+
+def set_aside(path: Path, *, keep: int = REFUSED_KEPT) -> Path | None:
+    """Rename a refused file to `<name>.refused-<UTC time>` beside it, and delete all but the newest
+    `keep` such copies. None (logged) when it cannot be renamed: the next snapshot replaces it."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    prefix = f"{path.name}.refused-"
+
+    def age(copy: Path) -> tuple[str, int]:  # the UTC stamp, then the counter of a same-second refusal
+        when, _, n = copy.name.removeprefix(prefix).partition("-")
+        return when, int(n) if n.isdigit() else 1
+
+    same_second = [age(p)[1] for p in path.parent.glob(f"{prefix}{stamp}*")]
+    n = max(same_second) + 1 if same_second else 1  # after the newest copy of this second
+    target = path.with_name(prefix + stamp + (f"-{n}" if n > 1 else ""))
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        log.error("refused state snapshot could not be moved aside; the next snapshot will replace it",
+                  extra={"path": str(path), "error": exc.strerror})
+        return None
+    copies = sorted(path.parent.glob(prefix + "*"), key=age)
+    for old in copies[:-keep] if keep > 0 else copies:
+        try:
+            old.unlink()
+        except OSError as exc:
+            log.warning("old refused snapshot not deleted", extra={"path": str(old), "error": exc.strerror})
+    return target
 
 
 def restore_idempotency(settings: Settings, answers: IdempotencyCache[pb.ScoreResponse, bytes],

@@ -1,9 +1,9 @@
-"""Transport security and caller authentication: TLS or mutual TLS on the gRPC port, bearer
-tokens checked by a server interceptor, and the tokens file's rotation. docs/security.md.
+"""Transport security and caller authentication: bearer tokens checked by a server interceptor,
+the tokens file's rotation, and the port's TLS (service/tls.py) put together. docs/security.md.
 
-What is read, and when: the TLS files once, at start-up (a new certificate takes a restart:
-a rolling one in Kubernetes); the tokens file at start-up, then again whenever its content
-changes (`TokenWatcher`), so a rotated Secret takes effect without a restart.
+What is read, and when: the TLS files and the tokens file at start-up, then again whenever their
+content changes (`TlsReloader`, `TokenWatcher`), so a renewed certificate or a rotated Secret
+takes effect without a restart.
 
 What never leaves this module: a token, a key, a certificate's content. Errors name the
 setting, the file, the line number and what was wrong with it; tokens are kept only as their
@@ -13,118 +13,31 @@ SHA-256 digests, so not even a stray repr can print one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from core.errors import FraudscoreError
 from service.config import ENV_PREFIX, Settings
-from service.reload import RulesStamp, WatchTask, rules_stamp
+from service.reload import RulesStamp, rules_stamp
+from service.secret_files import FileWatch, SecurityConfigError, read_secret_file
+from service.tls import TlsMaterial, TlsReloader, load_tls, tls_stamp
 
+__all__ = ["BearerAuthInterceptor", "BearerTokens", "Security", "SecurityConfigError", "TlsMaterial", "TlsReloader",
+           "TokenWatcher", "load_security", "load_tls", "read_tokens"]
 log = logging.getLogger("fraudscore.security")
 
-# Open without a token: probes (kubelet, `fraudscore health`) and API discovery. Reflection
-# tells a caller only the public .proto, which grants nothing.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Open without a token: the one call a probe makes (kubelet, `fraudscore health`). Not Health/Watch
+# nor reflection: both are streams, and each open stream holds one of FRAUDSCORE_MAX_CONCURRENT_RPCS
+# slots for as long as the caller likes, so unauthenticated streams could starve every scoring call.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 EXPECTED_HEADER = "metadata 'authorization: Bearer <token>'"
-
-
-class SecurityConfigError(FraudscoreError):
-    """A TLS or tokens file that cannot be used; the message names the setting and what to do."""
-
-    def __init__(self, setting: str, path: Path, problem: str, remedy: str) -> None:
-        self.setting, self.path, self.problem = setting, path, problem
-        super().__init__(f"{ENV_PREFIX}{setting} ({path}): {problem}; {remedy}")
-
-
-# --- TLS ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TlsMaterial:
-    """The PEM bytes grpc.ssl_server_credentials takes; `repr` shows no content."""
-
-    cert_chain: bytes = field(repr=False)
-    private_key: bytes = field(repr=False)
-    client_ca: bytes | None = field(repr=False)
-
-    @property
-    def mode(self) -> str:
-        return "mtls" if self.client_ca is not None else "tls"
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)], root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
-
-
-def _read(setting: str, path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise SecurityConfigError(setting, path, f"no such file; expected {what}",
-                                  "check the path and that the Secret is mounted there") from None
-    except OSError as exc:
-        raise SecurityConfigError(setting, path, f"cannot be read ({exc.strerror}); expected {what}",
-                                  "make it readable by the server's user") from None
-
-
-def _no_password() -> bytes:
-    return b""  # an encrypted key then fails to load instead of OpenSSL prompting on a terminal
-
-
-def load_tls(settings: Settings) -> TlsMaterial | None:
-    """The configured certificate, key and client CA, checked as OpenSSL will use them (the key
-    matches the certificate, the CA bundle parses), or None when TLS is off."""
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return None  # Settings.validate refused one without the other
-    cert_path, key_path = settings.tls_cert_file, settings.tls_key_file
-    chain = _read("TLS_CERT_FILE", cert_path, "a PEM certificate chain")
-    key = _read("TLS_KEY_FILE", key_path, "a PEM private key")
-    if b"-----BEGIN CERTIFICATE-----" not in chain:
-        raise SecurityConfigError("TLS_CERT_FILE", cert_path, "no PEM certificate in it (expected "
-                                  "'-----BEGIN CERTIFICATE-----')", "point it at the server certificate chain "
-                                  "(tls.crt of a kubernetes.io/tls Secret)")
-    if b"PRIVATE KEY-----" not in key:
-        raise SecurityConfigError("TLS_KEY_FILE", key_path, "no PEM private key in it (expected "
-                                  "'-----BEGIN PRIVATE KEY-----' or similar)",
-                                  "point it at the certificate's private key (tls.key of a kubernetes.io/tls Secret)")
-    if b"ENCRYPTED" in key:
-        raise SecurityConfigError("TLS_KEY_FILE", key_path, "the private key is encrypted",
-                                  "gRPC needs an unencrypted key: decrypt it (openssl pkey -in KEY -out KEY.plain) "
-                                  "and keep it in a Secret instead")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        # Never prompts (the password callback refuses): an encrypted key fails here, not on a tty.
-        context.load_cert_chain(cert_path, key_path, password=_no_password)
-    except ssl.SSLError as exc:
-        # OpenSSL's reason (e.g. KEY_VALUES_MISMATCH) names the problem, never the content.
-        reason = getattr(exc, "reason", None) or exc.__class__.__name__
-        raise SecurityConfigError("TLS_KEY_FILE", key_path, f"OpenSSL refused the certificate and key ({reason})",
-                                  f"check that {ENV_PREFIX}TLS_CERT_FILE is PEM and that this is its private key"
-                                  ) from None
-    client_ca = None
-    if settings.tls_client_ca_file is not None:
-        ca_path = settings.tls_client_ca_file
-        client_ca = _read("TLS_CLIENT_CA_FILE", ca_path, "a PEM CA bundle")
-        try:
-            if b"-----BEGIN CERTIFICATE-----" not in client_ca:
-                raise ssl.SSLError("no PEM certificate")
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=client_ca.decode("ascii"))
-        except (ssl.SSLError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc.args[0] if exc.args else exc.__class__.__name__)
-            raise SecurityConfigError("TLS_CLIENT_CA_FILE", ca_path, f"not a PEM CA bundle ({reason})",
-                                      "point it at the PEM certificate(s) of the CA that signs client "
-                                      "certificates (ca.crt)") from None
-    return TlsMaterial(chain, key, client_ca)
 
 
 # --- Bearer tokens -----------------------------------------------------------------------------
@@ -133,7 +46,7 @@ def load_tls(settings: Settings) -> TlsMaterial | None:
 def read_tokens(path: Path) -> tuple[bytes, ...]:
     """The SHA-256 digests of the tokens in `path`: one a line, blank lines and `#` lines skipped.
     Refuses a file with no token or a token with whitespace inside (naming the line, not the token)."""
-    data = _read("AUTH_TOKENS_FILE", path, "bearer tokens, one a line")
+    data = read_secret_file("AUTH_TOKENS_FILE", path, "bearer tokens, one a line")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -191,14 +104,22 @@ class BearerTokens:
                                       "tokens this server is configured with")
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+# What the server does with a refused call before it ends: `(method, context, started)`, with
+# `started` the call's perf_counter at interception (counts it, gives it a request id).
+OnRefused = Callable[[str, grpc.aio.ServicerContext, float], None]
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str, method: str, started: float,
+              on_refused: OnRefused | None) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED. Its request is
     left undecoded: a caller without a token gets no parsing of what it sent."""
     async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
+        if on_refused is not None:
+            on_refused(method, context, started)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def refuse_stream(_: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await refuse(_, context)
         yield  # pragma: no cover  (abort raises: this only makes the function a generator)
 
     if handler.request_streaming and handler.response_streaming:
@@ -211,28 +132,27 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Lets a call through when it carries an accepted token (or is health or reflection);
-    otherwise answers UNAUTHENTICATED before the request is decoded. `on_refused(method)` counts it."""
+    """Lets a call through when it carries an accepted token (or is `Health/Check`, `OPEN_METHODS`);
+    otherwise answers UNAUTHENTICATED before the request is decoded, after `on_refused`."""
 
-    def __init__(self, tokens: BearerTokens, *, on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(self, tokens: BearerTokens, *, on_refused: OnRefused | None = None) -> None:
         self.tokens = tokens
         self._on_refused = on_refused
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         method: str = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES):
+        if method in OPEN_METHODS:
             return await continuation(handler_call_details)
+        started = time.perf_counter()
         why = self.tokens.refusal(handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
         if why is None or handler is None:  # an unknown method is UNIMPLEMENTED either way
             return handler
-        if self._on_refused is not None:
-            self._on_refused(method)
-        return _refusing(handler, why)
+        return _refusing(handler, why, method, started, self._on_refused)
 
 
-class TokenWatcher(WatchTask):
+class TokenWatcher(FileWatch):
     """Re-reads the tokens file when its content changes: every `interval_s` (0: never) its stat
     is compared, the file read and hashed only when the stat moved (service/reload.py's stamps,
     which follow a Secret's `..data` symlink swap), and on `request` (SIGHUP). A file that is
@@ -240,27 +160,13 @@ class TokenWatcher(WatchTask):
     changes again."""
 
     task_name = "auth-tokens-reload"
+    what = "auth tokens"
 
     def __init__(self, path: Path, tokens: BearerTokens, *, interval_s: float, seen: RulesStamp | None) -> None:
-        super().__init__()
+        super().__init__(interval_s=interval_s)
         self.path = path
         self.tokens = tokens
-        self._interval_s = interval_s
         self._seen = seen
-
-    async def _run(self) -> None:
-        while True:
-            timeout = self._interval_s if self._interval_s > 0 else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._requested.wait(), timeout=timeout)
-            forced = self._requested.is_set()
-            self._requested.clear()
-            try:
-                await self.check(forced=forced)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("auth tokens check failed; the tokens in use stay", extra={"error": exc.__class__.__name__})
 
     async def check(self, *, forced: bool = False) -> bool:
         """Swap in the file's tokens if its content changed (or `forced`); True when swapped."""
@@ -292,23 +198,36 @@ class Security:
     tls: TlsMaterial | None
     tokens: BearerTokens | None
     watcher: TokenWatcher | None
+    tls_reloader: TlsReloader | None = None
+
+    @property
+    def watchers(self) -> list[FileWatch]:
+        """The background tasks that re-read the files (started and stopped by `serve`)."""
+        return [w for w in (self.watcher, self.tls_reloader) if w is not None]
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """The port's credentials, renewed with the files (None: plaintext)."""
+        return self.tls_reloader.server_credentials() if self.tls_reloader is not None else None
 
     @property
     def transport(self) -> str:
         """"plaintext", "tls" or "mtls"."""
         return self.tls.mode if self.tls is not None else "plaintext"
 
-    def interceptors(self, *, on_refused: Callable[[str], None] | None = None) -> list[Any]:
+    def interceptors(self, *, on_refused: OnRefused | None = None) -> list[Any]:
         """The server interceptors: the bearer check when tokens are configured, else none (no cost)."""
         return [] if self.tokens is None else [BearerAuthInterceptor(self.tokens, on_refused=on_refused)]
 
 
 def load_security(settings: Settings) -> Security:
     """Read and check every security file; raise SecurityConfigError naming what to fix."""
+    tls_seen = tls_stamp(settings) if settings.tls_cert_file is not None else None  # before reading, as below
     tls = load_tls(settings)
+    reloader = (None if tls is None else
+                TlsReloader(settings, tls, interval_s=settings.tls_reload_s, seen=tls_seen))
     if settings.auth_tokens_file is None:
-        return Security(tls, None, None)
+        return Security(tls, None, None, reloader)
     seen = rules_stamp(settings.auth_tokens_file)  # stamped before reading: a change in between is seen
     tokens = BearerTokens(read_tokens(settings.auth_tokens_file))
     watcher = TokenWatcher(settings.auth_tokens_file, tokens, interval_s=settings.auth_tokens_reload_s, seen=seen)
-    return Security(tls, tokens, watcher)
+    return Security(tls, tokens, watcher, reloader)

@@ -1,7 +1,7 @@
 """Validation at the boundary: every field rule of the API, checked before any state is touched.
 
-Messages name the field and the rule, and never echo an identifier (a refused card_id
-might be a real card number).
+Messages name the field and the rule, and never echo an identifier (a refused card_id,
+customer_id or device_id might be a real card number).
 """
 
 from __future__ import annotations
@@ -76,14 +76,18 @@ def _identifier(prefix: str, name: str, value: str, *, required: bool) -> None:
         raise InvalidInputError(f"{prefix}{name}", "printable characters only")
 
 
-def _card_id(prefix: str, value: str) -> None:
-    _identifier(prefix, "card_id", value, required=True)
+def _no_pan(prefix: str, name: str, value: str) -> None:
     if looks_like_pan(value):
         raise InvalidInputError(
-            f"{prefix}card_id",
+            f"{prefix}{name}",
             "must be a token or keyed hash, never a card number; a 13–19 digit value passing the Luhn "
             "check was refused (value not logged) — tokenize the PAN upstream",
         )
+
+
+def _card_id(prefix: str, value: str) -> None:
+    _identifier(prefix, "card_id", value, required=True)
+    _no_pan(prefix, "card_id", value)
 
 
 def _event_time(field: str, value: int, latest_ms: int | None) -> None:
@@ -105,6 +109,11 @@ def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.", *, l
     _identifier(prefix, "merchant_id", txn.merchant_id, required=True)
     _identifier(prefix, "customer_id", txn.customer_id, required=False)
     _identifier(prefix, "device_id", txn.device_id, required=False)
+    # Where a PAN is mistakenly sent as the customer or device (docs/security.md, "Card numbers").
+    # Not merchant_id (15-digit merchant ids are common, some pass Luhn) nor transaction_id (switch
+    # references are numeric); ip_address cannot be one: only a valid IP address passes below.
+    _no_pan(prefix, "customer_id", txn.customer_id)
+    _no_pan(prefix, "device_id", txn.device_id)
     if not 0 < txn.amount_minor <= MAX_AMOUNT_MINOR:  # the amount itself is not echoed
         raise InvalidInputError(f"{prefix}amount_minor", f"required, > 0 and ≤ {MAX_AMOUNT_MINOR} minor units")
     if not _CURRENCY.fullmatch(txn.currency):

@@ -12,7 +12,7 @@ import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
-from service.logs import valid_request_id
+from service.logs import carries_pan, valid_request_id
 from tests.conftest import start_server
 from tests.e2e.helpers import BASE_TIME_MS, txn, uid
 
@@ -21,6 +21,7 @@ AMOUNTS = [73_919_357, 61_827_493, 58_392_711, 44_718_263, 93_571_829, 81_264_39
 IPS = ["198.51.100.213", "203.0.113.177", "192.0.2.219", "198.51.100.94", "203.0.113.58", "192.0.2.141",
        "198.51.100.37"]
 PAN_LIKE = "4111111111111111"
+PAN_REQUEST_IDS = ["5555555555554444", "req-6011-1111-1111-1117", "trace:378282246310005:7"]
 
 
 def _trailing_request_id(call: grpc.Call) -> str | None:
@@ -43,6 +44,12 @@ def test_logs_carry_request_ids_and_no_identifier_amount_or_ip(tmp_path: Path, m
             assert generated and generated != "bad id; " + "x" * 200 and valid_request_id(generated)
             _, call = stub.Score.with_call(pb.ScoreRequest(transaction=sent[4]), timeout=10)
             assert _trailing_request_id(call) not in (None, generated)
+            # A request id that carries a card number is replaced: neither echoed nor logged.
+            for pan_id in PAN_REQUEST_IDS:
+                _, call = stub.Score.with_call(pb.ScoreRequest(transaction=txn()), timeout=10,
+                                               metadata=(("x-request-id", pan_id),))
+                replaced = _trailing_request_id(call)
+                assert replaced and replaced != pan_id and valid_request_id(replaced)
             list(stub.ScoreStream(iter([pb.ScoreRequest(transaction=t) for t in sent[5:]]), timeout=10))
             stub.ReportOutcome(pb.ReportOutcomeRequest(
                 transaction_id=sent[0].transaction_id, card_id=sent[0].card_id, merchant_id=sent[0].merchant_id,
@@ -64,7 +71,7 @@ def test_logs_carry_request_ids_and_no_identifier_amount_or_ip(tmp_path: Path, m
     finished = [e for e in lines if e["msg"] == "call finished"]
     assert {"req-from-client-42", generated} <= {e.get("request_id") for e in finished}
     assert any(e.get("request_id") == "req-refused-7" and e["code"] == "INVALID_ARGUMENT" for e in finished)
-    secrets = {PAN_LIKE, *IPS}
+    secrets = {PAN_LIKE, *IPS, *PAN_REQUEST_IDS, "6011-1111-1111-1117", "378282246310005"}
     for t in sent:
         secrets |= {t.transaction_id, t.card_id, t.customer_id, t.merchant_id, t.device_id, t.ip_address}
     for amount in AMOUNTS:
@@ -100,3 +107,14 @@ def test_the_formatter_redacts_identifier_fields_and_exception_messages() -> Non
             request_id.reset(token)
     assert entry["error"] == "KeyError" and entry["request_id"] == "req-1"
     assert "card-secret" not in orjson.dumps(entry).decode()
+
+
+@pytest.mark.parametrize(("value", "pan"), [
+    ("4111111111111111", True), ("4111-1111-1111-1111", True), ("req-4111111111111111-2", True),
+    ("a/6011.1111.1111.1117", True), ("20261126-4111111111111111", True),
+    ("4111111111111112", False), ("123e4567-e89b-12d3-a456-426614174000", False), ("req-from-client-42", False),
+    ("01HZX3K9Q7V5J8M2N4P6R8T0W2", False),
+])
+def test_request_ids_that_carry_a_card_number_are_not_valid(value: str, pan: bool) -> None:
+    assert carries_pan(value) == pan
+    assert valid_request_id(value) == (not pan)

@@ -130,6 +130,7 @@ def test_the_traffic_shows_in_the_new_metrics(scraped: dict[str, tuple[str, list
     assert total("fraudscore_fraud_probability", "_count") == 16
     assert total("fraudscore_request_duration_seconds", "_count", method="Score", code="INVALID_ARGUMENT") == 1
     assert total("fraudscore_request_duration_seconds", "_count", method="ScoreStream", code="OK") == 1
+    assert total("fraudscore_stream_message_duration_seconds", "_count") == 3  # each message of the stream
     assert total("fraudscore_outcomes", "_total", outcome="CONFIRMED_FRAUD") == 1
     assert total("fraudscore_rule_hits", "_total") >= 1
     assert total("fraudscore_challenger_probability", "_count") == 16

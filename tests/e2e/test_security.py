@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -149,20 +150,38 @@ def test_calls_without_an_accepted_token_are_unauthenticated(
             assert TOKEN not in details and "not-a-token" not in details
     after = scrape(tls_server.srv)
     for method in ("Score", "ScoreBatch", "ScoreStream", "ReportOutcome"):
-        delta = (value(after, "fraudscore_requests_total", method=method, code="UNAUTHENTICATED")
-                 - value(before, "fraudscore_requests_total", method=method, code="UNAUTHENTICATED"))
-        assert delta == 1, method
+        for metric in ("fraudscore_requests_total", "fraudscore_request_duration_seconds_count"):
+            delta = (value(after, metric, method=method, code="UNAUTHENTICATED")
+                     - value(before, metric, method=method, code="UNAUTHENTICATED"))
+            assert delta == 1, (metric, method)
 
 
-def test_health_and_reflection_need_no_token(tls_server: Secured, pki: Pki) -> None:
+def test_a_refused_call_gets_a_request_id_back(tls_server: Secured, pki: Pki) -> None:
+    with grpc.secure_channel(tls_server.srv.target, tls(pki)) as ch, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=txn()), timeout=10,
+                                           metadata=(("x-request-id", "req-no-token-1"),))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(refused.value.trailing_metadata() or ()).get("x-request-id") == "req-no-token-1"  # type: ignore[attr-defined]
+
+
+def test_only_health_check_is_open_without_a_token(tls_server: Secured, pki: Pki) -> None:
+    """Health/Watch and reflection are streams: each open one holds a call slot, so without a token
+    they are refused (a few hundred idle ones would otherwise shut out every scoring call)."""
     with grpc.secure_channel(tls_server.srv.target, tls(pki)) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for name in ("", SERVICE):
             assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-        (listing,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-        assert SERVICE in {s.name for s in listing.list_services_response.service}
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        for metadata, expected in (((), grpc.StatusCode.UNAUTHENTICATED), (bearer(TOKEN), grpc.StatusCode.OK)):
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), metadata=metadata, timeout=5)
+            assert _code(lambda w=watch: next(w))[0] == expected  # type: ignore[misc]
+            watch.cancel()
+            assert _code(lambda m=metadata: list(refl.ServerReflectionInfo(  # type: ignore[misc]
+                iter([listing]), metadata=m, timeout=5)))[0] == expected
+        (answer,) = refl.ServerReflectionInfo(iter([listing]), metadata=bearer(TOKEN), timeout=5)
+        assert SERVICE in {s.name for s in answer.list_services_response.service}
 
 
 def test_tls_port_refuses_a_wrong_ca_and_plaintext(tls_server: Secured, pki: Pki) -> None:
@@ -185,6 +204,26 @@ def test_health_port_is_plaintext_and_health_only(tls_server: Secured) -> None:
         with pytest.raises(grpc.RpcError) as scoring:
             pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=txn()), metadata=bearer(TOKEN), timeout=5)
         assert scoring.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_watch_streams_cannot_fill_the_health_port(tls_server: Secured) -> None:
+    """The port has 16 call slots; Watch is UNIMPLEMENTED there, so open Watch streams hold none
+    and probes' Check calls keep being answered."""
+    with grpc.insecure_channel(f"127.0.0.1:{tls_server.health_port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10) for _ in range(24)]
+        try:
+            for watch in watches:
+                assert _code(lambda w=watch: next(w))[0] == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[misc]
+            for _ in range(5):
+                assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as unknown:
+                health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=2)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            for watch in watches:
+                watch.cancel()
 
 
 def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
@@ -301,3 +340,54 @@ def test_sigterm_drains_and_closes_the_health_port_too(tls_server: Secured) -> N
     assert tls_server.srv.stop() == 0
     with grpc.insecure_channel(f"127.0.0.1:{tls_server.health_port}") as ch, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+
+
+def _served_certificate(target: str) -> bytes:
+    host, port = target.rsplit(":", 1)
+    return ssl.get_server_certificate((host, int(port))).encode()
+
+
+def _secret_volume(folder: Path, version: str, issued: Issued) -> None:
+    """Write `issued` as a kubernetes.io/tls Secret volume does: files in a new timestamped folder,
+    then the `..data` symlink swapped to it in one rename (tls.crt and tls.key point through it)."""
+    data = folder / version
+    data.mkdir()
+    (data / "tls.crt").write_bytes(issued.cert_pem)
+    (data / "tls.key").write_bytes(issued.key_pem)
+    staged = folder / "..data_tmp"
+    staged.symlink_to(version)
+    os.replace(staged, folder / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(f"..data/{name}")
+
+
+def test_a_renewed_certificate_is_served_without_restart(tmp_path: Path, pki: Pki) -> None:
+    secret = tmp_path / "tls"
+    secret.mkdir()
+    _secret_volume(secret, "..v1", pki.server)
+    srv = start_server(tmp_path, model_dir=None, credentials=tls(pki), extra_env={
+        "FRAUDSCORE_TLS_CERT_FILE": str(secret / "tls.crt"), "FRAUDSCORE_TLS_KEY_FILE": str(secret / "tls.key"),
+        "FRAUDSCORE_TLS_RELOAD_S": "0.2"})
+    try:
+        first = ssl.PEM_cert_to_DER_cert(pki.server.cert_pem.decode())
+        assert ssl.PEM_cert_to_DER_cert(_served_certificate(srv.target).decode()) == first
+        renewed = pki.ca.issue("server-renewed", server=True)
+        with grpc.secure_channel(srv.target, tls(pki)) as open_before:  # a connection made before the renewal
+            stub = pb_grpc.FraudScoringStub(open_before)
+            stub.Score(pb.ScoreRequest(transaction=txn()), timeout=10)
+            _secret_volume(secret, "..v2", renewed)
+            want = ssl.PEM_cert_to_DER_cert(renewed.cert_pem.decode())
+            _until(lambda: ssl.PEM_cert_to_DER_cert(_served_certificate(srv.target).decode()) == want,
+                   "the renewed certificate served")
+            stub.Score(pb.ScoreRequest(transaction=txn()), timeout=10)  # still served on its connection
+        assert _score_code(srv.target, tls(pki), "") == grpc.StatusCode.OK  # no tokens on this server
+        # A pair that does not match is refused; the renewed certificate stays in use.
+        _secret_volume(secret, "..v3", Issued(renewed.cert, pki.client.key))
+        _until(lambda: "TLS files refused" in srv.log(), "the mismatched pair refused")
+        assert ssl.PEM_cert_to_DER_cert(_served_certificate(srv.target).decode()) == want
+        assert "TLS certificate reloaded" in srv.log() and "KEY_VALUES_MISMATCH" in srv.log()
+    finally:
+        assert srv.stop() == 0
+    key_body = [line for line in renewed.key_pem.decode().splitlines() if not line.startswith("-----")]
+    assert not any(line in srv.log() for line in key_body)

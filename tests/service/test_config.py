@@ -52,3 +52,23 @@ def test_id_hash_key_is_read_as_text_never_shown_and_never_empty() -> None:
     assert s.id_hash_key == secret and secret not in repr(s)
     with pytest.raises(ValueError, match="FRAUDSCORE_ID_HASH_KEY is empty"):
         Settings.load(env={"FRAUDSCORE_ID_HASH_KEY": ""})
+
+
+def test_an_id_hash_key_that_is_not_text_is_refused_without_quoting_it() -> None:
+    raw = b"key-\xff\xfe-secret-part".decode("utf-8", "surrogateescape")  # as os.environ holds raw bytes
+    with pytest.raises(ValueError) as err:
+        Settings.load(env={"FRAUDSCORE_ID_HASH_KEY": raw})
+    message = str(err.value)
+    assert "FRAUDSCORE_ID_HASH_KEY" in message and "UTF-8" in message
+    assert "secret-part" not in message and "key-" not in message
+
+
+def test_connection_age_maps_to_grpc_arguments() -> None:
+    from service.server import server_options
+
+    options = dict(server_options(Settings.load(env={"FRAUDSCORE_SHUTDOWN_GRACE_S": "7"})))
+    assert (options["grpc.max_connection_age_ms"], options["grpc.max_connection_age_grace_ms"]) == (300_000, 7_000)
+    off = dict(server_options(Settings.load(env={"FRAUDSCORE_MAX_CONNECTION_AGE_S": "0"})))
+    assert "grpc.max_connection_age_ms" not in off
+    with pytest.raises(ValueError, match="FRAUDSCORE_MAX_CONNECTION_AGE_S"):
+        Settings.load(env={"FRAUDSCORE_MAX_CONNECTION_AGE_S": "-1"})
