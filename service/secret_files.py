@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.errors import FraudscoreError
 from service.config import ENV_PREFIX
-from service.reload import WatchTask
+from service.reload import RulesStamp, WatchTask
 
 log = logging.getLogger("fraudscore.security")
 
@@ -41,9 +41,17 @@ class FileWatch(WatchTask):
 
     what = "file"
 
-    def __init__(self, *, interval_s: float) -> None:
+    def __init__(self, *, interval_s: float, seen: RulesStamp | None = None) -> None:
         super().__init__()
         self._interval_s = interval_s
+        self._seen = seen  # the stamp of the content in use (or last refused)
+
+    def _changed(self, stamp: RulesStamp, *, forced: bool) -> bool:
+        """Keep `stamp`; True when the content differs from the last one seen (or `forced`).
+        Refused content is then not retried until it changes again."""
+        changed = forced or self._seen is None or stamp.digest != self._seen.digest
+        self._seen = stamp
+        return changed
 
     async def _run(self) -> None:
         while True:

@@ -163,18 +163,15 @@ class TokenWatcher(FileWatch):
     what = "auth tokens"
 
     def __init__(self, path: Path, tokens: BearerTokens, *, interval_s: float, seen: RulesStamp | None) -> None:
-        super().__init__(interval_s=interval_s)
+        super().__init__(interval_s=interval_s, seen=seen)
         self.path = path
         self.tokens = tokens
-        self._seen = seen
 
     async def check(self, *, forced: bool = False) -> bool:
         """Swap in the file's tokens if its content changed (or `forced`); True when swapped."""
         stamp = await asyncio.to_thread(rules_stamp, self.path, self._seen)
-        if not forced and self._seen is not None and stamp.digest == self._seen.digest:
-            self._seen = stamp
+        if not self._changed(stamp, forced=forced):
             return False
-        self._seen = stamp
         trigger = "signal" if forced else "file_changed"
         started = time.monotonic()
         try:

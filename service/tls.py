@@ -110,10 +110,9 @@ class TlsReloader(FileWatch):
 
     def __init__(self, settings: Settings, material: TlsMaterial, *, interval_s: float,
                  seen: RulesStamp | None) -> None:
-        super().__init__(interval_s=interval_s)
+        super().__init__(interval_s=interval_s, seen=seen)
         self.settings = settings
         self.material = material
-        self._seen = seen
         self._lock = threading.Lock()  # gRPC calls `_fetch` from its own threads
         self._pending: grpc.ServerCertificateConfiguration | None = None
 
@@ -131,10 +130,8 @@ class TlsReloader(FileWatch):
     async def check(self, *, forced: bool = False) -> bool:
         """Load the files again if their content changed (or `forced`); True when renewed."""
         stamp = await asyncio.to_thread(tls_stamp, self.settings, self._seen)
-        if not forced and self._seen is not None and stamp.digest == self._seen.digest:
-            self._seen = stamp
+        if not self._changed(stamp, forced=forced):
             return False
-        self._seen = stamp  # refused content is not retried until it changes again
         trigger = "signal" if forced else "file_changed"
         started = time.monotonic()
         try:
