@@ -112,11 +112,10 @@ async def _failed(exc: BaseException, calls: Calls, started: float, context: grp
     """The one place errors become status codes. Counts the call, then ends it (re-raising a
     cancellation). An error is counted before `context.abort` sends its status: a client
     that reads the metrics right after its error must find it there."""
-    if isinstance(exc, asyncio.CancelledError):
-        # grpc cancels the handler when the client goes away or its deadline passes.
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-        calls.count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        # grpc cancels the handler (or closes a stream's generator) when the client goes away
+        # or its deadline passes.
+        _count_gone(calls, started, context)
         raise exc
     if not isinstance(exc, FraudscoreError):
         log.exception("unexpected error in %s", calls.method, exc_info=exc)
@@ -140,11 +139,21 @@ async def observed(calls: Calls, context: grpc.aio.ServicerContext) -> AsyncIter
     except BaseException as exc:  # _failed re-raises what it does not answer
         await _failed(exc, calls, started, context)
     else:
-        calls.count(grpc.StatusCode.OK, started)
+        if context.cancelled():  # a stream the client left while we were still sending: not OK
+            _count_gone(calls, started, context)
+        else:
+            calls.count(grpc.StatusCode.OK, started)
     finally:
         if entered:
             calls.gate.leave()
         end_call(token)
+
+
+def _count_gone(calls: Calls, started: float, context: grpc.aio.ServicerContext) -> None:
+    """Count a call whose client went away: DEADLINE_EXCEEDED if its deadline passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    calls.count(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:

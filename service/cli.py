@@ -73,7 +73,8 @@ def _health(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"fraudscore health: {exc}", file=sys.stderr)
             return 2
-        port = settings.health_port or settings.port
+        # --tls-ca probes the TLS port; the health port is plaintext.
+        port = settings.port if args.tls_ca is not None else settings.health_port or settings.port
         if settings.tls_cert_file is not None and not settings.health_port and args.tls_ca is None:
             # The main port serves TLS only: a plaintext check there can never pass.
             print("fraudscore health: FRAUDSCORE_TLS_CERT_FILE is set (the gRPC port serves TLS only) and "

@@ -178,7 +178,8 @@ class Settings:
         need(self.health_port == 0 or self.health_port != self.port, "health_port",
              "must differ from FRAUDSCORE_PORT (it serves plaintext health only)")
         need(self.tls_reload_s >= 0, "tls_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
-        need(self.max_connection_age_s >= 0, "max_connection_age_s", "must be ≥ 0 (0: connections never aged out)")
+        need(self.max_connection_age_s == 0 or self.max_connection_age_s >= 1, "max_connection_age_s",
+             "must be 0 (connections never aged out) or ≥ 1 second")
         need(self.auth_tokens_reload_s >= 0, "auth_tokens_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         if not self.id_hash_key:  # not through need(): its message would quote the key
             raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY is empty: a keyed hash needs a secret; set one of at least "

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from core.identifiers import looks_like_pan
+from core.identifiers import luhn_ok
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _SENSITIVE = frozenset({"card_id", "customer_id", "merchant_id", "device_id", "ip_address", "transaction_id",
@@ -31,9 +31,12 @@ request_id: ContextVar[str | None] = ContextVar("fraudscore_request_id", default
 REQUEST_ID_HEADER = "x-request-id"
 # What a client may send: a UUID, a trace id, a ULID… Anything else is replaced, not echoed.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
-# Runs of 13 or more digits, separators allowed between them (as core.identifiers reads a PAN).
-_DIGIT_RUN = re.compile(r"[0-9][0-9._/-]{11,}[0-9]")
-_DIGITS = re.compile(r"[0-9]{13,19}")
+# 13 or more digits in a row: as long as the shortest PAN, whole or inside a longer run.
+_DIGIT_RUN = re.compile(r"[0-9]{13,}")
+# Digits in groups of at most 6 between separators, as card numbers are written (4111-1111-…,
+# 3782-822463-10005); a UUID's 8- and 12-character groups never match.
+_GROUPED = re.compile(r"(?<![0-9])[0-9]{1,6}(?:[._:+=/-][0-9]{1,6})+(?![0-9])")
+_SEPARATORS = str.maketrans("", "", "._:+=/-")
 # Generated ids: a random per-process prefix and a counter (unique, and cheaper than uuid4 per call).
 _GENERATED_PREFIX = secrets.token_hex(6)
 _generated = itertools.count(1)
@@ -41,17 +44,21 @@ _generated = itertools.count(1)
 
 def valid_request_id(value: str) -> bool:
     """Whether a client-sent request id is usable: 1–128 characters of [A-Za-z0-9._:+=/-], with
-    nothing in it that looks like a card number (it is logged and echoed: `carries_pan`)."""
+    nothing in it that could be a card number (it is logged and echoed: `carries_pan`)."""
     return _VALID_REQUEST_ID.fullmatch(value) is not None and not carries_pan(value)
 
 
 def carries_pan(value: str) -> bool:
-    """Whether `value`, or a run of digits in it (whole, or split at its separators), looks like a
-    PAN (core.identifiers.looks_like_pan: 13–19 digits passing the Luhn check)."""
+    """Whether `value` could carry a card number: 13 or more digits in a row (a request id never
+    needs them; a long decimal id is replaced too, docs/security.md), or digits grouped as a card
+    number is written whose 13–19 digits pass the Luhn check."""
     if len(value) < 13:
         return False
-    for run in _DIGIT_RUN.findall(value):
-        if looks_like_pan(run) or any(looks_like_pan(d) for d in _DIGITS.findall(run)):
+    if _DIGIT_RUN.search(value):
+        return True
+    for grouped in _GROUPED.findall(value):
+        digits = grouped.translate(_SEPARATORS)
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
             return True
     return False
 

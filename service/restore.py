@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,15 @@ def restore_state(settings: Settings, hasher: KeyHasher) -> EntityState:
 
 
 def set_aside(path: Path, *, keep: int = REFUSED_KEPT) -> Path | None:
-    """Rename a refused file to `<name>.refused-<UTC time>` beside it, and delete all but the newest
-    `keep` such copies. None (logged) when it cannot be renamed: the next snapshot replaces it."""
+    """Rename a refused file to `<name>.refused-<UTC time>[-n]` beside it, and delete all but the
+    `keep` most recently modified such copies, never the one just made (an operator's own
+    `<name>.refused-backup` is not one of them). None (logged) when it cannot be renamed: the next
+    snapshot replaces it."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     prefix = f"{path.name}.refused-"
-
-    def age(copy: Path) -> tuple[str, int]:  # the UTC stamp, then the counter of a same-second refusal
-        when, _, n = copy.name.removeprefix(prefix).partition("-")
-        return when, int(n) if n.isdigit() else 1
-
-    same_second = [age(p)[1] for p in path.parent.glob(f"{prefix}{stamp}*")]
+    ours = re.compile(re.escape(prefix) + r"\d{8}T\d{6}Z(?:-(\d+))?")
+    same_second = [int(m.group(1) or 1) for p in path.parent.glob(f"{prefix}{stamp}*")
+                   if (m := ours.fullmatch(p.name))]
     n = max(same_second) + 1 if same_second else 1  # after the newest copy of this second
     target = path.with_name(prefix + stamp + (f"-{n}" if n > 1 else ""))
     try:
@@ -124,8 +124,9 @@ def set_aside(path: Path, *, keep: int = REFUSED_KEPT) -> Path | None:
         log.error("refused state snapshot could not be moved aside; the next snapshot will replace it",
                   extra={"path": str(path), "error": exc.strerror})
         return None
-    copies = sorted(path.parent.glob(prefix + "*"), key=age)
-    for old in copies[:-keep] if keep > 0 else copies:
+    copies = [p for p in path.parent.glob(prefix + "*") if ours.fullmatch(p.name) and p != target]
+    copies.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)  # not by name: clocks jump
+    for old in copies[max(keep - 1, 0):]:
         try:
             old.unlink()
         except OSError as exc:

@@ -163,6 +163,8 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                         raise entry
                     received, future = entry
                     answer = future.result() if future.done() else (await answers([future]))[0]
+                    if context.cancelled():  # the client left: nobody to answer (counted by `observed`)
+                        return
                     observe_message(time.perf_counter() - received)  # the message's latency, not the stream's
                     yield answer
             finally:

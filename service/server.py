@@ -68,7 +68,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # as long as the drain grace for the calls in flight: clients reconnect through the load
         # balancer, and pods an autoscaler adds get their share of the long-lived connections.
         options += [("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
-                    ("grpc.max_connection_age_grace_ms", round(settings.shutdown_grace_s * 1000))]
+                    # At least 5 s for the calls in flight on an aged connection, even with no drain grace.
+                    ("grpc.max_connection_age_grace_ms", round(max(settings.shutdown_grace_s, 5.0) * 1000))]
     return options
 
 

@@ -142,8 +142,9 @@ class TlsReloader(FileWatch):
             return False
         if material is None or material == self.material:
             return False
+        configuration = material.certificate_configuration()  # outside the lock gRPC's threads take
         with self._lock:
-            self._pending = material.certificate_configuration()
+            self._pending = configuration
         self.material = material
         log.info("TLS certificate reloaded; new connections get it", extra={
             "trigger": trigger, "transport": material.mode, "took_ms": round((time.monotonic() - started) * 1000, 2)})

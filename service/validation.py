@@ -109,11 +109,9 @@ def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.", *, l
     _identifier(prefix, "merchant_id", txn.merchant_id, required=True)
     _identifier(prefix, "customer_id", txn.customer_id, required=False)
     _identifier(prefix, "device_id", txn.device_id, required=False)
-    # Where a PAN is mistakenly sent as the customer or device (docs/security.md, "Card numbers").
-    # Not merchant_id (15-digit merchant ids are common, some pass Luhn) nor transaction_id (switch
-    # references are numeric); ip_address cannot be one: only a valid IP address passes below.
-    _no_pan(prefix, "customer_id", txn.customer_id)
-    _no_pan(prefix, "device_id", txn.device_id)
+    # Only card_id is checked for card numbers (docs/security.md, "Card numbers"): customer and
+    # device ids are often long digit strings (every IMEI passes the Luhn check), as are merchant
+    # ids and switch references; all of them are keyed-hashed on entry and never logged.
     if not 0 < txn.amount_minor <= MAX_AMOUNT_MINOR:  # the amount itself is not echoed
         raise InvalidInputError(f"{prefix}amount_minor", f"required, > 0 and ≤ {MAX_AMOUNT_MINOR} minor units")
     if not _CURRENCY.fullmatch(txn.currency):

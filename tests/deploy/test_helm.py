@@ -498,9 +498,20 @@ def test_list_files_from_an_existing_config_map_are_mounted_by_key(chart: helm.C
     ({"lists/a.txt": {"path": "lists/a.txt", "content": "x"}}, "ConfigMap key"),
     ({"a": {"path": "lists/a.txt", "content": "x"}, "b": {"path": "lists/a.txt", "content": "y"}}, "two keys"),
     ({"k": {"path": "lists/a.txt"}}, "content is empty"),
+    ({"..": {"path": "lists/a.txt", "content": "x"}}, "may not be . or .."),
+    ({"k": {"path": "./rules.json", "content": "x"}}, "relative to the rules file"),
+    ({"k": {"path": "lists/./a.txt", "content": "x"}}, "relative to the rules file"),
 ])
 def test_bad_rules_extra_files_fail_rendering(chart: helm.Chart, extra: dict[str, Any], message: str) -> None:
     assert message in render_error(chart, {"rules": {"extraFiles": extra}})
+
+
+def test_keys_and_paths_that_look_like_numbers_stay_strings(chart: helm.Chart) -> None:
+    docs = render(chart, {"rules": {"extraFiles": {"1e3": {"path": "true", "content": "x"}}}})
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == "rules"]
+    assert {"key": "1e3", "path": "true"} in volume["configMap"]["items"]
+    (rules,) = [d for d in docs if d["kind"] == "ConfigMap" and "1e3" in d.get("data", {})]
+    assert rules["data"]["1e3"] == "x"
 
 
 def test_rules_extra_files_content_with_an_existing_config_map_fails_rendering(chart: helm.Chart) -> None:

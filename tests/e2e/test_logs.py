@@ -112,8 +112,14 @@ def test_the_formatter_redacts_identifier_fields_and_exception_messages() -> Non
 @pytest.mark.parametrize(("value", "pan"), [
     ("4111111111111111", True), ("4111-1111-1111-1111", True), ("req-4111111111111111-2", True),
     ("a/6011.1111.1111.1117", True), ("20261126-4111111111111111", True),
-    ("4111111111111112", False), ("123e4567-e89b-12d3-a456-426614174000", False), ("req-from-client-42", False),
-    ("01HZX3K9Q7V5J8M2N4P6R8T0W2", False),
+    # Every separator the id's alphabet allows, and a card number inside a longer digit run.
+    ("4111:1111:1111:1111", True), ("4111+1111+1111+1111", True), ("4111=1111=1111=1111", True),
+    ("17000000004111111111111111", True),
+    ("4111111111111112", True),  # not Luhn-valid, but 16 digits in a row: a request id never needs them
+    ("4111-1111-1111-1112", False),  # grouped like a card number, but the Luhn check fails
+    ("123e4567-e89b-12d3-a456-426614174000", False), ("12345678-1234-1234-1234-123456789012", False),
+    ("req-from-client-42", False), ("01HZX3K9Q7V5J8M2N4P6R8T0W2", False), ("trace:1234567890ab", False),
+    ("411111111111", False),
 ])
 def test_request_ids_that_carry_a_card_number_are_not_valid(value: str, pan: bool) -> None:
     assert carries_pan(value) == pan

@@ -72,3 +72,7 @@ def test_connection_age_maps_to_grpc_arguments() -> None:
     assert "grpc.max_connection_age_ms" not in off
     with pytest.raises(ValueError, match="FRAUDSCORE_MAX_CONNECTION_AGE_S"):
         Settings.load(env={"FRAUDSCORE_MAX_CONNECTION_AGE_S": "-1"})
+    with pytest.raises(ValueError, match="or ≥ 1 second"):  # 0.0004 s would round to 0 ms: "off"
+        Settings.load(env={"FRAUDSCORE_MAX_CONNECTION_AGE_S": "0.0004"})
+    no_drain = dict(server_options(Settings.load(env={"FRAUDSCORE_SHUTDOWN_GRACE_S": "0"})))
+    assert no_drain["grpc.max_connection_age_grace_ms"] == 5_000  # calls in flight still finish

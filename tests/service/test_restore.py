@@ -61,6 +61,18 @@ def test_at_most_a_few_refused_copies_are_kept(tmp_path: Path) -> None:
     assert {p.read_bytes() for p in kept} == set(contents[-REFUSED_KEPT:])  # the newest are kept
 
 
+def test_the_copy_just_made_survives_clock_jumps_and_an_operators_backup_is_never_counted(tmp_path: Path) -> None:
+    for name in ("29990101T000000Z", "29990101T000001Z", "29990101T000002Z", "backup"):
+        (tmp_path / f"{SNAPSHOT_FILE}.refused-{name}").write_bytes(b"older")  # a clock once ran ahead
+    key = "a-new-key-9876543210"
+    content = _snapshot(tmp_path, "the-old-key-0123456789")
+    restore_state(_settings(tmp_path, key), KeyHasher(key.encode()))
+    names = {p.name.removeprefix(f"{SNAPSHOT_FILE}.refused-") for p in tmp_path.glob(f"{SNAPSHOT_FILE}.refused-*")}
+    assert "backup" in names and len(names - {"backup"}) == REFUSED_KEPT
+    (moved,) = [p for p in tmp_path.glob(f"{SNAPSHOT_FILE}.refused-*") if p.read_bytes() == content]
+    assert moved.name.removeprefix(f"{SNAPSHOT_FILE}.refused-") < "2999"  # today's, kept despite the future ones
+
+
 def test_a_model_trained_on_simulated_data_is_warned_about(
         tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     copy = tmp_path / "model"

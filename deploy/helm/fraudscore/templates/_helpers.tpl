@@ -142,14 +142,14 @@ directory (list files, docs/rules.md), inside it and not rules.json itself. */}}
 {{- define "fraudscore.checkRulesExtraFiles" -}}
 {{- $paths := list }}
 {{- range $key, $file := .Values.rules.extraFiles }}
-{{- if not (regexMatch "^[-._a-zA-Z0-9]+$" $key) }}
-{{- fail (printf "rules.extraFiles.%s: a ConfigMap key may hold only letters, digits, '-', '_' and '.'" $key) }}
+{{- if or (not (regexMatch "^[-._a-zA-Z0-9]+$" $key)) (eq $key ".") (eq $key "..") }}
+{{- fail (printf "rules.extraFiles.%s: a ConfigMap key may hold only letters, digits, '-', '_' and '.', and may not be . or .." $key) }}
 {{- end }}
 {{- if eq $key "rules.json" }}
 {{- fail "rules.extraFiles: the key rules.json is the rules file itself; name the list file's key otherwise" }}
 {{- end }}
 {{- $path := (default "" $file.path) }}
-{{- if or (not $path) (hasPrefix "/" $path) (has ".." (splitList "/" $path)) (has "" (splitList "/" $path)) (eq $path "rules.json") }}
+{{- if or (not $path) (hasPrefix "/" $path) (has ".." (splitList "/" $path)) (has "." (splitList "/" $path)) (has "" (splitList "/" $path)) (eq $path "rules.json") }}
 {{- fail (printf "rules.extraFiles.%s.path: %q must be a path relative to the rules file's directory, inside it (e.g. lists/blocked_cards.txt, as the rules file names it), and not rules.json" $key $path) }}
 {{- end }}
 {{- if has $path $paths }}
