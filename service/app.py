@@ -23,6 +23,7 @@ from core.encode import KeyHasher
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.scoring import Scorer
 from service.batcher import Item, MicroBatcher
+from service.challenger import ChallengerReload
 from service.config import DEFAULT_ID_HASH_KEY, Settings
 from service.idempotency import IdempotencyCache
 from service.metrics import Metrics
@@ -59,17 +60,22 @@ class App:
             rules_seen = loaded_stamp(rules_seen, ruleset)
         model_seen = model_stamp(settings.model_dir) if settings.model_dir is not None else None
         model, reason = load_model(settings.model_dir)
-        challenger = load_challenger(settings.challenger_model_dir)
+        challenger_dir = settings.challenger_model_dir
+        challenger_seen = model_stamp(challenger_dir) if challenger_dir is not None else None
+        challenger = load_challenger(challenger_dir)
         self.engine = FeatureEngine(restore_state(settings, self.hasher))
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
                                  hasher=self.hasher, metrics=self.metrics,
                                  fault_injection=settings.fault_injection, fallback_reason=reason,
                                  challenger=challenger)
+        # The challenger's directory is watched like the champion's, on the same reload task.
+        extra = {} if challenger_dir is None else {"challenger": (settings.model_reload_s, ChallengerReload(
+            challenger_dir, challenger_seen, pipeline=self.pipeline, metrics=self.metrics).check)}
         self.reloader = Reloader(settings.rules_file, rules_seen, pipeline=self.pipeline, hasher=self.hasher,
                                  metrics=self.metrics, interval_s=settings.rules_reload_s,
                                  reasons_method=settings.reasons_method, model_dir=settings.model_dir,
-                                 model_seen=model_seen, model_interval_s=settings.model_reload_s)
+                                 model_seen=model_seen, model_interval_s=settings.model_reload_s, extra_checks=extra)
         # Answers are kept serialized (as the records file holds them): a compacted entry is then
         # plain data that the garbage collector does not walk (service/idempotency.py).
         self.idempotency: IdempotencyCache[pb.ScoreResponse, bytes] = IdempotencyCache(

@@ -276,6 +276,8 @@ class Metrics:
                                      ["model_version"], registry=r)
         self.challenger_errors = Counter("fraudscore_challenger_errors",
                                          "Batches the challenger failed to score (answers unaffected)", registry=r)
+        self.challenger_reloads = Counter("fraudscore_challenger_reloads",
+                                          "Challenger reloads, by result (ok, refused)", ["result"], registry=r)
         if state is not None:
             r.register(_StateCollector(state))
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds… (Linux; read at scrape).

@@ -164,8 +164,9 @@ class Pipeline:
         self._count_rule_hits(scored)
         shadow_started = clock()
         stages.append((RESPOND, shadow_started - responding))
-        if self.challenger is not None and features is not None and not fallback_reason:
-            self._shadow(self.challenger, features, scored)
+        challenger = self.challenger  # once: a reload may swap it (service/challenger.py)
+        if challenger is not None and features is not None and not fallback_reason:
+            self._shadow(challenger, features, scored)
             stages.append((CHALLENGER, clock() - shadow_started))
         m.pipeline.record(stages, len(items), clock() - started,
                           None if fallback_reason else scored.fraud_probability)

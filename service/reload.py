@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -145,11 +145,12 @@ class WatchTask:
 class Reloader(WatchTask):
     """Watches the rules file (every `rules_interval_s`) and the model directory (every
     `model_interval_s`; 0 = only on `request`) and swaps a validated, warmed `Scorer` into
-    `pipeline`. One reload at a time, on one task, for both."""
+    `pipeline`; `extra_checks` run on the same loop. One reload at a time, on one task, for all."""
 
     def __init__(self, path: Path | None, seen: RulesStamp | None, *, pipeline: Pipeline, hasher: KeyHasher,
                  metrics: Metrics, interval_s: float, reasons_method: str, model_dir: Path | None = None,
-                 model_seen: RulesStamp | None = None, model_interval_s: float = 0.0) -> None:
+                 model_seen: RulesStamp | None = None, model_interval_s: float = 0.0,
+                 extra_checks: Mapping[str, tuple[float, Callable[..., Awaitable[bool]]]] | None = None) -> None:
         super().__init__()
         self.path = path
         self._seen = seen  # the stamp of the content in use (or last refused): polling acts on change only
@@ -159,13 +160,19 @@ class Reloader(WatchTask):
         self._hasher = hasher
         self._metrics = metrics
         self._intervals_s = {"rules": interval_s, "model": model_interval_s}
+        # Other watched things that must not reload at the same time as these (e.g. the
+        # challenger, service/challenger.py): name → (interval, check(forced=...)).
+        self._checks: dict[str, Callable[..., Awaitable[bool]]] = {"rules": self._check, "model": self._check_model}
+        for name, (every_s, check) in (extra_checks or {}).items():
+            self._intervals_s[name] = every_s
+            self._checks[name] = check
         self._reasons_method = reasons_method
         for result in ("ok", "refused"):  # exported from zero, so rate() and alerts see the first one
             metrics.rules_reloads.labels(result)
             metrics.model_reloads.labels(result)
 
     async def _run(self) -> None:
-        checks: dict[str, Callable[..., Awaitable[bool]]] = {"rules": self._check, "model": self._check_model}
+        checks = self._checks
         now = time.monotonic()
         due = {what: now + interval for what, interval in self._intervals_s.items() if interval > 0}
         while True:
@@ -185,7 +192,7 @@ class Reloader(WatchTask):
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    (model_log if what == "model" else log).exception(
+                    (log if what == "rules" else model_log).exception(
                         "%s reload check failed; the one in use stays, watching on", what)
 
     async def _check(self, *, forced: bool) -> bool:

@@ -75,3 +75,49 @@ def test_a_challenger_is_scored_in_shadow_and_never_changes_an_answer(tmp_path: 
     assert "fraudscore_challenger_info" not in plain_samples
     assert value(plain_samples, "fraudscore_challenger_probability_count") == 0
     assert "challenger model directory not found; running without a challenger" in log
+
+
+def test_a_new_challenger_is_swapped_in_without_a_restart_and_a_bad_one_refused(tmp_path: Path,
+                                                                                 model_dir: Path) -> None:
+    import signal
+
+    from tests.e2e.test_model_reload import OLD_FEATURE_SET, publish
+    from tests.e2e.test_rules_reload import wait_until
+
+    live = tmp_path / "challenger"
+    publish(model_dir, live, "C1")
+    srv = start_server(tmp_path, model_dir=model_dir, extra_env={
+        "FRAUDSCORE_CHALLENGER_MODEL_DIR": str(live), "FRAUDSCORE_MODEL_RELOAD_S": "0"})
+
+    def challengers() -> list[str]:
+        return [labels["model_version"] for labels, _ in scrape(srv)["fraudscore_challenger_info"]]
+
+    def reloads(result: str) -> float:
+        return value(scrape(srv), "fraudscore_challenger_reloads_total", result=result)
+
+    def shadowed() -> float:
+        return value(scrape(srv), "fraudscore_challenger_probability_count")
+
+    champion = load_model_dir(model_dir).version
+    txns = _transactions()
+    try:
+        _answers(srv, txns[:3])
+        assert challengers() == ["C1"] and shadowed() == 3
+        publish(model_dir, live, "C2")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: reloads("ok") == 1, "the challenger reload")
+        assert challengers() == ["C2"]
+        answers = _answers(srv, txns[3:6])
+        assert {a.model_version for a in answers} == {champion}  # the challenger never answers
+        assert shadowed() == 6  # and the new one is scored in shadow
+        publish(model_dir, live, "C3", feature_set_version=OLD_FEATURE_SET)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: reloads("refused") == 1, "the refusal")
+        assert challengers() == ["C2"] and reloads("ok") == 1
+        _answers(srv, txns[6:8])
+        assert shadowed() == 8  # C2 stays in shadow
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert '"old_model_version":"C1"' in log and '"new_model_version":"C2"' in log
+    assert "challenger refused; the previous challenger stays in shadow" in log and OLD_FEATURE_SET in log
