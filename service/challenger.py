@@ -23,7 +23,7 @@ from core.features import NUM_FEATURES
 from core.model import LoadedModel, load_model_dir
 from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.reload import RulesStamp, model_stamp
+from service.reload import RulesStamp, content_changed, model_stamp
 
 log = logging.getLogger("fraudscore.challenger")
 
@@ -43,7 +43,7 @@ class ChallengerReload:
         """Load the challenger if its files changed; True when swapped in. `forced` (SIGHUP) checks
         now, but unchanged files are not loaded again."""
         stamp = await asyncio.to_thread(model_stamp, self.directory, self._seen)
-        if self._seen is not None and stamp.digest == self._seen.digest:
+        if not content_changed(stamp, self._seen):
             self._seen = stamp
             return False
         self._seen = stamp  # refused files are not retried until they change again

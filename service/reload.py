@@ -104,6 +104,11 @@ def rules_stamp(path: Path, previous: RulesStamp | None = None, *, list_files: S
     return RulesStamp(tuple(_file_stamp(p, before.get(p)) for p in (path, *list_files)))
 
 
+def content_changed(stamp: RulesStamp, seen: RulesStamp | None) -> bool:
+    """Whether `stamp`'s content differs from `seen`'s (nothing seen yet: it does)."""
+    return seen is None or stamp.digest != seen.digest
+
+
 def model_stamp(model_dir: Path, previous: RulesStamp | None = None) -> RulesStamp:
     """The stamp of a model directory: its manifest and its model file, read only when their stat moved."""
     return rules_stamp(model_dir / MANIFEST_FILE, previous, list_files=[model_dir / MODEL_FILE])
@@ -205,7 +210,7 @@ class Reloader(WatchTask):
             return False
         lists = [p for p, _ in self._pipeline.scorer.ruleset.list_files]
         stamp = await asyncio.to_thread(lambda: rules_stamp(path, self._seen, list_files=lists))
-        if not forced and self._seen is not None and stamp.digest == self._seen.digest:
+        if not forced and not content_changed(stamp, self._seen):
             self._seen = stamp  # touched, or replaced by the same content: nothing to do
             return False
         self._seen = stamp  # refused content is not retried until it changes again (or SIGHUP)
@@ -241,7 +246,7 @@ class Reloader(WatchTask):
                 model_log.info("reload requested but no model directory is configured (FRAUDSCORE_MODEL_DIR)")
             return False
         stamp = await asyncio.to_thread(model_stamp, model_dir, self._model_seen)
-        if self._model_seen is not None and stamp.digest == self._model_seen.digest:
+        if not content_changed(stamp, self._model_seen):
             self._model_seen = stamp
             return False
         self._model_seen = stamp  # a refused model is not retried until its files change again

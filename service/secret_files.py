@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.errors import FraudscoreError
 from service.config import ENV_PREFIX
-from service.reload import RulesStamp, WatchTask
+from service.reload import RulesStamp, WatchTask, content_changed
 
 log = logging.getLogger("fraudscore.security")
 
@@ -49,7 +49,7 @@ class FileWatch(WatchTask):
     def _changed(self, stamp: RulesStamp, *, forced: bool) -> bool:
         """Keep `stamp`; True when the content differs from the last one seen (or `forced`).
         Refused content is then not retried until it changes again."""
-        changed = forced or self._seen is None or stamp.digest != self._seen.digest
+        changed = forced or content_changed(stamp, self._seen)
         self._seen = stamp
         return changed
 
