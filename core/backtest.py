@@ -89,25 +89,28 @@ def backtest(
     *,
     label_delay_ms: int | None = None,
     source: str = "<in-memory history>",
+    hasher: KeyHasher | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> BacktestReport:
     """Replay a labelled, time-sorted history and report every rule's hits, precision, recall and changes.
 
     With `model`, the ruleset's model-path rules are backtested on top of the model's
     thresholded decisions (as `Scorer.score`); without, its fallback rules on top of
-    APPROVE (as `Scorer.fallback`). `label_delay_ms` is `replay_features`'. Raises
-    `DataError` naming `source` when the history has no fraud label at all.
+    APPROVE (as `Scorer.fallback`). `label_delay_ms` is `replay_features`'. `hasher` must be
+    the server's (its FRAUDSCORE_ID_HASH_KEY) and the one `ruleset`'s named lists were hashed
+    with; the development key by default. Raises `DataError` naming `source` when the history
+    has no fraud label at all.
     """
     fraud = history.is_fraud.astype(bool)
     total_fraud = int(fraud.sum())
     if total_fraud == 0:
         raise DataError(source, "no transaction is labelled fraud (is_fraud = 1), so precision and recall "
                         "mean nothing; backtest a labelled history", column="is_fraud")
-    features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=on_progress)
+    hasher = hasher or KeyHasher()
+    features = replay_features(history, hasher=hasher, label_delay_ms=label_delay_ms, on_progress=on_progress)
     amount = amount_major(history.amount_minor, history.currency)
     n = len(history)
-    # Named lists match the default KeyHasher's keys, as load_rules hashes them (and as score_history does).
-    keys = identifier_keys(encode_history(history, KeyHasher())) if ruleset.lists else None
+    keys = identifier_keys(encode_history(history, hasher)) if ruleset.lists else None
     if model is not None:
         # The model path of Scorer.score: thresholds, then the model-path rules with the probability.
         probability = model.forest.predict(features)

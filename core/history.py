@@ -75,6 +75,10 @@ COLUMNS: tuple[ColumnSpec, ...] = (
         "fraud_reported_time_ms", "int64", False, -1,
         "when the fraud became known, epoch ms; -1 when not fraud or never reported",
     ),
+    ColumnSpec(
+        "received_time_ms", "int64", False, -1,
+        "when the service received the authorization, epoch ms (its arrival order); -1 when unknown",
+    ),
 )
 COLUMNS_BY_NAME: dict[str, ColumnSpec] = {c.name: c for c in COLUMNS}
 _ID_COLUMNS = ("transaction_id", "card_id", "merchant_id")
@@ -84,8 +88,9 @@ _ID_COLUMNS = ("transaction_id", "card_id", "merchant_id")
 class History:
     """Transactions as parallel numpy arrays, one per column of `COLUMNS`.
 
-    Readers and `core.simulate` return it sorted by `event_time_ms`. Strings are object
-    arrays of `str`. Equality is `equals`, not `==` (arrays do not compare to one bool).
+    Readers and `core.simulate` return it in arrival order (`sorted_by_time`): by
+    `received_time_ms` where known, else by `event_time_ms`. Strings are object arrays of
+    `str`. Equality is `equals`, not `==` (arrays do not compare to one bool).
     """
 
     transaction_id: np.ndarray
@@ -104,6 +109,7 @@ class History:
     ip_address: np.ndarray
     is_fraud: np.ndarray
     fraud_reported_time_ms: np.ndarray
+    received_time_ms: np.ndarray
 
     def __post_init__(self) -> None:
         n = len(self.transaction_id)
@@ -157,9 +163,18 @@ class History:
         """Rows `start` to `stop` (exclusive), as views on the same memory."""
         return History(**{name: array[start:stop] for name, array in self.columns().items()})
 
+    @property
+    def arrival_time_ms(self) -> np.ndarray:
+        """When each transaction reached the service: `received_time_ms` where known, else its
+        event time (a history without receipt times is taken to have arrived in event order)."""
+        received = self.received_time_ms
+        return np.where(received >= 0, received, self.event_time_ms)
+
     def sorted_by_time(self) -> History:
-        """The rows sorted by `event_time_ms`; rows with equal times keep their order."""
-        return self.take(np.argsort(self.event_time_ms, kind="stable"))
+        """The rows in arrival order (`arrival_time_ms`): the order the service met them, and so the
+        order `core.replay` feeds them to the kernels. Rows with equal times keep their order;
+        without receipt times this is event-time order."""
+        return self.take(np.argsort(self.arrival_time_ms, kind="stable"))
 
     def equals(self, other: History) -> bool:
         """True when both hold the same rows in the same order (NaN equals NaN)."""
@@ -241,6 +256,8 @@ def value_problems(history: History, *, duplicates: bool = True) -> list[ValuePr
           "expected epoch milliseconds, or -1 when not fraud or never reported")
     check("fraud_reported_time_ms", (reported >= 0) & (reported < history.event_time_ms) & (history.is_fraud == 1),
           REPORTED_BEFORE)
+    check("received_time_ms", history.received_time_ms < -1,
+          "expected epoch milliseconds, or -1 (or empty) when unknown")
     return problems
 
 

@@ -29,7 +29,7 @@ _AMOUNT_DECIMALS = 6  # decimal amounts are read exactly to this many places (mo
 # Sign, up to 12 digits, a point and up to 6 more (then only zeros), blanks around allowed.
 AMOUNT_PATTERN = r"^\s*(?P<sign>-?)(?P<whole>\d{1,12})(?:\.(?P<fraction>\d{0,6})0*)?\s*$"
 _WHOLE_FLOAT = re.compile(r"\s*[+-]?\d+\.0*\s*")  # 1.0, as pandas writes integer columns with blanks
-_TIME_COLUMNS = ("event_time", "fraud_reported_time")
+_TIME_COLUMNS = ("event_time", "fraud_reported_time", "received_time")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Reading a labelled history: a CSV or Parquet file → a validated `History`, sorted by time.
+"""Reading a labelled history: a CSV or Parquet file → a validated `History`, in arrival order.
 
 Columns are those of `core.history.COLUMNS`, and three alternative forms a payment
 team's export is likely to have instead:
@@ -8,7 +8,8 @@ team's export is likely to have instead:
   instead of `amount_minor`;
 - `event_time`: ISO 8601 with a UTC offset or `Z` (a time without one is read as UTC),
   epoch milliseconds, or a Parquet timestamp, instead of `event_time_ms`;
-- `fraud_reported_time`, likewise, instead of `fraud_reported_time_ms`.
+- `fraud_reported_time` and `received_time`, likewise, instead of `fraud_reported_time_ms`
+  and `received_time_ms`.
 
 Two policies for rows with a bad value:
 
@@ -57,6 +58,7 @@ ALTERNATIVES: dict[str, str] = {
     "amount_minor": "amount",
     "event_time_ms": "event_time",
     "fraud_reported_time_ms": "fraud_reported_time",
+    "received_time_ms": "received_time",
 }
 DEFAULT_MAX_DROPPED_FRACTION = 0.01
 _FIRST_ROWS = 5  # row numbers quoted per reason in a summary

@@ -1,9 +1,12 @@
 """Offline replay: a whole history through the same feature kernels the service runs.
 
-Outcome reports are interleaved by time exactly as the service would meet them: a
-fraud label becomes visible to the features only once it has been reported (its
+Transactions go through in arrival order, the order the service met them (a late event
+sees the state its later-stamped predecessors left, as it did online): by
+`received_time_ms` where the history has it, else by event time (`History.arrival_time_ms`).
+Outcome reports are interleaved on that same clock exactly as the service would meet
+them: a fraud label becomes visible to the features only once it has been reported (its
 `fraud_reported_time_ms`, or event time + `label_delay_ms` when no report time is
-known), so training never sees the future.
+known), and never before its own transaction arrived, so training never sees the future.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def label_visible_time_ms(history: History, *, label_delay_ms: int | None = None
 
     The report time when the history has one; otherwise event time + `label_delay_ms`.
     With `label_delay_ms` set, a report is never visible before event time + delay either,
-    and never before event time + 1 ms: a transaction is scored before its own label exists.
+    and never before the transaction's arrival + 1 ms (`History.arrival_time_ms`; its event
+    time without a receipt time): a transaction is scored before its own label exists.
     """
     fraud = history.is_fraud.astype(bool)
     reported = history.fraud_reported_time_ms.astype(np.int64).copy()
@@ -48,8 +52,10 @@ def label_visible_time_ms(history: History, *, label_delay_ms: int | None = None
         delayed = history.event_time_ms + np.int64(label_delay_ms)
         reported = np.where(reported >= 0, np.maximum(reported, delayed), delayed)
     # Never before the transaction has been scored: a label reported in the same millisecond
-    # (or with no delay) would otherwise reach that very transaction's features.
-    reported = np.where(reported >= 0, np.maximum(reported, history.event_time_ms + 1), reported)
+    # (or with no delay, or before a late transaction arrived) would otherwise reach that very
+    # transaction's features.
+    arrived = np.maximum(history.arrival_time_ms, history.event_time_ms)
+    reported = np.where(reported >= 0, np.maximum(reported, arrived + 1), reported)
     return np.where(fraud & (reported >= 0), reported, np.int64(-1))
 
 
@@ -62,13 +68,15 @@ def replay_features(
     chunk: int = DEFAULT_CHUNK,
     on_progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Features of every transaction of a time-sorted history, as the service would have computed them.
+    """Features of every transaction of a history in arrival order, as the service would have computed them.
 
     Returns float64 (len(history), NUM_FEATURES). Outcomes are applied in time order
-    before the first transaction at or after their visibility time.
+    before the first transaction that arrived at or after their visibility time.
     """
-    if len(history) and np.any(np.diff(history.event_time_ms) < 0):
-        raise ValueError("history must be sorted by event_time_ms; call history.sorted_by_time() first")
+    arrival = history.arrival_time_ms
+    if len(history) and np.any(np.diff(arrival) < 0):
+        raise ValueError("history must be in arrival order (received_time_ms where known, else event_time_ms); "
+                         "call history.sorted_by_time() first")
     hasher = hasher or KeyHasher()
     engine = FeatureEngine(state or EntityState.empty())
     batch = encode_history(history, hasher)
@@ -76,8 +84,8 @@ def replay_features(
     order = np.flatnonzero(visible >= 0)
     order = order[np.argsort(visible[order], kind="stable")]
     out_times = visible[order]
-    # Index of the first transaction that may see each outcome: the first with event time ≥ visibility.
-    cut_at = np.searchsorted(batch.event_time_ms, out_times, side="left")
+    # Index of the first transaction that may see each outcome: the first to arrive at or after its visibility.
+    cut_at = np.searchsorted(arrival, out_times, side="left")
     out = np.empty((len(history), NUM_FEATURES), dtype=np.float64)
     done = 0
     applied = 0
@@ -107,21 +115,25 @@ def score_history(
     *,
     label_delay_ms: int | None = None,
     reasons_method: str = "path",
+    hasher: KeyHasher | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Score a whole history offline exactly as the service would have, one row per transaction.
 
-    `reasons_method` must be the server's (`FRAUDSCORE_REASONS_METHOD`) for identical reasons.
+    `reasons_method` must be the server's (`FRAUDSCORE_REASONS_METHOD`) for identical reasons,
+    and `hasher` the server's (its FRAUDSCORE_ID_HASH_KEY; the development key by default) for
+    identical features: seen-before flags, distinct counts and table neighbourhoods depend on
+    the keyed hashes. `ruleset`'s named lists must have been hashed with it too.
 
     Columns: transaction_id, fraud_probability, risk_score, decision, source, reasons
     (codes joined by "|"), then every feature in registry order. Without a model the
     fallback rules decide, as in the service.
     """
-    features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=on_progress)
+    hasher = hasher or KeyHasher()
+    features = replay_features(history, hasher=hasher, label_delay_ms=label_delay_ms, on_progress=on_progress)
     amount = amount_major(history.amount_minor, history.currency)
     scorer = Scorer(model, ruleset, reasons_method=reasons_method)
-    # Named lists match the default KeyHasher's keys, as the ruleset's were hashed (load_rules' default).
-    keys = identifier_keys(encode_history(history, KeyHasher())) if ruleset.lists else None
+    keys = identifier_keys(encode_history(history, hasher)) if ruleset.lists else None
     scored = (scorer.score(features, amount, keys=keys) if model is not None
               else scorer.fallback(features, amount, keys=keys))
     return {

@@ -6,7 +6,7 @@ Pure compute over arrays: the service calls `Scorer.score` for the model path an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -46,6 +46,12 @@ class ScoredBatch:
 
     def __len__(self) -> int:
         return int(self.fraud_probability.shape[0])
+
+    def take(self, rows: np.ndarray) -> ScoredBatch:
+        """The decisions at `rows` (integer positions), in that order."""
+        return ScoredBatch(self.fraud_probability[rows], self.decision[rows], self.source[rows], self.degraded,
+                           [self.reasons[k] for k in rows.tolist()], self.model_version, self.ruleset_version,
+                           replace(self.hits, hits=self.hits.hits[rows]))
 
 
 def risk_score(p: np.ndarray) -> np.ndarray:

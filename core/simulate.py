@@ -177,14 +177,18 @@ def _check_arguments(num_days: int, num_cards: int, num_merchants: int, fraud_sc
 def _progress_bar(enabled: bool, *, total: int) -> Callable[[str], None]:
     if not enabled:
         return lambda stage: None
-    from tqdm import tqdm  # a training-only dependency, loaded only when asked for
+    from core.progress import progress
 
-    bar = tqdm(total=total, desc="simulate", unit="stage")
+    bar = progress(total, "simulate", "stage")
+    done = 0
 
     def step(stage: str) -> None:
-        bar.set_postfix_str(stage)
+        nonlocal done
+        if hasattr(bar, "set_postfix_str"):  # a terminal's bar names the stage it is in
+            bar.set_postfix_str(stage)
         bar.update(1)
-        if bar.n >= bar.total:
+        done += 1
+        if done >= total:
             bar.close()
 
     return step
@@ -668,5 +672,6 @@ def _assemble(world: _World, parts: list[_Rows], start_time_ms: int,
         ip_address=join("ip_address")[order],
         is_fraud=(pattern[order] != FraudPattern.NONE).astype(np.int8),
         fraud_reported_time_ms=np.where(reported >= 0, reported + start_time_ms, -1),
+        received_time_ms=np.full(len(order), -1, dtype=np.int64),  # arrived in event order
     )
     return SimulatedWorld(history, pattern[order], merchant_ids[breached])

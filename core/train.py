@@ -1,6 +1,6 @@
 """Training: history → replayed features → LightGBM with a time-based split → model directory.
 
-Offline only: lightgbm (and tqdm for the progress bar) are imported inside `train`; the
+Offline only: lightgbm (and tqdm for a terminal's progress bar) are imported inside `train`; the
 report it writes (core/report.py) imports matplotlib likewise.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from core.encode import KEY_SCHEME, KeyHasher
 from core.errors import TrainingError
 from core.evaluation import average_precision, recall_at_fpr, roc_auc, threshold_at_fpr, threshold_at_rate
 from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURE_SET_VERSION
@@ -62,7 +63,7 @@ def time_split(
     train_until_ms: int | None = None,
     valid_fraction: float = 0.2,
 ) -> TimeSplit:
-    """Split a time-sorted history by time only: train on `t < train_until`, validate on `t >= valid_from`.
+    """Split a history by event time only: train on `t < train_until`, validate on `t >= valid_from`.
 
     By default the last `valid_fraction` of the time span validates (or, with only
     `train_until`, everything from it) and training runs up to it. A `train_until` before `valid_from` leaves a gap, e.g. the weeks before the
@@ -70,7 +71,7 @@ def time_split(
     that overlaps or leaves a side empty.
     """
     t = event_time_ms
-    first, last = int(t[0]), int(t[-1])
+    first, last = int(t.min()), int(t.max())  # rows come in arrival order: a late event may come last
     if valid_from_ms is None:
         default = int(first + (1.0 - valid_fraction) * (last - first))
         valid_from_ms = default if train_until_ms is None else max(default, train_until_ms)
@@ -141,6 +142,7 @@ def train(
     fraud_weight: float = 1.0,
     data_source: str = "an in-memory history",
     data_read: Mapping[str, Any] | None = None,
+    hasher: KeyHasher | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fit a model on `history` and write it, its manifest and its report to `out_dir`.
@@ -152,10 +154,14 @@ def train(
     `fraud_weight` > 1 weighs fraud rows up (LightGBM's scale_pos_weight); the default 1
     keeps the probabilities calibrated (docs/training.md says why). `data_source` says in
     words where the history came from; `data_read` (`ReadReport.as_dict()`, what reading
-    its file kept and dropped) goes into the manifest and the report.
+    its file kept and dropped) goes into the manifest and the report. `hasher` is the serving
+    key's (FRAUDSCORE_ID_HASH_KEY; the development key by default): features computed under
+    another key differ from the server's, so the manifest records the key's fingerprint
+    (never the key) and the server warns when its own differs.
     """
     import lightgbm as lgb
-    from tqdm import tqdm
+
+    from core.progress import progress as progress_bar
 
     if len(history) < MIN_ROWS:
         raise TrainingError(f"need at least {MIN_ROWS} transactions to train, got {len(history)}")
@@ -169,8 +175,8 @@ def train(
         if y[rows].sum() == 0:
             raise TrainingError(f"the {name} period ({int(rows.sum())} rows) holds no fraud; a model cannot "
                                 "learn or be judged without it: use a longer history or move --valid-from")
-    with tqdm(total=len(history), desc="features", unit="txn", disable=not progress, mininterval=0.5) as bar:
-        X = replay_features(history, label_delay_ms=label_delay_ms, on_progress=bar.update)
+    with progress_bar(len(history), "features", "txn", enabled=progress) as bar:
+        X = replay_features(history, hasher=hasher, label_delay_ms=label_delay_ms, on_progress=bar.update)
 
     params: dict[str, Any] = {
         "objective": "binary",
@@ -193,7 +199,7 @@ def train(
                          categorical_feature=list(CATEGORICAL_FEATURES), free_raw_data=False,
                          params={"verbose": -1})
     dvalid = lgb.Dataset(X[split.valid], y[split.valid], reference=dtrain)
-    with tqdm(total=num_boost_round, desc="boosting", unit="tree", disable=not progress) as bar:
+    with progress_bar(num_boost_round, "boosting", "tree", enabled=progress) as bar:
         booster = lgb.train(
             params, dtrain, num_boost_round=num_boost_round, valid_sets=[dvalid], valid_names=["valid"],
             callbacks=[lgb.early_stopping(early_stopping_rounds, first_metric_only=True, verbose=False),
@@ -223,6 +229,8 @@ def train(
     manifest = {
         "model_version": model_version,
         "feature_set_version": FEATURE_SET_VERSION,
+        # Which key the identifiers were hashed with: its scheme and fingerprint, never the key.
+        "id_key": {"scheme": KEY_SCHEME, "fingerprint": (hasher or KeyHasher()).fingerprint},
         "feature_names": list(FEATURE_NAMES),
         "categorical_features": list(CATEGORICAL_FEATURES),
         "objective": "binary",
@@ -232,10 +240,10 @@ def train(
             "rows": int(split.train.sum()),
             "validation_rows": int(split.valid.sum()),
             "gap_rows": int(split.gap.sum()),
-            "train_from": iso_ms(int(t[0])),
+            "train_from": iso_ms(int(t.min())),
             "train_until": iso_ms(split.train_until_ms),
             "valid_from": iso_ms(split.valid_from_ms),
-            "valid_until": iso_ms(int(t[-1])),
+            "valid_until": iso_ms(int(t.max())),
             "fraud_rate": float(y[split.train].mean()),
             "label_delay_ms": label_delay_ms,
             "data_fingerprint": _fingerprint(history),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -22,12 +23,12 @@ from prometheus_client import start_http_server
 from core.encode import KeyHasher
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.scoring import Scorer
-from service.batcher import Item, MicroBatcher
+from service.batcher import Answered, Item, MicroBatcher, PipelineTimer, bucket_sizes
 from service.challenger import ChallengerReload
 from service.config import DEFAULT_ID_HASH_KEY, Settings
 from service.idempotency import IdempotencyCache
 from service.metrics import Metrics
-from service.pipeline import Pipeline, warm_up
+from service.pipeline import Pipeline, warm_transactions, warm_up
 from service.reload import Reloader, load_rules, loaded_stamp, model_stamp, rules_stamp
 from service.restore import (
     SNAPSHOT_FILE,
@@ -59,10 +60,10 @@ class App:
         if rules_seen is not None:
             rules_seen = loaded_stamp(rules_seen, ruleset)
         model_seen = model_stamp(settings.model_dir) if settings.model_dir is not None else None
-        model, reason = load_model(settings.model_dir)
+        model, reason = load_model(settings.model_dir, self.hasher)
         challenger_dir = settings.challenger_model_dir
         challenger_seen = model_stamp(challenger_dir) if challenger_dir is not None else None
-        challenger = load_challenger(challenger_dir)
+        challenger = load_challenger(challenger_dir, self.hasher)
         self.engine = FeatureEngine(restore_state(settings, self.hasher))
         self.metrics = Metrics(state=lambda: self.engine.state)
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
@@ -144,18 +145,16 @@ class App:
         """Warm the kernels on the pipeline thread, then open for calls."""
         self._executor = executor
         s = self.settings
+        await self.run_on_pipeline(self.pipeline.touch_state)
         await self.run_on_pipeline(warm_up, self.scorer, self.hasher, self.pipeline.challenger)
-        # Once more, timed, compiled now: the batcher's first estimate of a pipeline call.
-        started = time.monotonic()
-        await self.run_on_pipeline(warm_up, self.scorer, self.hasher, self.pipeline.challenger)
-        warm_s = time.monotonic() - started
         self._batcher = MicroBatcher(self._run_batch, executor, max_batch=s.max_batch, max_wait_us=s.max_wait_us,
                                      max_queue=s.max_queue, fallback=self.pipeline.answer_fallback,
                                      shed_to_fallback=s.shed_mode == "fallback")
-        self._batcher.timer.observe(2, warm_s)
+        await self._seed_timer(self._batcher.timer)
         self._batcher.start()
         self.reloader.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
+        self.metrics.answered_backlog.set_function(lambda: self.batcher.answered_backlog)
         self.metrics.pipeline_busy.set_function(lambda: self.batcher.busy_s)
         self.metrics.pipeline_expected.set_function(lambda: self.batcher.timer.expected_s(s.max_batch))
         if s.metrics_port:
@@ -166,11 +165,28 @@ class App:
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_every(s.snapshot_interval_s))
         self.serving = True
 
+    async def _seed_timer(self, timer: PipelineTimer, *, runs: int = 3) -> None:
+        """Time pipeline calls of every batch-size bucket up to max_batch (1, 2, 4, …, max_batch), as
+        the batcher times them (hand-off to the pipeline thread included), on a throwaway state, and
+        seed the batcher's timer with the median of `runs` each. Without this the first real calls
+        were predicted from a warm-up of two transactions, stretched to whatever size came next."""
+        trial = self.pipeline.trial()
+        loop = asyncio.get_running_loop()
+        for size in bucket_sizes(self.settings.max_batch):
+            txns = warm_transactions(size)
+            took = []
+            for _ in range(runs):
+                items = [Item(t, math.inf, time.perf_counter_ns(), loop.create_future()) for t in txns]
+                started = time.monotonic()
+                await self.run_on_pipeline(trial.run, items)
+                took.append(time.monotonic() - started)
+            timer.observe(size, sorted(took)[runs // 2])
+
     def latest_event_time_ms(self) -> int:
         """The latest event or report time accepted now: the server's clock plus the allowed skew."""
         return int((time.time() + self.settings.max_clock_skew_s) * 1000)
 
-    def _run_batch(self, items: list[Item]) -> list[pb.ScoreResponse]:
+    def _run_batch(self, items: list[Item]) -> Answered:
         """Pipeline thread: score a batch, and note it as the latest work in state."""
         try:
             return self.pipeline.run(items)
@@ -208,7 +224,9 @@ class App:
         if state_dir is None:
             return
         async with self._snapshot_lock:
-            copy, applied = await self.run_on_pipeline(self._copy_between_batches)
+            # In its turn in the queue: the copy holds every transaction queued before it, those
+            # answered by the fallback and still waiting for the state included.
+            copy, applied = await self.batcher.submit_work(self._copy_between_batches)
             self._undelivered.extend(applied)
             await self._until_settled()
             answers = await self.idempotency.completed()

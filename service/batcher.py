@@ -1,5 +1,5 @@
-"""The micro-batcher: concurrent calls share one pipeline call, and every call gets its
-answer inside its budget.
+"""The micro-batcher: concurrent calls share one pipeline call, every call gets its answer
+inside its budget, and every answered transaction enters the state once, in arrival order.
 
 While the pipeline thread works on a batch, new requests queue; when it is free, the
 next batch takes everything queued (up to `max_batch`). A request that arrives at an
@@ -8,8 +8,8 @@ Queue entries are groups (a ScoreBatch call stays together, split at `max_batch`
 
 Every item carries two deadlines: the client's own, and the service budget (never later).
 The batcher measures how long pipeline calls take (`PipelineTimer`) and answers an item
-by the `fallback` (the rules alone, degraded, touching no state) as soon as it can tell
-the model path would miss the budget:
+by the `fallback` (the rules alone, degraded) as soon as it can tell the model path would
+miss the budget:
 
 - on arrival, when the queue ahead of it and the batch in flight would take longer than
   its budget (reason `expected_over_budget`);
@@ -18,9 +18,16 @@ the model path would miss the budget:
   hold an answer past its budget (same reason; a late pipeline answer is then dropped);
 - when a batch is taken and the budget has already run out (reason `over_budget`).
 
+A fallback answer does not take the transaction out of the history: the item keeps (or
+takes) its place in the queue, marked `answered_by_fallback`, and the pipeline feeds it
+into the state in its turn without scoring it (features only, a few µs). Otherwise a
+burst that pushes calls into the fallback would erase them from every velocity feature.
+Those items are bounded too (`max_answered_backlog`): past it a call is refused.
+
 Past the client's own deadline nobody waits: DeadlineExpiredError, nothing recorded. The
-queue is bounded: past `max_queue` transactions, `submit` raises OverloadedError, or with
-`shed_to_fallback` answers the group by the fallback (reason `queue_full`).
+queue is bounded: past `max_queue` transactions waiting for an answer, `submit` raises
+OverloadedError, or with `shed_to_fallback` answers the group by the fallback (reason
+`queue_full`) and queues it for the state.
 """
 
 from __future__ import annotations
@@ -40,64 +47,114 @@ from service.errors import DeadlineExpiredError, NotServingError, OverloadedErro
 log = logging.getLogger("fraudscore.batcher")
 
 WATCH_INTERVAL_S = 0.002  # event-loop timers are millisecond-grained; 2 ms is as fine as they go
+# Fallback-answered items waiting for their features-only pass, at most this many times max_queue:
+# a features-only item costs a few µs, so 4 × 2,048 of them is ~40 ms of pipeline time.
+ANSWERED_BACKLOG_FACTOR = 4
 
 
 @dataclass(slots=True)
 class Item:
-    """One transaction waiting to be scored."""
+    """One transaction waiting to be scored (or, answered by the fallback, to enter the state)."""
 
     payload: Any
     deadline: float            # time.monotonic() seconds: the service budget (≤ client_deadline)
     received_ns: int           # time.perf_counter_ns() at arrival, for server_latency_us
     future: asyncio.Future[Any] = field(repr=False)
     client_deadline: float = math.inf  # time.monotonic() seconds; inf when the client set none
+    # Answered by the fallback before the pipeline took it: the pipeline only feeds it into the
+    # state (features, no model). Set on the event loop, only while the item is queued.
+    answered_by_fallback: bool = False
 
 
-Answer = Callable[[list[Item]], Sequence[Any]]
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What a pipeline call may return instead of a plain sequence: the answers, and a hook the
+    batcher runs on the event loop once they are handed to their calls, with a mask of those
+    that reached their call (None: all did; False where the fallback had answered first). So
+    metrics count the answers sent, never a late one that was dropped."""
+
+    answers: Sequence[Any]
+    delivered: Callable[[list[bool] | None], None]
+
+
+@dataclass(slots=True)
+class Work:
+    """A call that runs on the pipeline thread in its turn in the queue: after every transaction
+    queued before it has entered the state (an outcome report, a snapshot's copy of the state)."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+# `run_batch(items)` returns one answer per item not `answered_by_fallback`, in order.
+Answer = Callable[[list[Item]], "Sequence[Any] | Answered"]
 Fallback = Callable[[list[Item], str], Sequence[Any]]
 
 
 class PipelineTimer:
-    """Expected wall time of a pipeline call of n transactions, learnt from the calls made.
+    """Expected wall time of a pipeline call of n transactions, from the calls measured at similar sizes.
 
-    A line `fixed + per_item · n` fitted by least squares with exponential forgetting (the
-    last ~`memory` calls count), so it follows the load (batch sizes) and the machine.
+    Sizes fall in power-of-two buckets (1, 2, 3–4, 5–8, …); each bucket keeps an exponentially
+    weighted mean of its calls' wall times (the last ~`memory` calls of that bucket count most).
+    A prediction is never extrapolated: it is the mean of the size's own bucket, or, for a
+    bucket not yet measured, of the nearest measured bucket above it (a larger call bounds a
+    smaller one), else below it. So no prediction exceeds the slowest call measured. (A line
+    `fixed + per_item · n` fitted on calls of one or two transactions, as before, once
+    predicted a batch of 50 at 235 ms from calls that never took 5 ms: every one of them
+    answered degraded by an idle server.) `seed` fills every bucket at start-up from timed
+    warm-up calls (service/app.py).
     """
 
-    __slots__ = ("_decay", "_s1", "_sd", "_sn", "_snd", "_snn", "fixed_s", "per_item_s")
+    __slots__ = ("_decay", "_mean_s", "_measured")
 
-    def __init__(self, *, memory: int = 100) -> None:
+    def __init__(self, *, memory: int = 16) -> None:
         self._decay = 1.0 - 1.0 / memory
-        self._s1 = self._sn = self._sd = self._snn = self._snd = 0.0
-        self.fixed_s = 0.0
-        self.per_item_s = 0.0
+        self._mean_s = [0.0] * _BUCKETS
+        self._measured = [False] * _BUCKETS
 
     @property
     def measured(self) -> bool:
-        return self._s1 > 0.0
+        return any(self._measured)
 
     def observe(self, n: int, seconds: float) -> None:
-        if self.measured:
-            # One stalled call must not make every later one look hopeless (calls predicted
-            # late skip the pipeline, so no fast call would ever correct it): a call counts
-            # as at most four times what was expected; a lasting slowdown is learnt in a few.
-            seconds = min(seconds, 4.0 * self.expected_s(n) + 0.001)
-        k = self._decay
-        self._s1 = self._s1 * k + 1.0
-        self._sn = self._sn * k + n
-        self._sd = self._sd * k + seconds
-        self._snn = self._snn * k + n * n
-        self._snd = self._snd * k + n * seconds
-        spread = self._s1 * self._snn - self._sn * self._sn
-        slope = (self._s1 * self._snd - self._sn * self._sd) / spread if spread > 1e-9 * self._s1 * self._snn else 0.0
-        if slope <= 0.0:  # one batch size seen so far, or noise: the mean call, all of it fixed
-            self.fixed_s, self.per_item_s = self._sd / self._s1, 0.0
-        else:
-            self.per_item_s = slope
-            self.fixed_s = max(0.0, (self._sd - slope * self._sn) / self._s1)
+        b = _bucket(n)
+        if not self._measured[b]:
+            self._mean_s[b], self._measured[b] = seconds, True
+            return
+        # One stalled call must not make every later one look hopeless (calls predicted
+        # late skip the pipeline, so no fast call would ever correct it): a call counts as at
+        # most four times what was expected; a lasting slowdown is learnt in a few calls.
+        mean = self._mean_s[b]
+        seconds = min(seconds, 4.0 * mean + 0.001)
+        self._mean_s[b] = mean * self._decay + seconds * (1.0 - self._decay)
 
     def expected_s(self, n: int) -> float:
-        return self.fixed_s + self.per_item_s * n
+        b = _bucket(n)
+        measured, mean = self._measured, self._mean_s
+        if measured[b]:
+            return mean[b]
+        for above in range(b + 1, _BUCKETS):
+            if measured[above]:
+                return mean[above]
+        for below in range(b - 1, -1, -1):
+            if measured[below]:
+                return mean[below]
+        return 0.0
+
+
+_BUCKETS = 18  # sizes up to 2**17, beyond MAX_BATCH's 65,536
+
+
+def _bucket(n: int) -> int:
+    """0 for n ≤ 1, then k for 2**(k-1) < n ≤ 2**k."""
+    return min(max(n - 1, 0).bit_length(), _BUCKETS - 1)
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """The largest size of each bucket up to `max_batch` (1, 2, 4, …, max_batch): the sizes a warm-up
+    times so that every bucket a batch can fall in is measured."""
+    sizes = [1 << k for k in range(_bucket(max_batch)) if 1 << k < max_batch]
+    return [*sizes, max_batch]
 
 
 class MicroBatcher:
@@ -114,19 +171,27 @@ class MicroBatcher:
         fallback: Fallback | None = None,
         shed_to_fallback: bool = False,
         watch_interval_s: float = WATCH_INTERVAL_S,
+        max_answered_backlog: int | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self._max_batch = max_batch
         self._max_wait_s = max_wait_us / 1e6
         self._max_queue = max_queue
+        self._max_answered = ANSWERED_BACKLOG_FACTOR * max_queue if max_answered_backlog is None \
+            else max_answered_backlog
         self._fallback = fallback
         self._shed_to_fallback = shed_to_fallback and fallback is not None
         self._watch_interval_s = watch_interval_s
-        self._groups: deque[list[Item]] = deque()
-        self._queued = 0
+        self._groups: deque[list[Item] | Work] = deque()
+        self._queued = 0    # items in `_groups`, answered or not
+        self._answered = 0  # of those, answered by the fallback (waiting only to enter the state)
         self._wakeup = asyncio.Event()
         self._busy = asyncio.Event()  # set while a batch is in the pipeline
+        # Set by the pipeline thread when its call returns: the loop may resume the batcher a few
+        # turns later, and until then the pipeline is free, not "busy past its expected time".
+        self._returned = False
+        self._returned_at = 0.0
         self._in_flight: list[Item] = []
         self._in_flight_since = 0.0
         self._closing = False
@@ -135,12 +200,21 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        return self._queued
+        """Transactions waiting for an answer from the pipeline."""
+        return self._queued - self._answered
+
+    @property
+    def answered_backlog(self) -> int:
+        """Transactions answered by the fallback, queued to enter the state."""
+        return self._answered
 
     @property
     def busy_s(self) -> float:
         """How long the batch in the pipeline has been running (0 when idle)."""
-        return time.monotonic() - self._in_flight_since if self._busy.is_set() else 0.0
+        return time.monotonic() - self._in_flight_since if self._running() else 0.0
+
+    def _running(self) -> bool:
+        return self._busy.is_set() and not self._returned
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,32 +223,56 @@ class MicroBatcher:
             self._tasks.append(loop.create_task(self._watch(), name="budget-watch"))
 
     def submit(self, items: list[Item]) -> None:
-        """Queue a group, or answer it at once by the fallback when the model path would be late.
+        """Queue a group, or answer it at once by the fallback when the model path would be late
+        (queued all the same, to enter the state).
 
-        Raises OverloadedError (queuing nothing) when the queue is full and shedding refuses.
+        Raises OverloadedError (queuing nothing) when the queue is full and shedding refuses,
+        or when the fallback would answer but too many answered items already wait for the state.
         """
         if self._closing:
             raise NotServingError("draining")
-        if self._queued + len(items) > self._max_queue:
+        if self.queued + len(items) > self._max_queue:
             if not self._shed_to_fallback:
-                raise OverloadedError(self._queued, self._max_queue)
-            self._answer_by_fallback(items, "queue_full")
+                raise OverloadedError(self.queued, self._max_queue)
+            self._answer_and_queue(items, "queue_full")
             return
         # An idle pipeline always gets the call (the watch still answers it in time if the
         # pipeline turns out slow): that is how a recovered pipeline is noticed.
-        idle = not self._busy.is_set() and not self._groups
+        idle = not self._running() and not self._groups
         if self._fallback is not None and self.timer.measured and not idle:
             now = time.monotonic()
             if now + self._wait_s(self._queued, len(items)) >= min(i.deadline for i in items):
-                self._answer_by_fallback(items, "expected_over_budget")
+                self._answer_and_queue(items, "expected_over_budget")
                 return
+        self._enqueue(items)
+
+    def _answer_and_queue(self, items: list[Item], reason: str) -> None:
+        if self._answered + len(items) > self._max_answered:
+            raise OverloadedError(self._answered, self._max_answered, reason="answered_backlog_full")
+        self._answer_by_fallback(items, reason, queued=True)
+        self._enqueue(items, answered=len(items))
+
+    def _enqueue(self, items: list[Item], *, answered: int = 0) -> None:
         for start in range(0, len(items), self._max_batch):
             self._groups.append(items[start:start + self._max_batch])
         self._queued += len(items)
+        self._answered += answered
         self._wakeup.set()
 
+    def submit_work(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `fn` on the pipeline thread in its turn: after every transaction queued so far has
+        entered the state (answered by the pipeline or already by the fallback), before any queued
+        later. Its future holds what `fn` returns or raises. Once drained, it runs at once."""
+        loop = asyncio.get_running_loop()
+        if self._tasks and self._tasks[0].done():  # drained: nothing is queued to come before it
+            return loop.run_in_executor(self._executor, fn)
+        future: asyncio.Future[Any] = loop.create_future()
+        self._groups.append(Work(fn, future))
+        self._wakeup.set()
+        return future
+
     async def drain(self) -> None:
-        """Stop taking work, finish everything queued, then return."""
+        """Stop taking work, finish everything queued (answered items enter the state), then return."""
         self._closing = True
         self._wakeup.set()
         if self._tasks:
@@ -186,7 +284,7 @@ class MicroBatcher:
     def _wait_s(self, ahead: int, own: int) -> float:
         """Expected seconds until `own` items queued behind `ahead` others have their answers."""
         timer = self.timer
-        if self._busy.is_set():
+        if self._running():
             elapsed = time.monotonic() - self._in_flight_since
             expected = timer.expected_s(len(self._in_flight))
             # A call past its expected time is slow or stuck: expect it to overrun as much again
@@ -197,20 +295,27 @@ class MicroBatcher:
         full, rest = divmod(ahead + own, self._max_batch)
         return current + full * timer.expected_s(self._max_batch) + (timer.expected_s(rest) if rest else 0.0)
 
-    def _answer_by_fallback(self, items: list[Item], reason: str) -> None:
+    def _answer_by_fallback(self, items: list[Item], reason: str, *, queued: bool) -> None:
+        """Answer the items still waiting by the fallback. `queued`: they are not in the pipeline, so
+        they are marked to enter the state by a features-only pass (and nobody waits on their deadlines)."""
         fallback = self._fallback
         if fallback is None:
             raise RuntimeError("no fallback to answer with")  # callers check first
         waiting = [i for i in items if not i.future.done()]
         if waiting:
             _resolve(waiting, fallback(waiting, reason))
+        if queued:
+            for item in waiting:
+                item.answered_by_fallback = True
+                # Answered: no deadline applies any more (the watch and `_process` skip it).
+                item.deadline = item.client_deadline = math.inf
 
     async def _watch(self) -> None:
         """While a batch runs, answer by the fallback whatever would otherwise miss its budget."""
         while True:
             await self._busy.wait()
             await asyncio.sleep(self._watch_interval_s)
-            if self._busy.is_set():
+            if self._running():
                 try:
                     self._answer_the_late()
                 except Exception:
@@ -221,52 +326,87 @@ class MicroBatcher:
         now = time.monotonic() + self._watch_interval_s  # the next look may come too late
         in_flight_done_by = now + self._wait_s(0, 0)
         if (all(i.deadline > in_flight_done_by or i.future.done() for i in self._in_flight)
-                and (not self._groups or now + self._wait_s(0, self._queued) < min(
-                    i.deadline for g in self._groups for i in g))):
+                and (not self._queued or now + self._wait_s(0, self._queued) < min(
+                    i.deadline for g in self._groups if isinstance(g, list) for i in g))):
             return  # the common case, checked in C-speed passes: nothing is late even at the back
         # In the pipeline already: these will enter the state, so they always get an answer
         # (never DeadlineExpiredError: the idempotency record of a failed call is forgotten,
         # and a retry would then count the transaction twice).
         late = [i for i in self._in_flight if not i.future.done() and i.deadline <= in_flight_done_by]
         late_queued: list[Item] = []
+        expired = 0
         ahead = 0
-        kept: deque[list[Item]] = deque()
+        gone = time.monotonic()
+        kept: deque[list[Item] | Work] = deque()
         for group in self._groups:
+            if isinstance(group, Work):
+                kept.append(group)
+                continue
             # Items of a group share a deadline (one call's); checked one by one all the same.
             done_by = now + self._wait_s(ahead, len(group))
-            on_time = [i for i in group if i.deadline > done_by]
-            if len(on_time) < len(group):
-                late_queued.extend(i for i in group if i.deadline <= done_by)
-                self._queued -= len(group) - len(on_time)
-            if on_time:
-                kept.append(on_time)
-                ahead += len(on_time)
-        if late_queued:
+            if any(i.deadline <= done_by for i in group):
+                keep = []
+                for item in group:
+                    if item.deadline > done_by:
+                        keep.append(item)
+                    elif item.client_deadline <= gone:  # nobody waits for it: fails, enters nothing
+                        item.future.set_exception(DeadlineExpiredError())
+                        expired += 1
+                    else:  # answered now, and kept in its place to enter the state
+                        late_queued.append(item)
+                        keep.append(item)
+                group = keep
+            if group:
+                kept.append(group)
+                ahead += len(group)
+        if expired:
             self._groups = kept
-            gone = time.monotonic()
-            for item in late_queued:  # nobody waits for a queued call past its client's own deadline
-                if item.client_deadline <= gone and not item.future.done():
-                    item.future.set_exception(DeadlineExpiredError())
-        if late or late_queued:
+            self._queued -= expired
+        if late_queued:
             try:
-                self._answer_by_fallback(late + late_queued, "expected_over_budget")
+                self._answer_by_fallback(late_queued, "expected_over_budget", queued=True)
             except Exception as exc:
-                # The queued ones left the queue: fail them rather than lose them (they changed
-                # nothing; a retry is scored). Those in the pipeline get its answer.
+                # Fail them rather than lose them or retry a broken fallback every 2 ms: they leave
+                # the queue having changed nothing, and a retry is scored.
+                self._drop(late_queued)
                 _fail(late_queued, exc)
                 raise
+            self._answered += len(late_queued)
+        if late:  # a failure here leaves them to the pipeline's own answer
+            self._answer_by_fallback(late, "expected_over_budget", queued=False)
+
+    def _drop(self, items: list[Item]) -> None:
+        """Take `items` (not answered) out of the queue."""
+        leaving = {id(i) for i in items}
+        kept: deque[list[Item] | Work] = deque()
+        for group in self._groups:
+            if isinstance(group, Work):
+                kept.append(group)
+                continue
+            rest = [i for i in group if id(i) not in leaving]
+            if rest:
+                kept.append(rest)
+        self._groups = kept
+        self._queued -= len(items)
 
     def _take(self) -> list[Item]:
+        """The next batch: groups from the head of the queue up to `max_batch`, stopping at a `Work`."""
         batch: list[Item] = []
-        while self._groups and len(batch) + len(self._groups[0]) <= self._max_batch:
-            batch.extend(self._groups.popleft())
+        groups = self._groups
+        while groups and isinstance(head := groups[0], list) and len(batch) + len(head) <= self._max_batch:
+            batch.extend(head)
+            groups.popleft()
         self._queued -= len(batch)
+        self._answered -= sum(1 for i in batch if i.answered_by_fallback)
         return batch
 
     async def _wait_for_company(self) -> None:
         # Yield to the event loop (so arriving calls can queue) until the batch is full or
         # the oldest item has waited max_wait. sleep(0) because timers are ms-granular.
-        oldest = self._groups[0][0].received_ns / 1e9
+        head = self._groups[0]
+        if isinstance(head, Work):
+            return
+        oldest = head[0].received_ns / 1e9
         while self._queued < self._max_batch and time.perf_counter() - oldest < self._max_wait_s:
             await asyncio.sleep(0)
 
@@ -277,6 +417,10 @@ class MicroBatcher:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
+            if isinstance(work := self._groups[0], Work):
+                self._groups.popleft()
+                await self._run_work(work)
                 continue
             if self._max_wait_s > 0 and not self._closing:
                 await self._wait_for_company()
@@ -296,43 +440,101 @@ class MicroBatcher:
 
     async def _process(self, batch: list[Item]) -> None:
         now = time.monotonic()
-        live, over_budget = [], []
+        run: list[Item] = []     # in arrival order: every item that enters the state
+        live: list[Item] = []    # of those, the ones the pipeline answers
+        over_budget: list[Item] = []
         for item in batch:
-            if item.future.done():
+            if item.answered_by_fallback:
+                run.append(item)
+            elif item.future.done():  # failed while queued (a bug path); it enters nothing
                 continue
-            if item.client_deadline <= now:
+            elif item.client_deadline <= now:
                 item.future.set_exception(DeadlineExpiredError())
             elif item.deadline <= now and self._fallback is not None:
                 over_budget.append(item)
+                run.append(item)
             else:
                 live.append(item)
+                run.append(item)
         if over_budget:
-            self._answer_by_fallback(over_budget, "over_budget")
-        if not live:
+            try:
+                self._answer_by_fallback(over_budget, "over_budget", queued=True)
+            except Exception as exc:
+                # Only these fail (they enter nothing; a retry is scored): the rest of the batch,
+                # answered items waiting for the state among them, still runs.
+                log.exception("fallback failed", extra={"batch_size": len(over_budget)})
+                _fail(over_budget, exc)
+                failed = {id(i) for i in over_budget}
+                run = [i for i in run if id(i) not in failed]
+        if not run:
             return
-        self._in_flight, self._in_flight_since = live, time.monotonic()
+        self._in_flight, self._returned = live, False
+        self._in_flight_since = self._returned_at = time.monotonic()
         self._busy.set()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, live)
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, run)
         finally:
             self._busy.clear()
             self._in_flight = []
-        self.timer.observe(len(live), time.monotonic() - self._in_flight_since)
-        _resolve(live, results, release=True)
+        # Hand-off, the call and its return, not the turns the loop took to resume this task.
+        self.timer.observe(len(run), self._returned_at - self._in_flight_since)
+        if isinstance(result, Answered):
+            result.delivered(_resolve(live, result.answers))
+        else:
+            _resolve(live, result)
+        for item in run:
+            # The idempotency record keeps the item as long as the answer (a retry may extend a
+            # queued item's deadline); the transaction itself is not needed after the pipeline
+            # (only then: a fallback answer may come while the pipeline thread still reads it).
+            item.payload = None
+
+    async def _run_work(self, work: Work) -> None:
+        self._in_flight, self._returned = [], False
+        self._in_flight_since = time.monotonic()
+        self._busy.set()  # the watch keeps answering queued calls if it stalls
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._call_work, work.fn)
+        except asyncio.CancelledError:
+            work.future.cancel()
+            raise
+        except Exception as exc:
+            if not work.future.done():
+                work.future.set_exception(exc)
+        else:
+            if not work.future.done():
+                work.future.set_result(result)
+        finally:
+            self._busy.clear()
+
+    def _call_work(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        finally:
+            self._returned = True
+
+    def _call(self, run: list[Item]) -> Sequence[Any] | Answered:
+        """Pipeline thread: the batch, then a note that the thread is free again."""
+        try:
+            return self._run_batch(run)
+        finally:
+            self._returned_at = time.monotonic()
+            self._returned = True
 
 
-def _resolve(items: list[Item], results: Sequence[Any], *, release: bool = False) -> None:
+def _resolve(items: list[Item], results: Sequence[Any]) -> list[bool] | None:
+    """Hand each item its result unless it has one already (the fallback answered it first, the
+    pipeline being late). Returns which got this result, or None when all did."""
     if len(results) != len(items):
         raise RuntimeError(f"pipeline returned {len(results)} answers for {len(items)} transactions")
-    for item, result in zip(items, results, strict=True):
-        if not item.future.done():  # answered already by the fallback (the pipeline was late)
+    delivered: list[bool] | None = None
+    for k, (item, result) in enumerate(zip(items, results, strict=True)):
+        if not item.future.done():
             item.future.set_result(result)
-        if release:
-            # The idempotency record keeps the item (a retry may extend a queued item's
-            # deadline) as long as the answer; the transaction itself is not needed after
-            # the pipeline (`release` only then: a fallback answer may come while the
-            # pipeline thread still reads the item).
-            item.payload = None
+        else:  # a pipeline answer that came too late: dropped, and not counted as sent
+            if delivered is None:
+                delivered = [True] * len(items)
+            delivered[k] = False
+    return delivered
 
 
 def _fail(items: list[Item], exc: BaseException | None) -> None:

@@ -148,6 +148,8 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0) -> list[str]:
             asyncio.run(closed_loop(target, CONCURRENCY, 1.0))
             real_peak = asyncio.run(closed_loop(target, CONCURRENCY, seconds))
             half = asyncio.run(open_loop(target, 0.5 * bare_peak, 2 * seconds))
+            # Half of this server's own peak: a healthy server there must answer nothing degraded.
+            half_real = asyncio.run(open_loop(target, 0.5 * real_peak, 2 * seconds))
             rss_before, seen_before = _rss_mib(real.pid), _scrape(metrics_port)
             over = asyncio.run(open_loop(target, 3 * real_peak, 4 * seconds))
             rss_after, server_view = _rss_mib(real.pid), _server_side(seen_before, _scrape(metrics_port))
@@ -162,7 +164,11 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0) -> list[str]:
         f"ratio {real_peak / bare_peak:.2f}  (goal ≥ 0.80)",
         f"  at 50% of bare peak ({0.5 * bare_peak:.0f}/s, open loop): p50 {half.percentile_ms(50):.2f} ms  "
         f"p99 {half.percentile_ms(99):.2f} ms  p99.9 {half.percentile_ms(99.9):.2f} ms  "
-        f"(goal p99 ≤ 10, p99.9 ≤ 25); errors {dict(half.errors) or 0}",
+        f"(goal p99 ≤ 10, p99.9 ≤ 25); errors {dict(half.errors) or 0}, degraded {half.degraded}",
+        f"  at 50% of real peak ({0.5 * real_peak:.0f}/s, open loop): p99 {half_real.percentile_ms(99):.2f} ms, "
+        f"degraded {half_real.degraded} of {half_real.answered} answered "
+        f"({100 * half_real.degraded / max(half_real.answered, 1):.2f} %, must be 0); "
+        f"errors {dict(half_real.errors) or 0}",
         f"  at 3× real peak ({3 * real_peak:.0f}/s offered, {over.duration_s:.0f} s): {overload_calls} calls, "
         f"answered {over.answered}, within 50 ms {100 * over.within(BUDGET_US):.1f}% of answered, "
         f"degraded {over.degraded}, refused {dict(over.errors) or 0}; server RSS {rss_before:.0f} → {rss_after:.0f} MiB",

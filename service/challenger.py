@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from core.encode import KeyHasher
 from core.errors import ModelLoadError
 from core.features import NUM_FEATURES
 from core.model import LoadedModel, load_model_dir
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.reload import RulesStamp, content_changed, model_stamp
+from service.restore import warn_about_training
 
 log = logging.getLogger("fraudscore.challenger")
 
@@ -51,7 +53,7 @@ class ChallengerReload:
         old = self._pipeline.challenger
         old_version = old.version if old is not None else ""
         try:
-            new = await asyncio.to_thread(_load_and_warm, self.directory)
+            new = await asyncio.to_thread(_load_and_warm, self.directory, self._pipeline.hasher)
         except Exception as exc:
             self._metrics.challenger_reloads.labels("refused").inc()
             reason = exc.reason if isinstance(exc, ModelLoadError) else f"{exc.__class__.__name__} while loading"
@@ -72,8 +74,9 @@ class ChallengerReload:
         return True
 
 
-def _load_and_warm(directory: Path) -> LoadedModel:
+def _load_and_warm(directory: Path, hasher: KeyHasher) -> LoadedModel:
     """Worker thread: the model, checked against this build's features, and its prediction compiled."""
     model = load_model_dir(directory)  # refuses another feature set, naming both versions
+    warn_about_training(model, hasher, when="challenger reload")
     model.forest.predict(np.zeros((2, NUM_FEATURES)))
     return model

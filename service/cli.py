@@ -49,8 +49,9 @@ def _warm(args: argparse.Namespace) -> int:
     from service.restore import load_model
 
     settings = Settings.load(model_dir=args.model)
-    model, _ = load_model(settings.model_dir)
-    warm_up(Scorer(model, load_rules(settings.rules_file)), KeyHasher())
+    hasher = KeyHasher(settings.id_hash_key.encode())
+    model, _ = load_model(settings.model_dir, hasher)
+    warm_up(Scorer(model, load_rules(settings.rules_file, hasher=hasher)), hasher)
     print(f"kernels compiled and cached (model: {model.version if model else 'none'})")
     return 0
 
@@ -113,7 +114,9 @@ def _rules_check(args: argparse.Namespace) -> int:
     from core.rules import Rule
     from core.rules_file import load_ruleset
 
-    ruleset = load_ruleset(args.file)  # RulesLoadError: main() prints it and exits 2
+    # Named lists are hashed with the server's key, as the server loads them.
+    hasher, _ = offline.id_hasher(args, "rules check")
+    ruleset = load_ruleset(args.file, hasher=hasher)  # RulesLoadError: main() prints it and exits 2
 
     def tally(rules: tuple[Rule, ...]) -> str:
         by_kind = Counter(("shadow" if r.shadow else "enforce", r.action.name) for r in rules)
@@ -170,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     rc = rules.add_parser("check", help="validate a rules file as the server would load it, and summarise it; "
                                         "exit 0 when valid, 2 (with the error on stderr) when refused")
     rc.add_argument("file", type=Path, help="rules file (JSON)")
+    offline.key_file_arg(rc)
     rc.set_defaults(run=_rules_check)
 
     offline.add_commands(sub)

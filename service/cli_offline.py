@@ -1,7 +1,8 @@
 """The offline commands of `fraudscore`: simulate, train, replay, evaluate, backtest.
 
 Their imports (pyarrow, LightGBM, matplotlib, tqdm) stay inside the commands, so `serve`
-never loads a training library.
+never loads a training library. Progress goes to stderr: a bar on a terminal, a line every
+few seconds in a log (core/progress.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from core.encode import KeyHasher
     from core.history import History
     from core.model import LoadedModel
 
@@ -97,6 +99,36 @@ def _warn_if_trained_on(history: History, model: LoadedModel) -> None:
               "flatter it; evaluate on later data", file=sys.stderr)
 
 
+def id_hasher(args: argparse.Namespace, command: str) -> tuple[KeyHasher, str]:
+    """The server's identifier key, read as the server reads it: --id-hash-key-file, else
+    FRAUDSCORE_ID_HASH_KEY_FILE or FRAUDSCORE_ID_HASH_KEY, else the published development key;
+    and a line saying which (never the key), for stderr once the inputs have loaded. Features
+    depend on the key (seen-before flags, distinct counts, shared table slots), so offline work
+    must use the server's. Exits 2 on a bad setting."""
+    from core.encode import KeyHasher
+    from service.config import DEFAULT_ID_HASH_KEY, ENV_PREFIX, Settings
+
+    try:
+        settings = Settings.load(id_hash_key_file=getattr(args, "id_hash_key_file", None))
+    except ValueError as exc:
+        print(f"fraudscore {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if settings.id_hash_key == DEFAULT_ID_HASH_KEY:
+        note = (f"note: identifiers hashed with the published development key; a server with {ENV_PREFIX}ID_HASH_KEY "
+                "set computes other features: set the same key here (or --id-hash-key-file)")
+    else:
+        where = "ID_HASH_KEY_FILE" if settings.id_hash_key_file is not None else "ID_HASH_KEY"
+        note = f"identifiers hashed with the key from {ENV_PREFIX}{where}"
+    return KeyHasher(settings.id_hash_key.encode()), note
+
+
+def key_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id-hash-key-file", type=Path, metavar="FILE",
+                   help="file holding the server's identifier key (as FRAUDSCORE_ID_HASH_KEY_FILE); default: "
+                        "FRAUDSCORE_ID_HASH_KEY_FILE or FRAUDSCORE_ID_HASH_KEY, else the published development "
+                        "key. Features depend on it: use the server's")
+
+
 def _sha256(path: Path) -> str:
     import hashlib
 
@@ -109,16 +141,22 @@ def _train(args: argparse.Namespace) -> int:
     from core.simulate import simulate
     from core.train import train
 
+    hasher, key_note = id_hasher(args, "train")
     if args.if_stale:
         from core.errors import ModelLoadError
         from core.model import load_model_dir
 
         try:
             model = load_model_dir(args.out)
-            print(f"model {model.version} in {args.out} is current; not retraining")
-            return 0
+            id_key = model.manifest.get("id_key")
+            if isinstance(id_key, dict) and id_key.get("fingerprint") == hasher.fingerprint:
+                print(f"model {model.version} in {args.out} is current; not retraining")
+                return 0
+            print(f"(re)training: model {model.version}'s features were hashed with another identifier key than "
+                  "the one set here (or it does not say which)")
         except ModelLoadError as exc:
             print(f"(re)training: {exc.reason}")
+    print(key_note, file=sys.stderr)
     data_read = None
     if args.data is not None:
         history, read = read_history_dropping(args.data, max_dropped_fraction=args.max_dropped)
@@ -133,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(history, args.out, seed=args.seed, label_delay_ms=args.label_delay,
                    valid_from_ms=args.valid_from, train_until_ms=args.train_until, review_rate=args.review_rate,
                    decline_fpr=args.decline_fpr, fraud_weight=args.fraud_weight, data_source=source,
-                   data_read=data_read)
+                   data_read=data_read, hasher=hasher)
     print(f"model {result.model_version} written to {result.out_dir}")
     for name, value in result.metrics.items():
         print(f"  {name:30s} {value:.4f}")
@@ -143,20 +181,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from core.history import write_table
     from core.history_read import read_history
     from core.model import load_model_dir
+    from core.progress import progress
     from core.replay import score_history
     from service.reload import load_rules
 
+    hasher, key_note = id_hasher(args, "replay")
     history = read_history(args.data)
     model = load_model_dir(args.model)
     label_delay_ms = _label_delay(args, model)
-    with tqdm(total=len(history), desc="replay", unit="txn", mininterval=0.5) as bar:
-        table = score_history(history, model, load_rules(args.rules), label_delay_ms=label_delay_ms,
-                              reasons_method=args.reasons_method, on_progress=bar.update)
+    print(key_note, file=sys.stderr)
+    with progress(len(history), "replay", "txn") as bar:
+        table = score_history(history, model, load_rules(args.rules, hasher=hasher), label_delay_ms=label_delay_ms,
+                              reasons_method=args.reasons_method, hasher=hasher, on_progress=bar.update)
     write_table(table, args.out)
     decisions = {d: int((table["decision"] == d).sum()) for d in ("APPROVE", "REVIEW", "DECLINE")}
     print(f"scored {len(history)} transactions with model {model.version} into {args.out}: {decisions}")
@@ -165,14 +204,14 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """Score a labelled history with a model directory and write the report training writes."""
-    from tqdm import tqdm
-
     from core.errors import DataError
     from core.history_read import read_history_dropping
     from core.model import MODEL_FILE, load_model_dir
+    from core.progress import progress
     from core.replay import replay_features
     from core.report import REPORT_FILE, model_file_importance, write_report
 
+    hasher, key_note = id_hasher(args, "evaluate")
     model = load_model_dir(args.model)  # a bad directory fails before the (slower) history is read
     history, read = read_history_dropping(args.data, max_dropped_fraction=args.max_dropped)
     print(read.summary())
@@ -183,9 +222,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else args.model / f"evaluation-{stem}"
     label_delay_ms = _label_delay(args, model)
     _warn_if_trained_on(history, model)
+    print(key_note, file=sys.stderr)
     # The features as `replay` computes them, the probabilities as the server's forest does.
-    with tqdm(total=len(history), desc="evaluate", unit="txn", mininterval=0.5, disable=None) as bar:
-        features = replay_features(history, label_delay_ms=label_delay_ms, on_progress=bar.update)
+    with progress(len(history), "evaluate", "txn") as bar:
+        features = replay_features(history, hasher=hasher, label_delay_ms=label_delay_ms, on_progress=bar.update)
     probability = model.forest.predict(features)
     metrics = write_report(out, history.is_fraud, probability, history.event_time_ms, thresholds=model.thresholds,
                            model_version=model.version, data=str(args.data),
@@ -201,21 +241,22 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _backtest(args: argparse.Namespace) -> int:
     """Backtest a rules file on a labelled history; print one row per rule and the totals."""
-    from tqdm import tqdm
-
     from core.backtest import backtest, report_columns
     from core.history import write_table
     from core.history_read import read_history
     from core.model import load_model_dir
+    from core.progress import progress
     from core.rules_file import load_ruleset
 
-    ruleset = load_ruleset(args.rules)  # a bad file fails before the (slower) history is read
+    hasher, key_note = id_hasher(args, "backtest")
+    ruleset = load_ruleset(args.rules, hasher=hasher)  # a bad file fails before the (slower) history is read
     model = load_model_dir(args.model) if args.model is not None else None
     history = read_history(args.data)
     label_delay_ms = _label_delay(args, model)
-    with tqdm(total=len(history), desc="backtest", unit="txn", mininterval=0.5, disable=None) as bar:
+    print(key_note, file=sys.stderr)
+    with progress(len(history), "backtest", "txn") as bar:
         report = backtest(history, ruleset, model, label_delay_ms=label_delay_ms, source=str(args.data),
-                          on_progress=bar.update)
+                          hasher=hasher, on_progress=bar.update)
     t = report.totals
     against = f"model {t.model_version}" if model is not None else "no model: the fallback rules"
     print(f"backtest of {args.rules} (version {t.ruleset_version}) on {args.data}, {against}")
@@ -297,6 +338,7 @@ def add_commands(sub: Any) -> None:
     t.add_argument("--if-stale", action="store_true",
                    help="only train when --out holds no model this build can serve (used by make serve)")
     _world_args(t)
+    key_file_arg(t)
     t.set_defaults(run=_train)
     r = sub.add_parser("replay", help="score a history offline exactly as the service would, one row each")
     r.add_argument("--data", type=Path, required=True, help="history, .csv or .parquet")
@@ -306,6 +348,7 @@ def add_commands(sub: Any) -> None:
     _label_delay_arg(r)
     r.add_argument("--reasons-method", choices=("path", "shap"), default="path",
                    help="how model reasons are attributed; use the server's FRAUDSCORE_REASONS_METHOD (default: path)")
+    key_file_arg(r)
     r.set_defaults(run=_replay)
 
     e = sub.add_parser("evaluate", help="score a labelled history with a model and write the report training "
@@ -316,6 +359,7 @@ def add_commands(sub: Any) -> None:
                    help="report directory (default: <model>/evaluation-<data file name without extension>)")
     _label_delay_arg(e, default="the model's training label delay")
     _max_dropped_arg(e)
+    key_file_arg(e)
     e.set_defaults(run=_evaluate)
 
     bt = sub.add_parser("backtest", help="replay a labelled history and report, per rule: hits, hit rate, "
@@ -327,4 +371,5 @@ def add_commands(sub: Any) -> None:
                          "(default: no model, test the fallback rules as the service without one)")
     _label_delay_arg(bt)
     bt.add_argument("--out", type=Path, help="also write the per-rule table, .csv or .parquet")
+    key_file_arg(bt)
     bt.set_defaults(run=_backtest)

@@ -92,7 +92,11 @@ class Settings:
     """Most remembered answers; the oldest go first beyond this."""
     id_hash_key: str = field(default=DEFAULT_ID_HASH_KEY, repr=False)
     """Secret for the keyed hash (keyed BLAKE2b) of identifiers in state, as text (its UTF-8 bytes are the
-    key). Set your own, at least 16 random bytes; changing it forgets all state. Never logged."""
+    key). Set your own, at least 16 random bytes; changing it forgets all state. Never logged. The offline
+    commands (train, replay, evaluate, backtest, rules check) read it too: features depend on it."""
+    id_hash_key_file: Path | None = None
+    """A file holding `id_hash_key` instead (a mounted Secret): its UTF-8 text, less one trailing newline.
+    Set this or FRAUDSCORE_ID_HASH_KEY, not both."""
     card_capacity: int = DEFAULT_CARD_CAPACITY
     """Cards tracked in state (power of two); least recently seen are evicted beyond it."""
     entity_capacity: int = DEFAULT_ENTITY_CAPACITY
@@ -139,6 +143,11 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("id_hash_key_file") is not None:
+            if "id_hash_key" in values:
+                raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY and {ENV_PREFIX}ID_HASH_KEY_FILE are both set: set one "
+                                 "(the file, for a mounted Secret)")
+            values["id_hash_key"] = read_key_file(values["id_hash_key_file"])
         settings = cls(**values)
         settings.validate()
         return settings
@@ -212,6 +221,21 @@ class Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
+
+
+def read_key_file(path: Path) -> str:
+    """The identifier key held in `path`: its UTF-8 text, less one trailing newline (as `echo` and
+    Kubernetes Secrets made from literals leave it). Raises ValueError, never quoting the content."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY_FILE: {path} is not UTF-8 text; store the key as text, e.g. "
+                         "a base64 or hex encoding of the random bytes") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def _parse(name: str, type_name: str, raw: str) -> Any:

@@ -19,10 +19,17 @@ from core.errors import FraudscoreError, IdempotencyConflictError, InvalidInputE
 
 
 class OverloadedError(FraudscoreError):
-    def __init__(self, queued: int, limit: int) -> None:
+    """Shed: `reason` is the `fraudscore_sheds_total` label ("queue_full": transactions waiting for
+    an answer; "answered_backlog_full": transactions answered by the fallback still waiting to enter
+    the state)."""
+
+    def __init__(self, queued: int, limit: int, *, reason: str = "queue_full") -> None:
         self.queued = queued
         self.limit = limit
-        super().__init__(f"server overloaded: {queued} transactions queued, limit {limit}; retry with backoff")
+        self.reason = reason
+        what = ("transactions answered by the fallback waiting to enter the state" if reason == "answered_backlog_full"
+                else "transactions queued")
+        super().__init__(f"server overloaded: {queued} {what}, limit {limit}; retry with backoff")
 
 
 class ConcurrencyLimitError(OverloadedError):
@@ -30,6 +37,7 @@ class ConcurrencyLimitError(OverloadedError):
 
     def __init__(self, limit: int) -> None:
         self.queued = self.limit = limit
+        self.reason = "concurrency"
         FraudscoreError.__init__(self, f"server overloaded: {limit} calls in progress "
                                        "(FRAUDSCORE_MAX_CONCURRENT_RPCS); retry with backoff")
 

@@ -126,7 +126,8 @@ class PipelineHistograms(Collector):
 
     def __init__(self, stages: Sequence[str]) -> None:
         self._stages = tuple(stages)
-        self._pending: deque[tuple[list[tuple[int, int]], int, int, np.ndarray | None]] = deque()
+        self._pending: deque[tuple[list[tuple[int, int]], int, int]] = deque()
+        self._pending_probabilities: deque[np.ndarray] = deque()
         self._stage_bounds_ns = np.array([round(b * 1e9) for b in _STAGE_BUCKETS_S], dtype=np.int64)
         self._stage_counts = np.zeros((len(self._stages), len(_STAGE_BUCKETS_S) + 1), dtype=np.int64)
         self._stage_sums_ns = np.zeros(len(self._stages), dtype=np.int64)
@@ -141,13 +142,17 @@ class PipelineHistograms(Collector):
             "Fraud probability answered on the model path (the champion), per transaction", _PROBABILITY_BUCKETS)
         self._lock = threading.Lock()  # one fold at a time (the pipeline thread's or a scrape's)
 
-    def record(self, stages: list[tuple[int, int]], size: int, duration_ns: int,
-               probabilities: np.ndarray | None) -> None:
-        """One batch: its (stage index, nanoseconds) pairs, size, whole wall time, and the fraud
-        probabilities it answered on the model path (None otherwise). Keeps references: pass
-        arrays nobody writes to afterwards."""
-        self._pending.append((stages, size, duration_ns, probabilities))
+    def record(self, stages: list[tuple[int, int]], size: int, duration_ns: int) -> None:
+        """One batch: its (stage index, nanoseconds) pairs, size and whole wall time."""
+        self._pending.append((stages, size, duration_ns))
         if len(self._pending) >= self.FOLD_EVERY:
+            self._fold()
+
+    def record_probabilities(self, probabilities: np.ndarray) -> None:
+        """The fraud probabilities a batch answered on the model path (those its calls received).
+        Keeps a reference: pass an array nobody writes to afterwards."""
+        self._pending_probabilities.append(probabilities)
+        if len(self._pending_probabilities) >= self.FOLD_EVERY:
             self._fold()
 
     def _fold(self) -> None:
@@ -155,9 +160,14 @@ class PipelineHistograms(Collector):
             pending, batches = self._pending, []
             while pending:  # deque.popleft is atomic: a batch appended meanwhile waits for the next fold
                 batches.append(pending.popleft())
+            answered, probabilities = self._pending_probabilities, []
+            while answered:
+                probabilities.append(answered.popleft())
+            if probabilities:
+                self.probability.observe_many(np.concatenate(probabilities))
             if not batches:
                 return
-            pairs = [pair for stages, _, _, _ in batches for pair in stages]
+            pairs = [pair for stages, _, _ in batches for pair in stages]
             if pairs:
                 stage, ns = np.array(pairs, dtype=np.int64).T
                 # side="left": the first bound ≥ the value, Prometheus' `le` semantics.
@@ -174,9 +184,6 @@ class PipelineHistograms(Collector):
             self._duration_counts += np.bincount(np.searchsorted(self._duration_bounds_ns, durations, side="left"),
                                                  minlength=self._duration_counts.shape[0])
             self._duration_sum_ns += int(durations.sum())
-            probabilities = [b[3] for b in batches if b[3] is not None]
-            if probabilities:
-                self.probability.observe_many(np.concatenate(probabilities))
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         self._fold()
@@ -249,7 +256,15 @@ class Metrics:
                                 ["model_version", "ruleset_version", "feature_set_version"], registry=r)
         self.model_loaded = Gauge("fraudscore_model_loaded", "1 when a model is loaded, 0 when serving fallback only",
                                   registry=r)
-        self.queue_depth = Gauge("fraudscore_queue_depth", "Transactions waiting for the pipeline", registry=r)
+        self.queue_depth = Gauge("fraudscore_queue_depth", "Transactions waiting for the pipeline's answer",
+                                 registry=r)
+        self.answered_backlog = Gauge(
+            "fraudscore_answered_backlog",
+            "Transactions answered by the fallback before the pipeline, queued to enter the state", registry=r)
+        self.features_only = Counter(
+            "fraudscore_features_only",
+            "Transactions fed into the state without scoring (features only), having been answered by the "
+            "fallback while queued", registry=r)
         self.pipeline_busy = Gauge("fraudscore_pipeline_busy_seconds",
                                    "How long the batch in the pipeline has been running (0 when idle)", registry=r)
         self.pipeline_expected = Gauge(

@@ -7,8 +7,10 @@ rules (degraded, source RULES_FALLBACK) and the next batch tries the model again
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import mmap
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ from core.model import LoadedModel
 from core.named_lists import identifier_keys
 from core.rules import Decision
 from core.scoring import ScoredBatch, Scorer, Source, risk_score
-from service.batcher import Item
+from service.batcher import Answered, Item
 from service.metrics import (
     CHALLENGER,
     ENCODE,
@@ -108,21 +110,27 @@ class Pipeline:
         self.challenger = challenger
         self._challenger_logged_at = -math.inf
 
-    def _score(self, batch: EncodedBatch, scorer: Scorer,
-               stages: list[tuple[int, int]]) -> tuple[ScoredBatch, str, np.ndarray | None]:
-        """The answers, the fallback reason (empty on the model path) and the features (None if not
-        computed); appends the stages' (index, ns) timings to `stages`."""
+    def _score(self, batch: EncodedBatch, scorer: Scorer, stages: list[tuple[int, int]], *,
+               rows: list[int] | None = None) -> tuple[ScoredBatch, str, np.ndarray | None]:
+        """Advance the state by the whole batch, in order, and score its `rows` (None: all). Returns
+        the answers, the fallback reason (empty on the model path) and the scored rows' features
+        (None if not computed); appends the stages' (index, ns) timings to `stages`."""
         features: np.ndarray | None = None
+        amount = batch.amount if rows is None else batch.amount[rows]
         # For named lists (`card in @blocked_cards`); ~4 µs a batch, so only when the rules use any.
         keys = identifier_keys(batch) if scorer.ruleset.lists else None
+        if keys is not None and rows is not None:
+            keys = np.ascontiguousarray(keys[:, rows])
         clock = time.perf_counter_ns
         started = clock()
         try:
             features = self.engine.compute(batch)
+            if rows is not None:
+                features = features[rows]  # a C-contiguous copy of the rows to score
             computed = clock()
             stages.append((FEATURES, computed - started))
             if scorer.model is None:
-                scored = scorer.fallback(features, batch.amount, keys=keys)
+                scored = scorer.fallback(features, amount, keys=keys)
                 stages.append((FALLBACK_RULES, clock() - computed))
                 return scored, self.fallback_reason or "no_model", features
             if self.fault_injection == "model-raise":
@@ -132,45 +140,76 @@ class Pipeline:
             if self.fault_injection == "pipeline-stall" and not self._stalled:
                 self._stalled = True
                 time.sleep(FAULT_STALL_S)
-            scored = scorer.score(features, batch.amount, keys=keys)
+            scored = scorer.score(features, amount, keys=keys)
             stages.append((MODEL_RULES, clock() - computed))
             return scored, "", features
         except Exception as exc:
             reason = "features_error" if features is None else "model_error"
             log.error("model path failed; answering from fallback rules", extra={
-                "reason": reason, "error": exc.__class__.__name__, "batch_size": len(batch)})
+                "reason": reason, "error": exc.__class__.__name__, "batch_size": len(amount)})
             failed = clock()
-            scored = scorer.fallback(features, batch.amount, keys=keys)
+            scored = scorer.fallback(features, amount, keys=keys)
             stages.append((FALLBACK_RULES, clock() - failed))
             return scored, reason, features
 
-    def run(self, items: list[Item]) -> list[pb.ScoreResponse]:
-        """Score a batch; one ScoreResponse per item, in order. Never raises for a model failure."""
+    def run(self, items: list[Item]) -> Answered:
+        """Feed a batch into the state, in order, and score the items not `answered_by_fallback`
+        (those only enter the state: features, no model). One ScoreResponse per scored item, in
+        order; never raises for a model failure. Metrics of the answers are counted by
+        `Answered.delivered`, on the event loop, for the answers that reached their calls."""
         # Stage timings: a clock read between stages and one histogram update a batch, never per transaction.
         clock = time.perf_counter_ns
         started = clock()
-        stages = [(QUEUE_WAIT, started - items[0].received_ns)] if items else []
+        scored_rows: list[int] | None = None  # None: every item is scored (the common case)
+        if any(item.answered_by_fallback for item in items):
+            scored_rows = [k for k, item in enumerate(items) if not item.answered_by_fallback]
+        first = items[scored_rows[0]] if scored_rows else items[0] if items else None
+        stages = [(QUEUE_WAIT, started - first.received_ns)] if first is not None else []
         txns = [item.payload for item in items]
         batch = encode_transactions(self.hasher, txns)
-        stages.append((ENCODE, clock() - started))
+        encoded = clock()
+        stages.append((ENCODE, encoded - started))
         # Read once: a rules reload swaps `self.scorer` from the event loop, and the whole batch
         # (model path and its fallback alike) must answer from one ruleset.
-        scored, fallback_reason, features = self._score(batch, self.scorer, stages)
+        scorer = self.scorer
+        if scored_rows is None:
+            scored, fallback_reason, features = self._score(batch, scorer, stages)
+            answered = items
+        else:
+            self.metrics.features_only.inc(len(items) - len(scored_rows))
+            if not scored_rows:  # every one answered already: into the state, and done
+                self.engine.compute(batch)
+                stages.append((FEATURES, clock() - encoded))
+                self.metrics.pipeline.record(stages, len(items), clock() - started)
+                return Answered((), _nothing_delivered)
+            scored, fallback_reason, features = self._score(batch, scorer, stages, rows=scored_rows)
+            answered = [items[k] for k in scored_rows]
         responding = clock()
-        responses = self._responses(items, scored)
-        m = self.metrics
-        if fallback_reason:
-            m.fallbacks.labels(fallback_reason).inc(len(items))
-        self._count_rule_hits(scored)
+        responses = self._responses(answered, scored)
         shadow_started = clock()
         stages.append((RESPOND, shadow_started - responding))
         challenger = self.challenger  # once: a reload may swap it (service/challenger.py)
-        if challenger is not None and features is not None and not fallback_reason:
+        if challenger is not None and features is not None and not fallback_reason and len(scored):
             self._shadow(challenger, features, scored)
             stages.append((CHALLENGER, clock() - shadow_started))
-        m.pipeline.record(stages, len(items), clock() - started,
-                          None if fallback_reason else scored.fraud_probability)
-        return responses
+        self.metrics.pipeline.record(stages, len(items), clock() - started)
+        return Answered(responses, functools.partial(self._count_answers, scored, fallback_reason))
+
+    def _count_answers(self, scored: ScoredBatch, fallback_reason: str, delivered: list[bool] | None) -> None:
+        """Event loop: the metrics of the answers that reached their calls (`delivered`: None for all).
+        A pipeline answer dropped because the fallback answered first was never sent: not counted."""
+        if delivered is not None:
+            scored = scored.take(np.flatnonzero(delivered))
+        n = len(scored)
+        if not n:
+            return
+        m = self.metrics
+        if fallback_reason:
+            m.fallbacks.labels(fallback_reason).inc(n)
+        else:
+            m.pipeline.record_probabilities(scored.fraud_probability)
+        self._count_decisions(scored)
+        self._count_rule_hits(scored)
 
     def _shadow(self, challenger: LoadedModel, features: np.ndarray, scored: ScoredBatch) -> None:
         """The challenger on the batch the champion answered (after the answers are made): metrics only.
@@ -201,12 +240,16 @@ class Pipeline:
             rule = rules[r]
             counter.labels(rule.name, "shadow" if rule.shadow else "enforce", _DECISION_LABELS[d]).inc(count)
 
-    def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
-        # Per batch, not per transaction: the metrics (one increment per decision and source
-        # seen), the fields every answer shares, the clock. Per transaction only what differs.
-        decisions, sources = scored.decision.tolist(), scored.source.tolist()
-        for (decision, source), count in Counter(zip(decisions, sources, strict=True)).items():
+    def _count_decisions(self, scored: ScoredBatch) -> None:
+        """`fraudscore_decisions_total`: one increment per (decision, source) pair seen, not per transaction."""
+        pairs = Counter(zip(scored.decision.tolist(), scored.source.tolist(), strict=True))
+        for (decision, source), count in pairs.items():
             self.metrics.decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc(count)
+
+    def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
+        # Per batch, not per transaction: the fields every answer shares, the clock. Per
+        # transaction only what differs.
+        decisions, sources = scored.decision.tolist(), scored.source.tolist()
         probabilities, scores = scored.fraud_probability.tolist(), risk_score(scored.fraud_probability).tolist()
         degraded, model_version, ruleset_version = scored.degraded, scored.model_version, scored.ruleset_version
         now_ns = time.perf_counter_ns()
@@ -234,9 +277,10 @@ class Pipeline:
 
     def answer_fallback(self, items: list[Item], reason: str) -> list[pb.ScoreResponse]:
         """Fallback answers (degraded) for items the model path cannot answer within their budget,
-        counted by `reason`. Runs on the event loop: touches no state, so these transactions
-        never enter the features. Their identifiers are encoded only when the ruleset has named lists
-        (so that a blocklist holds here too), a cost the event loop pays only then."""
+        counted by `reason`. Runs on the event loop and touches no state: the batcher keeps the items
+        queued, and the pipeline feeds them into the state in their turn (`run`). Their identifiers
+        are encoded here only when the ruleset has named lists (so that a blocklist holds here too),
+        a cost the event loop pays only then."""
         txns = [item.payload for item in items]
         scorer = self.scorer  # one read: a reload may swap it between calls
         self.metrics.fallbacks.labels(reason).inc(len(items))
@@ -247,8 +291,30 @@ class Pipeline:
             amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
                                   [t.currency for t in txns])
             scored = scorer.fallback(None, amount)
+        self._count_decisions(scored)
         self._count_rule_hits(scored)
         return self._responses(items, scored)
+
+    def trial(self) -> Pipeline:
+        """A pipeline like this one (scorer, key, challenger) on a throwaway state and metrics, for
+        timing calls at start-up without touching the real state or counting anything."""
+        return Pipeline(engine=FeatureEngine(_throwaway_state(TRIAL_CAPACITY)), scorer=self.scorer, hasher=self.hasher,
+                        metrics=Metrics(), challenger=self.challenger)
+
+    def touch_state(self) -> None:
+        """Write one byte of every memory page of the in-process state tables (rewriting what is
+        there), before serving. Fresh tables are zero pages the kernel has not mapped yet; without
+        this, the first transactions of each new entity pay those page faults on the serving path
+        (~70 ms in the first batches of a fresh server, measured). Restored tables were written by
+        the load already; this costs them one pass. A store other than the process's own: nothing."""
+        try:
+            state = self.engine.state
+        except AttributeError:
+            return
+        for table in state.tables():
+            for array in (table.keys, table.last_seen_ms, table.values, table.tags):
+                flat = array.reshape(-1).view(np.uint8)
+                flat[::mmap.PAGESIZE] = flat[::mmap.PAGESIZE].copy()
 
     def snapshot_copy(self) -> EntityState:
         """A copy of state, taken between batches, to be written to disk off this thread."""
@@ -257,16 +323,35 @@ class Pipeline:
                                      t.tags.copy(), t.counters.copy()) for t in s.tables()))
 
 
+def _nothing_delivered(delivered: list[bool] | None) -> None:
+    """The `Answered.delivered` of a batch that answered nobody."""
+
+
+TRIAL_CAPACITY = 4096  # slots per kind of the throwaway state that start-up times pipeline calls on
+
+
+def _throwaway_state(capacity: int) -> EntityState:
+    return EntityState.empty(card_capacity=capacity, merchant_capacity=capacity, customer_capacity=capacity,
+                             device_capacity=capacity, ip_capacity=capacity)
+
+
+def warm_transactions(n: int) -> list[pb.Transaction]:
+    """`n` made-up transactions for warm-up and start-up timing: distinct cards, customers, devices and
+    IPs, a few merchants, amounts spread from cents to thousands (so some are flagged and explained)."""
+    return [pb.Transaction(transaction_id=f"warm-up-{i}", card_id=f"warm-card-{i}", merchant_id=f"warm-merchant-{i % 7}",
+                           amount_minor=99 + (i * 7_919) % 400_000, currency="USD",
+                           event_time_ms=1_767_225_600_000 + i, channel=pb.ECOMMERCE if i % 3 else pb.CARD_PRESENT,
+                           country="US" if i % 5 else "BR", latitude=40.7, longitude=-74.0,
+                           device_id=f"warm-device-{i}", ip_address=f"192.0.2.{i % 250 + 1}",
+                           customer_id=f"warm-customer-{i}", merchant_category="5411" if i % 2 else "5732")
+            for i in range(n)]
+
+
 def warm_up(scorer: Scorer, hasher: KeyHasher, challenger: LoadedModel | None = None) -> None:
     """Compile (or load from cache) every kernel on a throwaway state, so real state stays untouched;
     with `challenger`, its prediction too."""
-    engine = FeatureEngine(EntityState.empty(card_capacity=16, merchant_capacity=16, customer_capacity=16,
-                                             device_capacity=16, ip_capacity=16))
-    txn = pb.Transaction(transaction_id="warm-up", card_id="warm-card", merchant_id="warm-merchant",
-                         amount_minor=1234, currency="USD", event_time_ms=1_767_225_600_000,
-                         channel=pb.ECOMMERCE, country="US", latitude=40.7, longitude=-74.0,
-                         device_id="warm-device", ip_address="192.0.2.1", customer_id="warm-customer",
-                         merchant_category="5411")
+    engine = FeatureEngine(_throwaway_state(16))
+    txn = warm_transactions(1)[0]
     batch = encode_transactions(hasher, [txn, txn])
     features = engine.compute(batch)
     engine.apply_outcomes(batch.card_key, batch.merchant_key, batch.event_time_ms, np.ones(2))

@@ -44,7 +44,7 @@ from core.rules_file import load_ruleset, parse_ruleset
 from core.scoring import Scorer
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_up
-from service.restore import warn_if_simulated
+from service.restore import warn_about_training
 
 log = logging.getLogger("fraudscore.rules")
 model_log = logging.getLogger("fraudscore.model")
@@ -283,7 +283,7 @@ class Reloader(WatchTask):
         """Worker thread: the new model with the ruleset in use, checked and run once through
         prediction and both reason methods (pipeline.warm_up), so its first batch pays nothing extra."""
         model = load_model_dir(model_dir)
-        warn_if_simulated(model, when="reload")
+        warn_about_training(model, self._hasher, when="reload")
         scorer = Scorer(model, old.ruleset, reasons_method=self._reasons_method)
         warm_up(scorer, self._hasher)
         return scorer

@@ -16,7 +16,7 @@ from typing import Any
 
 from fraudscore.v1 import fraudscore_pb2 as pb
 
-from core.encode import KeyHasher
+from core.encode import KEY_SCHEME, KeyHasher
 from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState
 from core.features.store import load_snapshot, save_snapshot
@@ -31,9 +31,12 @@ SNAPSHOT_FILE = "state.npz"
 REFUSED_KEPT = 3
 
 
-def warn_if_simulated(model: LoadedModel, *, when: str) -> None:
-    """A warning when `model` was trained on simulated data (its manifest's training.data.source
-    starts with "simulated"): such a model knows the simulator's fraud, not yours."""
+def warn_about_training(model: LoadedModel, hasher: KeyHasher, *, when: str) -> None:
+    """Warnings about how `model` was trained that bear on its answers here: on simulated data (its
+    manifest's training.data.source starts with "simulated": such a model knows the simulator's
+    fraud, not yours), or on features hashed under another identifier key than this server's
+    (its manifest's `id_key`): the seen-before flags, distinct counts and table neighbourhoods it
+    learnt from differ from those it is served. Never logs a key or its fingerprint."""
     training: Any = model.manifest.get("training")
     data = training.get("data") if isinstance(training, dict) else None
     source = data.get("source") if isinstance(data, dict) else None
@@ -41,9 +44,20 @@ def warn_if_simulated(model: LoadedModel, *, when: str) -> None:
         log.warning("the model making decisions was trained on simulated data, not on real transactions; "
                     "train one on your own labelled history before relying on its decisions",
                     extra={"model_version": model.version, "training_source": source[:64], "when": when})
+    id_key: Any = model.manifest.get("id_key")
+    if not isinstance(id_key, dict) or "fingerprint" not in id_key:
+        log.info("the model does not record which identifier key its training features were hashed with "
+                 "(trained before models recorded it); if it was not this server's FRAUDSCORE_ID_HASH_KEY, "
+                 "retrain with it", extra={"model_version": model.version, "when": when})
+    elif id_key.get("fingerprint") != hasher.fingerprint or id_key.get("scheme") != KEY_SCHEME:
+        log.warning("the model was trained on features hashed with another identifier key than this server's "
+                    "FRAUDSCORE_ID_HASH_KEY: seen-before flags, distinct counts and shared table slots differ "
+                    "between its training and its serving; retrain with the server's key set "
+                    "(docs/training.md, \"One key everywhere\")",
+                    extra={"model_version": model.version, "when": when})
 
 
-def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
+def load_model(path: Path | None, hasher: KeyHasher) -> tuple[LoadedModel | None, str]:
     """The model, or None and the fallback reason (the service then answers from the fallback rules)."""
     if path is None:
         return None, "no_model"
@@ -55,11 +69,11 @@ def load_model(path: Path | None) -> tuple[LoadedModel | None, str]:
     except ModelLoadError as exc:
         log.error("model refused; serving from fallback rules", extra={"model_dir": str(path), "reason": exc.reason})
         return None, "model_load_failed"
-    warn_if_simulated(model, when="start-up")
+    warn_about_training(model, hasher, when="start-up")
     return model, ""
 
 
-def load_challenger(path: Path | None) -> LoadedModel | None:
+def load_challenger(path: Path | None, hasher: KeyHasher) -> LoadedModel | None:
     """The challenger model, or None (logged why) when unset, missing or refused: never fails start-up."""
     if path is None:
         return None
@@ -76,6 +90,7 @@ def load_challenger(path: Path | None) -> LoadedModel | None:
         return None
     log.info("challenger model loaded; scored in shadow, never answered",
              extra={"challenger_model_dir": str(path), "model_version": model.version})
+    warn_about_training(model, hasher, when="challenger start-up")
     return model
 
 

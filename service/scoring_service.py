@@ -84,8 +84,8 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         if items:
             try:
                 app.batcher.submit(items)  # refuses whole, before anything is registered
-            except OverloadedError:
-                app.metrics.sheds.labels("queue_full").inc(len(items))
+            except OverloadedError as exc:
+                app.metrics.sheds.labels(exc.reason).inc(len(items))
                 raise
             register = app.idempotency.register
             for txn_id, (fp, future, item) in fresh.items():  # the batcher may have answered some already
@@ -200,7 +200,9 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             raise OverloadedError(app.outcomes_in_flight, app.settings.max_queue)
         app.outcomes_seen.register(txn_id, 0, done)
         app.outcomes_in_flight += 1
-        job = asyncio.ensure_future(app.run_on_pipeline(app.apply_outcome, request, done))
+        # In its turn in the batcher's queue: after every transaction that arrived before it has
+        # entered the state (those answered by the fallback too), as replay applies it.
+        job = app.batcher.submit_work(functools.partial(app.apply_outcome, request, done))
         job.add_done_callback(functools.partial(self._outcome_applied, txn_id, done))
         # Shielded: once queued, the report is applied even if this caller goes away, and
         # a retry finds it recorded instead of applying it twice.

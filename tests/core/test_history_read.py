@@ -375,3 +375,32 @@ def test_the_reader_keeps_a_consistent_order_for_rows_with_equal_times(tmp_path:
     history = read_history(csv_file(tmp_path, rows))
     assert history.transaction_id.tolist() == ["t0", "t1", "t2"]
     assert np.all(history.event_time_ms == 5)
+
+
+def test_a_received_time_column_sets_the_arrival_order(tmp_path: Path) -> None:
+    # t0 happened first but reached the server 7 minutes later, after t1; t2 has no receipt time
+    # (taken to have arrived at its event time).
+    rows = rows_with("event_time", ["2026-03-01T12:00:00Z", "2026-03-01T12:05:00Z", "2026-03-01T12:06:00Z"])
+    for row, received in zip(rows, ["2026-03-01T12:07:00Z", "2026-03-01T12:05:00.100Z", ""], strict=True):
+        row["received_time"] = received
+    for reader in (read_history, lambda p: read_history_dropping(p)[0]):
+        history = reader(csv_file(tmp_path, rows))
+        assert history.transaction_id.tolist() == ["t1", "t2", "t0"]
+        assert history.received_time_ms.tolist() == [MARCH_1 - 1_500_000 + 100, -1, MARCH_1 - 1_380_000]
+        assert history.event_time_ms.tolist() == [MARCH_1 - 1_500_000, MARCH_1 - 1_440_000, MARCH_1 - 1_800_000]
+
+
+def test_without_receipt_times_the_order_is_event_time(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["1", "2", "3"])
+    rows[0]["event_time_ms"] = "9000"
+    history = read_history(csv_file(tmp_path, rows))
+    assert history.transaction_id.tolist() == ["t1", "t2", "t0"]
+    assert (history.received_time_ms == -1).all()
+
+
+def test_a_bad_receipt_time_names_its_row_and_column(tmp_path: Path) -> None:
+    rows = rows_with("amount_minor", ["1", "2"])
+    rows[1]["received_time_ms"] = "-5"
+    rows[0]["received_time_ms"] = "3000"
+    with pytest.raises(DataError, match=r"row 2.*received_time_ms"):
+        read_history(csv_file(tmp_path, rows))

@@ -123,8 +123,57 @@ def test_legitimate_rows_never_count_as_fraud() -> None:
 def test_unsorted_history_is_refused() -> None:
     h = fraud_at_hours(report_hours=2)
     shuffled = h.take(np.array([1, 0, *range(2, len(h))]))
-    with pytest.raises(ValueError, match="sorted by event_time_ms"):
+    with pytest.raises(ValueError, match="arrival order"):
         replay_features(shuffled)
+
+
+def late(rows: list[dict[str, object]]) -> History:
+    """`history`, with each row's `received_time_ms` (its arrival at the server) from the rows."""
+    h = history(rows)
+    received = np.array([r.get("received_time_ms", -1) for r in rows], dtype=np.int64)
+    return History(**{**h.columns(), "received_time_ms": received})
+
+
+def test_replay_goes_in_arrival_order_so_a_late_event_sees_what_the_server_saw() -> None:
+    # c1 pays at 10:00 and 10:05; the 10:00 one reaches the server at 10:07, after the other.
+    at = BASE_MS
+    rows = [{"card_id": "c1", "merchant_id": "m", "event_time_ms": at + 300_000, "received_time_ms": at + 300_000},
+            {"card_id": "c1", "merchant_id": "m", "event_time_ms": at, "received_time_ms": at + 420_000}]
+    h = late(rows)
+    assert np.diff(h.event_time_ms)[0] < 0 and h.sorted_by_time().equals(h)  # already in arrival order
+    f = replay_features(h, state=small_state())
+    count = FEATURE_NAMES.index("card_txn_count_10m")
+    assert f[0, count] == 0 and f[1, count] > 0  # the late one counts the one that arrived before it
+    # What the server computes, fed in arrival order:
+    engine = FeatureEngine(small_state())
+    online = np.vstack([engine.compute(encode_history(h.slice(i, i + 1), KeyHasher())) for i in range(len(h))])
+    np.testing.assert_array_equal(f, online)
+    # In event order the late one would come first and count nothing.
+    in_event_order = History(**{**h.columns(), "received_time_ms": np.full(2, -1, dtype=np.int64)}).sorted_by_time()
+    assert in_event_order.transaction_id.tolist() == ["t1", "t0"]
+    assert replay_features(in_event_order, state=small_state())[0, count] == 0
+
+
+def test_a_label_is_never_visible_before_its_transaction_arrived() -> None:
+    # A fraud stamped 10:00, reported 10:01, but received only at 10:05: its own features must not
+    # hold its label (online, no report can count before the transaction exists there).
+    rows = [{"card_id": "c1", "merchant_id": "m", "event_time_ms": BASE_MS, "received_time_ms": BASE_MS + 300_000,
+             "is_fraud": 1, "fraud_reported_time_ms": BASE_MS + 60_000},
+            {"card_id": "c1", "merchant_id": "m", "event_time_ms": BASE_MS + 360_000}]
+    h = late(rows)
+    assert label_visible_time_ms(h).tolist() == [BASE_MS + 300_001, -1]
+    f = replay_features(h)
+    assert f[0, CARD_FRAUD] == 0 and f[1, CARD_FRAUD] > 0
+
+
+def test_sorted_by_time_is_arrival_order_with_event_time_where_no_receipt_time_is_known() -> None:
+    rows = [{"card_id": "a", "merchant_id": "m", "event_time_ms": 1_000, "received_time_ms": 9_000},
+            {"card_id": "a", "merchant_id": "m", "event_time_ms": 5_000},
+            {"card_id": "a", "merchant_id": "m", "event_time_ms": 2_000, "received_time_ms": 2_000},
+            {"card_id": "a", "merchant_id": "m", "event_time_ms": 7_000, "received_time_ms": 5_000}]
+    h = late(rows)
+    assert h.arrival_time_ms.tolist() == [9_000, 5_000, 2_000, 5_000]
+    assert h.sorted_by_time().transaction_id.tolist() == ["t2", "t1", "t3", "t0"]  # equal times keep their order
 
 
 def test_empty_history_gives_no_rows() -> None:

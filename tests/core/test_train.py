@@ -26,7 +26,7 @@ from core.train import operating_thresholds, time_split, train
 
 MANIFEST_KEYS = {
     "model_version", "feature_set_version", "feature_names", "categorical_features", "objective", "thresholds",
-    "threshold_policy", "training", "metrics", "versions", "created_at",
+    "threshold_policy", "training", "metrics", "versions", "created_at", "id_key",
 }
 
 
@@ -189,6 +189,18 @@ def test_a_fraud_weight_is_recorded_and_changes_the_model(tmp_path: Path) -> Non
     training = manifest_of(tmp_path / "b")["training"]
     assert training["class_imbalance"]["fraud_weight"] == 20.0
     assert training["params"]["scale_pos_weight"] == 20.0
+
+
+def test_features_are_hashed_with_the_key_given_and_its_fingerprint_recorded(tmp_path: Path) -> None:
+    from core.encode import KEY_SCHEME, KeyHasher
+
+    tiny = simulate(num_days=3, num_cards=150, num_merchants=68, seed=5, fraud_scale=5.0)
+    hasher = KeyHasher(b"a-serving-key-0123456789abcdef")
+    train(tiny, tmp_path / "m", num_boost_round=10, early_stopping_rounds=5, hasher=hasher, progress=False)
+    manifest = manifest_of(tmp_path / "m")
+    assert manifest["id_key"] == {"scheme": KEY_SCHEME, "fingerprint": hasher.fingerprint}
+    assert "a-serving-key" not in (tmp_path / "m" / MANIFEST_FILE).read_text()  # the fingerprint, never the key
+    assert manifest_of(tmp_path / "m")["id_key"]["fingerprint"] != KeyHasher().fingerprint
 
 
 def test_training_twice_with_the_same_seed_gives_the_same_model(tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ def history_of(txns: Sequence[pb.Transaction]) -> History:
         longitude=np.array([t.longitude if t.HasField("longitude") else np.nan for t in txns]),
         device_id=strings("device_id"), ip_address=strings("ip_address"),
         is_fraud=np.zeros(n, dtype=np.int8), fraud_reported_time_ms=np.full(n, -1, dtype=np.int64),
+        received_time_ms=np.full(n, -1, dtype=np.int64),
     )
 
 

@@ -238,7 +238,8 @@ def test_alert_rules_refer_only_to_exported_metrics(server: ServerProcess) -> No
         assert family in families, f"{name} is not exported"
 
 
-def test_requests_past_the_budget_get_the_fallback_at_once_and_touch_no_state(tmp_path: Path, model_dir: Path) -> None:
+def test_requests_past_the_budget_get_the_fallback_at_once_and_still_enter_the_state(tmp_path: Path,
+                                                                                       model_dir: Path) -> None:
     # A 1 µs budget has always run out by the time a batch is taken.
     srv = start_server(tmp_path, model_dir=model_dir, extra_env={"FRAUDSCORE_BUDGET_MS": "0.001"})
     try:
@@ -251,8 +252,11 @@ def test_requests_past_the_budget_get_the_fallback_at_once_and_touch_no_state(tm
         assert big.decision == pb.REVIEW  # the fallback's very-large-amount rule, not a constant
         s = scrape(srv)
         assert value(s, "fraudscore_fallbacks_total", reason="over_budget") == 4
-        assert value(s, "fraudscore_state_entities", kind="card") == 0
-        assert value(s, "fraudscore_batch_size_count") == 0  # the pipeline never ran
+        assert value(s, "fraudscore_decisions_total") == 4  # each answer counted once
+        # Answered by the fallback, and in the state all the same: features only, no model.
+        assert value(s, "fraudscore_state_entities", kind="card") == 4
+        assert value(s, "fraudscore_features_only_total") == 4
+        assert value(s, "fraudscore_answered_backlog") == 0
     finally:
         assert srv.stop() == 0
 
@@ -319,8 +323,12 @@ def test_a_stalled_pipeline_thread_does_not_stop_the_answers_and_the_model_path_
         assert not after.degraded and after.source in (pb.MODEL, pb.RULES)
         s = scrape(srv)
         assert value(s, "fraudscore_fallbacks_total", reason="expected_over_budget") == 11
-        # The stalled batch's transaction went into state once (its late model answer was dropped).
-        assert value(s, "fraudscore_state_entities", kind="card") == 2
+        # Every one of the 12 entered the state once: the stalled batch's (its late model answer
+        # dropped, and not counted), the 10 answered by the fallback meanwhile, and the last.
+        assert value(s, "fraudscore_state_entities", kind="card") == 12
+        assert value(s, "fraudscore_features_only_total") == 10
+        assert value(s, "fraudscore_decisions_total") == 12
+        assert value(s, "fraudscore_decisions_total", source="RULES_FALLBACK") == 11
     finally:
         assert srv.stop() == 0
 

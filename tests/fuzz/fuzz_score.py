@@ -108,7 +108,7 @@ class Harness:
 
     def _score(self, txns: list[pb.Transaction]) -> None:
         items = [Item(t, math.inf, 0, self.loop.create_future()) for t in txns]
-        answers = self.pipeline.run(items)
+        answers = self.pipeline.run(items).answers
         if len(answers) != len(txns):
             raise AssertionError(f"{len(txns)} transactions, {len(answers)} answers")
         for answer in answers:

@@ -41,6 +41,53 @@ def test_simulate_then_replay_writes_one_scored_row_per_transaction(tmp_path: Pa
     assert "card_txn_count_1h" in table
 
 
+def test_offline_commands_hash_identifiers_with_the_servers_key(tmp_path: Path, model_dir: Path) -> None:
+    from core.encode import KeyHasher
+    from core.history import write_history
+    from core.simulate import simulate
+
+    key = "the-servers-key-0123456789abcdef"
+    data, by_env, by_file, key_file = (tmp_path / name for name in ("h.csv", "env.parquet", "file.parquet", "key"))
+    write_history(simulate(num_days=3, num_cards=250, num_merchants=80, seed=5), data)
+    key_file.write_text(key + "\n")
+    rep = fraudscore("replay", "--data", str(data), "--model", str(model_dir), "--out", str(by_env),
+                     env={"FRAUDSCORE_ID_HASH_KEY": key})
+    assert rep.returncode == 0, rep.stderr
+    assert "identifiers hashed with the key from FRAUDSCORE_ID_HASH_KEY" in rep.stderr
+    assert key not in rep.stderr + rep.stdout and KeyHasher(key.encode()).fingerprint not in rep.stderr + rep.stdout
+    rep = fraudscore("replay", "--data", str(data), "--model", str(model_dir), "--out", str(by_file),
+                     "--id-hash-key-file", str(key_file))
+    assert rep.returncode == 0, rep.stderr
+    import pyarrow.parquet as pq
+
+    history = read_history(data)
+    hasher = KeyHasher(key.encode())
+    expected = score_history(history, load_model_dir(model_dir), load_rules(None, hasher=hasher), hasher=hasher)
+    column = "card_distinct_merchants_24h"  # a feature that depends on the hashes' values
+    for table in (pq.read_table(by_env).to_pydict(), pq.read_table(by_file).to_pydict()):
+        np.testing.assert_array_equal(np.array(table[column]), expected[column])
+    published = score_history(history, load_model_dir(model_dir), load_rules(None))
+    assert not np.array_equal(published[column], expected[column])
+    # Progress into a pipe (a log): plain lines, never a redrawn bar.
+    assert "\r" not in rep.stderr and f"replay: {len(history):,}/{len(history):,} txn (100 %)" in rep.stderr
+    # The development key is named as such, for every offline command.
+    plain = fraudscore("replay", "--data", str(data), "--model", str(model_dir), "--out", str(by_env))
+    assert "published development key" in plain.stderr
+
+
+def test_train_if_stale_retrains_a_model_made_under_another_key(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    world = ("--days", "3", "--cards", "150", "--merchants", "68")
+    first = fraudscore("train", "--out", str(out), "--if-stale", *world)
+    assert first.returncode == 0, first.stderr
+    again = fraudscore("train", "--out", str(out), "--if-stale", *world)
+    assert "is current; not retraining" in again.stdout
+    other = fraudscore("train", "--out", str(out), "--if-stale", *world,
+                       env={"FRAUDSCORE_ID_HASH_KEY": "another-key-0123456789abcdef"})
+    assert other.returncode == 0, other.stderr
+    assert "hashed with another identifier key" in other.stdout and "written to" in other.stdout
+
+
 def test_train_if_stale_keeps_a_current_model(model_dir: Path) -> None:
     before = (model_dir / "model.txt").stat().st_mtime_ns
     out = fraudscore("train", "--out", str(model_dir), "--if-stale")

@@ -63,6 +63,26 @@ def test_an_id_hash_key_that_is_not_text_is_refused_without_quoting_it() -> None
     assert "secret-part" not in message and "key-" not in message
 
 
+def test_the_id_hash_key_may_come_from_a_file_never_from_both(tmp_path: Path) -> None:
+    secret = "a-mounted-secret-0123456789"
+    key_file = tmp_path / "id-hash-key"
+    key_file.write_text(secret + "\n")  # as `echo` or a Secret made from a literal leaves it
+    s = Settings.load(env={"FRAUDSCORE_ID_HASH_KEY_FILE": str(key_file)})
+    assert s.id_hash_key == secret and secret not in repr(s)
+    assert Settings.load(env={}, id_hash_key_file=key_file).id_hash_key == secret  # the offline flag's way
+    with pytest.raises(ValueError, match="both set"):
+        Settings.load(env={"FRAUDSCORE_ID_HASH_KEY": secret, "FRAUDSCORE_ID_HASH_KEY_FILE": str(key_file)})
+    with pytest.raises(ValueError, match="cannot read"):
+        Settings.load(env={"FRAUDSCORE_ID_HASH_KEY_FILE": str(tmp_path / "absent")})
+    key_file.write_bytes(b"key-\xff\xfe-secret-part")
+    with pytest.raises(ValueError) as err:
+        Settings.load(env={"FRAUDSCORE_ID_HASH_KEY_FILE": str(key_file)})
+    assert "UTF-8" in str(err.value) and "secret-part" not in str(err.value)
+    key_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        Settings.load(env={"FRAUDSCORE_ID_HASH_KEY_FILE": str(key_file)})
+
+
 def test_connection_age_maps_to_grpc_arguments() -> None:
     from service.server import server_options
 

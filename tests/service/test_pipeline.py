@@ -7,12 +7,13 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import KeyHasher
-from core.features import EntityState, FeatureEngine
+from core.features import FEATURE_NAMES, EntityState, FeatureEngine
 from core.rules import Decision
 from core.rules_file import parse_ruleset
 from core.scoring import Scorer
@@ -42,7 +43,7 @@ def test_rule_hits_are_counted_by_final_decision() -> None:
     loop = asyncio.new_event_loop()
     try:
         items = [Item(t, 0.0, 0, loop.create_future()) for t in txns]
-        Pipeline(engine=FeatureEngine(_state()), scorer=scorer, hasher=hasher, metrics=metrics).run(items)
+        Pipeline(engine=FeatureEngine(_state()), scorer=scorer, hasher=hasher, metrics=metrics).run(items).delivered(None)
     finally:
         loop.close()
     # The reference: the same scoring on a fresh state, counted one transaction and rule at a time.
@@ -87,7 +88,7 @@ def test_a_raising_challenger_changes_no_answer(model_dir: Path, caplog: pytest.
         try:
             out = []
             for _ in range(2):  # twice: the second failure within the minute is not logged again
-                out += pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns])
+                out += pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers
         finally:
             loop.close()
         return out, metrics
@@ -103,3 +104,65 @@ def test_a_raising_challenger_changes_no_answer(model_dir: Path, caplog: pytest.
     assert sum("challenger model failed" in r.getMessage() for r in caplog.records) == 1
     fallbacks = [s for f in metrics.registry.collect() if f.name == "fraudscore_fallbacks" for s in f.samples]
     assert not fallbacks
+
+
+def _counted(metrics: Metrics, family: str) -> float:
+    return sum(s.value for f in metrics.registry.collect() if f.name == family for s in f.samples
+               if s.name == f"{family}_total")
+
+
+def test_items_answered_by_the_fallback_enter_the_state_in_order_unscored(model_dir: Path) -> None:
+    from core.model import load_model_dir
+    from service.reload import load_rules
+
+    scorer = Scorer(load_model_dir(model_dir), load_rules(None))
+    txns = [pb.Transaction(transaction_id=f"t{i}", card_id=f"c{i % 3}", merchant_id=f"m{i % 2}",
+                           amount_minor=500 + 4_000 * i, currency="USD", event_time_ms=1_767_225_600_000 + 1_000 * i)
+            for i in range(12)]
+    answered_early = {1, 4, 5, 9, 11}
+    loop = asyncio.new_event_loop()
+    try:
+        def pipeline() -> tuple[Pipeline, Metrics]:
+            metrics = Metrics()
+            return Pipeline(engine=FeatureEngine(_state()), scorer=scorer, hasher=KeyHasher(), metrics=metrics), metrics
+
+        mixed, mixed_metrics = pipeline()
+        items = [Item(t, 0.0, 0, loop.create_future(), answered_by_fallback=k in answered_early)
+                 for k, t in enumerate(txns)]
+        result = mixed.run(items)
+        reference, _ = pipeline()
+        every = reference.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers
+    finally:
+        loop.close()
+    for a in (*result.answers, *every):
+        a.server_latency_us = 0
+    # Answers only for the others, each as if the whole batch had been scored: the state the later
+    # ones saw holds the early-answered transactions before them.
+    assert list(result.answers) == [a for k, a in enumerate(every) if k not in answered_early]
+    for mine, theirs in zip(mixed.engine.state.tables(), reference.engine.state.tables(), strict=True):
+        for name in ("keys", "last_seen_ms", "values", "tags"):
+            np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name))
+    assert _counted(mixed_metrics, "fraudscore_features_only") == len(answered_early)
+    # Answer metrics wait for delivery, and count only the answers that reached their calls.
+    assert _counted(mixed_metrics, "fraudscore_decisions") == 0
+    result.delivered([k % 2 == 0 for k in range(len(result.answers))])
+    assert _counted(mixed_metrics, "fraudscore_decisions") == (len(result.answers) + 1) // 2
+
+
+def test_a_batch_answered_entirely_by_the_fallback_still_enters_the_state() -> None:
+    scorer = Scorer(None, parse_ruleset(RULES))
+    txns = [pb.Transaction(transaction_id=f"t{i}", card_id="c", merchant_id="m", amount_minor=100, currency="USD",
+                           event_time_ms=1_767_225_600_000 + i) for i in range(3)]
+    engine = FeatureEngine(_state())
+    loop = asyncio.new_event_loop()
+    try:
+        result = Pipeline(engine=engine, scorer=scorer, hasher=KeyHasher(), metrics=Metrics()).run(
+            [Item(t, 0.0, 0, loop.create_future(), answered_by_fallback=True) for t in txns])
+    finally:
+        loop.close()
+    assert list(result.answers) == []
+    assert engine.state.card.occupancy() == 1 and engine.state.merchant.occupancy() == 1
+    card_count_slot = FEATURE_NAMES.index("card_txn_count_1h")
+    # The next transaction of that card counts the three (decayed by a few ms: just under 3).
+    after = engine.compute(encode_transactions(KeyHasher(), [txns[-1]]))
+    assert 2.99 < after[0, card_count_slot] <= 3.0

@@ -73,6 +73,28 @@ def test_the_copy_just_made_survives_clock_jumps_and_an_operators_backup_is_neve
     assert moved.name.removeprefix(f"{SNAPSHOT_FILE}.refused-") < "2999"  # today's, kept despite the future ones
 
 
+def test_a_model_trained_under_another_identifier_key_is_warned_about_never_naming_it(
+        tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    served_with_another = KeyHasher(b"the-servers-own-key-0123456789")
+    for hasher, warned in ((KeyHasher(), False), (served_with_another, True)):  # the fixture trained under the default
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fraudscore.app"):
+            model, _ = load_model(model_dir, hasher)
+        assert model is not None
+        warnings = [r for r in caplog.records if "another identifier key" in r.getMessage()]
+        assert bool(warnings) == warned and all(r.levelno == logging.WARNING for r in warnings)
+        assert all(hasher.fingerprint not in r.getMessage() for r in caplog.records)
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    manifest = orjson.loads((copy / MANIFEST_FILE).read_bytes())
+    del manifest["id_key"]  # a model trained before models recorded the key
+    (copy / MANIFEST_FILE).write_bytes(orjson.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fraudscore.app"):
+        load_model(copy, served_with_another)
+    assert any("does not record which identifier key" in r.getMessage() for r in caplog.records)
+
+
 def test_a_model_trained_on_simulated_data_is_warned_about(
         tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     copy = tmp_path / "model"
@@ -83,6 +105,6 @@ def test_a_model_trained_on_simulated_data_is_warned_about(
         (copy / MANIFEST_FILE).write_bytes(orjson.dumps(manifest))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fraudscore.app"):
-            model, _ = load_model(copy)
+            model, _ = load_model(copy, KeyHasher())
         assert model is not None
         assert any("simulated data" in r.getMessage() for r in caplog.records) == warned, source
