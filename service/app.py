@@ -23,12 +23,13 @@ from prometheus_client import start_http_server
 from core.encode import KeyHasher
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.scoring import Scorer
-from service.batcher import Answered, Item, MicroBatcher, PipelineTimer, bucket_sizes
+from service.batcher import Answered, Item, MicroBatcher
 from service.challenger import ChallengerReload
 from service.config import DEFAULT_ID_HASH_KEY, Settings
 from service.idempotency import IdempotencyCache
 from service.metrics import Metrics
 from service.pipeline import Pipeline, warm_transactions, warm_up
+from service.pipeline_timer import PipelineTimer, bucket_sizes
 from service.reload import Reloader, load_rules, loaded_stamp, model_stamp, rules_stamp
 from service.restore import (
     SNAPSHOT_FILE,
@@ -166,21 +167,35 @@ class App:
         self.serving = True
 
     async def _seed_timer(self, timer: PipelineTimer, *, runs: int = 3) -> None:
-        """Time pipeline calls of every batch-size bucket up to max_batch (1, 2, 4, …, max_batch), as
-        the batcher times them (hand-off to the pipeline thread included), on a throwaway state, and
-        seed the batcher's timer with the median of `runs` each. Without this the first real calls
-        were predicted from a warm-up of two transactions, stretched to whatever size came next."""
+        """Time pipeline calls as the batcher times them (hand-off to the pipeline thread included),
+        on a throwaway state, and seed the batcher's timer with the median of `runs` each: a call of
+        every batch-size bucket up to max_batch (1, 2, 4, …, max_batch), a batch of max_batch
+        transactions that only enter the state, and, with snapshots on, a copy of the real state
+        (taken between nothing: nothing is served yet). Without this the first real calls were
+        predicted from a warm-up of two transactions, stretched to whatever size came next."""
         trial = self.pipeline.trial()
         loop = asyncio.get_running_loop()
-        for size in bucket_sizes(self.settings.max_batch):
-            txns = warm_transactions(size)
+
+        async def median_s(fn: Callable[..., Any], *args: Any, times: int = runs) -> float:
             took = []
-            for _ in range(runs):
-                items = [Item(t, math.inf, time.perf_counter_ns(), loop.create_future()) for t in txns]
+            for _ in range(times):
                 started = time.monotonic()
-                await self.run_on_pipeline(trial.run, items)
+                await self.run_on_pipeline(fn, *args)
                 took.append(time.monotonic() - started)
-            timer.observe(size, sorted(took)[runs // 2])
+            return sorted(took)[times // 2]
+
+        def items(size: int, *, answered: bool = False) -> list[Item]:
+            return [Item(t, math.inf, time.perf_counter_ns(), loop.create_future(), answered_by_fallback=answered)
+                    for t in warm_transactions(size)]
+
+        max_batch = self.settings.max_batch
+        for size in bucket_sizes(max_batch):
+            timer.observe(size, await median_s(trial.run, items(size)))
+        timer.observe_batch(0, max_batch, await median_s(trial.run, items(max_batch, answered=True)))
+        if self.settings.state_dir is not None and self.settings.snapshot_interval_s > 0:
+            with contextlib.suppress(AttributeError):  # a state kept elsewhere has no copy to take
+                # The first copy allocates the arrays the later ones reuse: the median is a reuse.
+                timer.observe_work("snapshot", await median_s(self.pipeline.snapshot_copy))
 
     def latest_event_time_ms(self) -> int:
         """The latest event or report time accepted now: the server's clock plus the allowed skew."""
@@ -226,7 +241,7 @@ class App:
         async with self._snapshot_lock:
             # In its turn in the queue: the copy holds every transaction queued before it, those
             # answered by the fallback and still waiting for the state included.
-            copy, applied = await self.batcher.submit_work(self._copy_between_batches)
+            copy, applied = await self.batcher.submit_work(self._copy_between_batches, kind="snapshot")
             self._undelivered.extend(applied)
             await self._until_settled()
             answers = await self.idempotency.completed()

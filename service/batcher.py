@@ -33,6 +33,7 @@ OverloadedError, or with `shed_to_fallback` answers the group by the fallback (r
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import DeadlineExpiredError, NotServingError, OverloadedError
+from service.pipeline_timer import PipelineTimer
 
 log = logging.getLogger("fraudscore.batcher")
 
@@ -84,77 +86,12 @@ class Work:
 
     fn: Callable[[], Any]
     future: asyncio.Future[Any] = field(repr=False)
+    kind: str = "work"  # for the timer: "outcome", "snapshot"
 
 
 # `run_batch(items)` returns one answer per item not `answered_by_fallback`, in order.
 Answer = Callable[[list[Item]], "Sequence[Any] | Answered"]
 Fallback = Callable[[list[Item], str], Sequence[Any]]
-
-
-class PipelineTimer:
-    """Expected wall time of a pipeline call of n transactions, from the calls measured at similar sizes.
-
-    Sizes fall in power-of-two buckets (1, 2, 3–4, 5–8, …); each bucket keeps an exponentially
-    weighted mean of its calls' wall times (the last ~`memory` calls of that bucket count most).
-    A prediction is never extrapolated: it is the mean of the size's own bucket, or, for a
-    bucket not yet measured, of the nearest measured bucket above it (a larger call bounds a
-    smaller one), else below it. So no prediction exceeds the slowest call measured. (A line
-    `fixed + per_item · n` fitted on calls of one or two transactions, as before, once
-    predicted a batch of 50 at 235 ms from calls that never took 5 ms: every one of them
-    answered degraded by an idle server.) `seed` fills every bucket at start-up from timed
-    warm-up calls (service/app.py).
-    """
-
-    __slots__ = ("_decay", "_mean_s", "_measured")
-
-    def __init__(self, *, memory: int = 16) -> None:
-        self._decay = 1.0 - 1.0 / memory
-        self._mean_s = [0.0] * _BUCKETS
-        self._measured = [False] * _BUCKETS
-
-    @property
-    def measured(self) -> bool:
-        return any(self._measured)
-
-    def observe(self, n: int, seconds: float) -> None:
-        b = _bucket(n)
-        if not self._measured[b]:
-            self._mean_s[b], self._measured[b] = seconds, True
-            return
-        # One stalled call must not make every later one look hopeless (calls predicted
-        # late skip the pipeline, so no fast call would ever correct it): a call counts as at
-        # most four times what was expected; a lasting slowdown is learnt in a few calls.
-        mean = self._mean_s[b]
-        seconds = min(seconds, 4.0 * mean + 0.001)
-        self._mean_s[b] = mean * self._decay + seconds * (1.0 - self._decay)
-
-    def expected_s(self, n: int) -> float:
-        b = _bucket(n)
-        measured, mean = self._measured, self._mean_s
-        if measured[b]:
-            return mean[b]
-        for above in range(b + 1, _BUCKETS):
-            if measured[above]:
-                return mean[above]
-        for below in range(b - 1, -1, -1):
-            if measured[below]:
-                return mean[below]
-        return 0.0
-
-
-_BUCKETS = 18  # sizes up to 2**17, beyond MAX_BATCH's 65,536
-
-
-def _bucket(n: int) -> int:
-    """0 for n ≤ 1, then k for 2**(k-1) < n ≤ 2**k."""
-    return min(max(n - 1, 0).bit_length(), _BUCKETS - 1)
-
-
-def bucket_sizes(max_batch: int) -> list[int]:
-    """The largest size of each bucket up to `max_batch` (1, 2, 4, …, max_batch): the sizes a warm-up
-    times so that every bucket a batch can fall in is measured."""
-    sizes = [1 << k for k in range(_bucket(max_batch)) if 1 << k < max_batch]
-    return [*sizes, max_batch]
 
 
 class MicroBatcher:
@@ -187,12 +124,14 @@ class MicroBatcher:
         self._queued = 0    # items in `_groups`, answered or not
         self._answered = 0  # of those, answered by the fallback (waiting only to enter the state)
         self._wakeup = asyncio.Event()
-        self._busy = asyncio.Event()  # set while a batch is in the pipeline
+        self._busy = asyncio.Event()  # set while a batch or work is in the pipeline
         # Set by the pipeline thread when its call returns: the loop may resume the batcher a few
         # turns later, and until then the pipeline is free, not "busy past its expected time".
         self._returned = False
         self._returned_at = 0.0
-        self._in_flight: list[Item] = []
+        self._in_flight: list[Item] = []     # the call in the pipeline: the items it answers,
+        self._in_flight_state_only = 0       # how many more it only feeds into the state,
+        self._in_flight_work: list[Work] = []  # or the work it runs
         self._in_flight_since = 0.0
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -210,7 +149,7 @@ class MicroBatcher:
 
     @property
     def busy_s(self) -> float:
-        """How long the batch in the pipeline has been running (0 when idle)."""
+        """How long the call in the pipeline (a batch or work) has been running (0 when idle)."""
         return time.monotonic() - self._in_flight_since if self._running() else 0.0
 
     def _running(self) -> bool:
@@ -237,11 +176,12 @@ class MicroBatcher:
             self._answer_and_queue(items, "queue_full")
             return
         # An idle pipeline always gets the call (the watch still answers it in time if the
-        # pipeline turns out slow): that is how a recovered pipeline is noticed.
-        idle = not self._running() and not self._groups
+        # pipeline turns out slow): that is how a recovered pipeline is noticed. Transactions
+        # that only wait to enter the state do not make it busy: they cost a few µs each.
+        idle = not self._running() and not self.queued
         if self._fallback is not None and self.timer.measured and not idle:
             now = time.monotonic()
-            if now + self._wait_s(self._queued, len(items)) >= min(i.deadline for i in items):
+            if now + self._wait_s(self.queued, self._answered, len(items)) >= min(i.deadline for i in items):
                 self._answer_and_queue(items, "expected_over_budget")
                 return
         self._enqueue(items)
@@ -249,8 +189,7 @@ class MicroBatcher:
     def _answer_and_queue(self, items: list[Item], reason: str) -> None:
         if self._answered + len(items) > self._max_answered:
             raise OverloadedError(self._answered, self._max_answered, reason="answered_backlog_full")
-        self._answer_by_fallback(items, reason, queued=True)
-        self._enqueue(items, answered=len(items))
+        self._enqueue(items, answered=self._answer_by_fallback(items, reason, queued=True))
 
     def _enqueue(self, items: list[Item], *, answered: int = 0) -> None:
         for start in range(0, len(items), self._max_batch):
@@ -259,45 +198,54 @@ class MicroBatcher:
         self._answered += answered
         self._wakeup.set()
 
-    def submit_work(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    def submit_work(self, fn: Callable[[], Any], *, kind: str = "work") -> asyncio.Future[Any]:
         """Run `fn` on the pipeline thread in its turn: after every transaction queued so far has
         entered the state (answered by the pipeline or already by the fallback), before any queued
-        later. Its future holds what `fn` returns or raises. Once drained, it runs at once."""
+        later. Its future holds what `fn` returns or raises. `kind` names it for the timer
+        ("outcome", "snapshot"): the watch predicts its time from earlier ones. Once drained, it
+        runs at once."""
         loop = asyncio.get_running_loop()
         if self._tasks and self._tasks[0].done():  # drained: nothing is queued to come before it
             return loop.run_in_executor(self._executor, fn)
         future: asyncio.Future[Any] = loop.create_future()
-        self._groups.append(Work(fn, future))
+        self._groups.append(Work(fn, future, kind))
         self._wakeup.set()
         return future
 
     async def drain(self) -> None:
-        """Stop taking work, finish everything queued (answered items enter the state), then return."""
+        """Stop taking work, finish everything queued (answered items enter the state), then return.
+        Shielded: a cancelled caller does not strand what is queued."""
         self._closing = True
         self._wakeup.set()
         if self._tasks:
-            await self._tasks[0]
+            await asyncio.shield(self._tasks[0])
             for task in self._tasks[1:]:
                 task.cancel()
             await asyncio.gather(*self._tasks[1:], return_exceptions=True)
 
-    def _wait_s(self, ahead: int, own: int) -> float:
-        """Expected seconds until `own` items queued behind `ahead` others have their answers."""
+    def _wait_s(self, ahead: int, ahead_state_only: int, own: int) -> float:
+        """Expected seconds until `own` items, queued behind `ahead` others waiting for an answer and
+        `ahead_state_only` answered ones waiting only to enter the state, have their answers."""
         timer = self.timer
         if self._running():
             elapsed = time.monotonic() - self._in_flight_since
-            expected = timer.expected_s(len(self._in_flight))
+            if self._in_flight_work:
+                expected = sum(timer.expected_work_s(w.kind) for w in self._in_flight_work)
+            else:
+                expected = timer.expected_batch_s(len(self._in_flight), self._in_flight_state_only)
             # A call past its expected time is slow or stuck: expect it to overrun as much again
             # (continuous, never negative: an overrunning call is not "about to finish").
             current = max(expected - elapsed, elapsed - expected)
         else:
             current = 0.0
         full, rest = divmod(ahead + own, self._max_batch)
-        return current + full * timer.expected_s(self._max_batch) + (timer.expected_s(rest) if rest else 0.0)
+        return (current + full * timer.expected_s(self._max_batch) + (timer.expected_s(rest) if rest else 0.0)
+                + ahead_state_only * timer.state_only_s)
 
-    def _answer_by_fallback(self, items: list[Item], reason: str, *, queued: bool) -> None:
-        """Answer the items still waiting by the fallback. `queued`: they are not in the pipeline, so
-        they are marked to enter the state by a features-only pass (and nobody waits on their deadlines)."""
+    def _answer_by_fallback(self, items: list[Item], reason: str, *, queued: bool) -> int:
+        """Answer the items still waiting by the fallback; returns how many. `queued`: they are not
+        in the pipeline, so they are marked to enter the state by a features-only pass (and nobody
+        waits on their deadlines)."""
         fallback = self._fallback
         if fallback is None:
             raise RuntimeError("no fallback to answer with")  # callers check first
@@ -309,9 +257,10 @@ class MicroBatcher:
                 item.answered_by_fallback = True
                 # Answered: no deadline applies any more (the watch and `_process` skip it).
                 item.deadline = item.client_deadline = math.inf
+        return len(waiting)
 
     async def _watch(self) -> None:
-        """While a batch runs, answer by the fallback whatever would otherwise miss its budget."""
+        """While the pipeline is busy, answer by the fallback whatever would otherwise miss its budget."""
         while True:
             await self._busy.wait()
             await asyncio.sleep(self._watch_interval_s)
@@ -324,9 +273,9 @@ class MicroBatcher:
 
     def _answer_the_late(self) -> None:
         now = time.monotonic() + self._watch_interval_s  # the next look may come too late
-        in_flight_done_by = now + self._wait_s(0, 0)
+        in_flight_done_by = now + self._wait_s(0, 0, 0)
         if (all(i.deadline > in_flight_done_by or i.future.done() for i in self._in_flight)
-                and (not self._queued or now + self._wait_s(0, self._queued) < min(
+                and (not self.queued or now + self._wait_s(self.queued, self._answered, 0) < min(
                     i.deadline for g in self._groups if isinstance(g, list) for i in g))):
             return  # the common case, checked in C-speed passes: nothing is late even at the back
         # In the pipeline already: these will enter the state, so they always get an answer
@@ -335,7 +284,7 @@ class MicroBatcher:
         late = [i for i in self._in_flight if not i.future.done() and i.deadline <= in_flight_done_by]
         late_queued: list[Item] = []
         expired = 0
-        ahead = 0
+        ahead = ahead_state_only = 0
         gone = time.monotonic()
         kept: deque[list[Item] | Work] = deque()
         for group in self._groups:
@@ -343,11 +292,12 @@ class MicroBatcher:
                 kept.append(group)
                 continue
             # Items of a group share a deadline (one call's); checked one by one all the same.
-            done_by = now + self._wait_s(ahead, len(group))
+            waiting = sum(1 for i in group if not i.answered_by_fallback)
+            done_by = now + self._wait_s(ahead, ahead_state_only, waiting)
             if any(i.deadline <= done_by for i in group):
                 keep = []
                 for item in group:
-                    if item.deadline > done_by:
+                    if item.deadline > done_by or item.future.done():
                         keep.append(item)
                     elif item.client_deadline <= gone:  # nobody waits for it: fails, enters nothing
                         item.future.set_exception(DeadlineExpiredError())
@@ -358,20 +308,23 @@ class MicroBatcher:
                 group = keep
             if group:
                 kept.append(group)
-                ahead += len(group)
+                state_only = sum(1 for i in group if i.answered_by_fallback)
+                ahead += len(group) - state_only
+                ahead_state_only += state_only
         if expired:
             self._groups = kept
             self._queued -= expired
         if late_queued:
             try:
-                self._answer_by_fallback(late_queued, "expected_over_budget", queued=True)
+                marked = self._answer_by_fallback(late_queued, "expected_over_budget", queued=True)
             except Exception as exc:
                 # Fail them rather than lose them or retry a broken fallback every 2 ms: they leave
                 # the queue having changed nothing, and a retry is scored.
                 self._drop(late_queued)
                 _fail(late_queued, exc)
                 raise
-            self._answered += len(late_queued)
+            # Already accepted: the backlog bound (for new calls) may be passed by up to max_queue.
+            self._answered += marked
         if late:  # a failure here leaves them to the pipeline's own answer
             self._answer_by_fallback(late, "expected_over_budget", queued=False)
 
@@ -400,6 +353,14 @@ class MicroBatcher:
         self._answered -= sum(1 for i in batch if i.answered_by_fallback)
         return batch
 
+    def _take_work(self) -> list[Work]:
+        """Every `Work` at the head of the queue: consecutive ones run in one pipeline call."""
+        works: list[Work] = []
+        while self._groups and isinstance(head := self._groups[0], Work):
+            works.append(head)
+            self._groups.popleft()
+        return works
+
     async def _wait_for_company(self) -> None:
         # Yield to the event loop (so arriving calls can queue) until the batch is full or
         # the oldest item has waited max_wait. sleep(0) because timers are ms-granular.
@@ -418,9 +379,8 @@ class MicroBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if isinstance(work := self._groups[0], Work):
-                self._groups.popleft()
-                await self._run_work(work)
+            if isinstance(self._groups[0], Work):
+                await self._run_work(self._take_work())
                 continue
             if self._max_wait_s > 0 and not self._closing:
                 await self._wait_for_company()
@@ -468,7 +428,7 @@ class MicroBatcher:
                 run = [i for i in run if id(i) not in failed]
         if not run:
             return
-        self._in_flight, self._returned = live, False
+        self._in_flight, self._in_flight_state_only, self._returned = live, len(run) - len(live), False
         self._in_flight_since = self._returned_at = time.monotonic()
         self._busy.set()
         try:
@@ -477,7 +437,7 @@ class MicroBatcher:
             self._busy.clear()
             self._in_flight = []
         # Hand-off, the call and its return, not the turns the loop took to resume this task.
-        self.timer.observe(len(run), self._returned_at - self._in_flight_since)
+        self.timer.observe_batch(len(live), len(run) - len(live), self._returned_at - self._in_flight_since)
         if isinstance(result, Answered):
             result.delivered(_resolve(live, result.answers))
         else:
@@ -488,30 +448,6 @@ class MicroBatcher:
             # (only then: a fallback answer may come while the pipeline thread still reads it).
             item.payload = None
 
-    async def _run_work(self, work: Work) -> None:
-        self._in_flight, self._returned = [], False
-        self._in_flight_since = time.monotonic()
-        self._busy.set()  # the watch keeps answering queued calls if it stalls
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, self._call_work, work.fn)
-        except asyncio.CancelledError:
-            work.future.cancel()
-            raise
-        except Exception as exc:
-            if not work.future.done():
-                work.future.set_exception(exc)
-        else:
-            if not work.future.done():
-                work.future.set_result(result)
-        finally:
-            self._busy.clear()
-
-    def _call_work(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        finally:
-            self._returned = True
-
     def _call(self, run: list[Item]) -> Sequence[Any] | Answered:
         """Pipeline thread: the batch, then a note that the thread is free again."""
         try:
@@ -519,6 +455,55 @@ class MicroBatcher:
         finally:
             self._returned_at = time.monotonic()
             self._returned = True
+
+    async def _run_work(self, works: list[Work]) -> None:
+        """Run consecutive `Work` in one pipeline call. Each future is settled from the call's own
+        result, even if this task is cancelled meanwhile (an outcome report must not be applied
+        and then forgotten, or its retry would apply it twice)."""
+        self._in_flight, self._in_flight_work, self._returned = [], works, False
+        self._in_flight_since = self._returned_at = time.monotonic()
+        self._busy.set()
+        call = asyncio.get_running_loop().run_in_executor(self._executor, self._call_work, [w.fn for w in works])
+        call.add_done_callback(functools.partial(_settle_work, works))
+        try:
+            await asyncio.shield(call)
+        finally:
+            self._busy.clear()
+            self._in_flight_work = []
+        if len({w.kind for w in works}) == 1:
+            self.timer.observe_work(works[0].kind, (self._returned_at - self._in_flight_since) / len(works))
+
+    def _call_work(self, fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Pipeline thread: each function in turn, its result or its exception kept apart."""
+        out: list[tuple[bool, Any]] = []
+        try:
+            for fn in fns:
+                try:
+                    out.append((True, fn()))
+                except Exception as exc:
+                    out.append((False, exc))
+            return out
+        finally:
+            self._returned_at = time.monotonic()
+            self._returned = True
+
+
+def _settle_work(works: list[Work], call: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+    if call.cancelled() or call.exception() is not None:
+        failure = call.exception() if not call.cancelled() else None
+        for work in works:
+            if not work.future.done():
+                if failure is None:
+                    work.future.cancel()
+                else:
+                    work.future.set_exception(failure)
+        return
+    for work, (ok, value) in zip(works, call.result(), strict=True):
+        if not work.future.done():
+            if ok:
+                work.future.set_result(value)
+            else:
+                work.future.set_exception(value)
 
 
 def _resolve(items: list[Item], results: Sequence[Any]) -> list[bool] | None:

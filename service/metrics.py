@@ -261,6 +261,10 @@ class Metrics:
         self.answered_backlog = Gauge(
             "fraudscore_answered_backlog",
             "Transactions answered by the fallback before the pipeline, queued to enter the state", registry=r)
+        self.state_errors = Counter(
+            "fraudscore_state_errors",
+            "Transactions answered (by the fallback) that did not enter the state because the feature kernels "
+            "or the state store failed (logged)", registry=r)
         self.features_only = Counter(
             "fraudscore_features_only",
             "Transactions fed into the state without scoring (features only), having been answered by the "

@@ -202,7 +202,7 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         app.outcomes_in_flight += 1
         # In its turn in the batcher's queue: after every transaction that arrived before it has
         # entered the state (those answered by the fallback too), as replay applies it.
-        job = app.batcher.submit_work(functools.partial(app.apply_outcome, request, done))
+        job = app.batcher.submit_work(functools.partial(app.apply_outcome, request, done), kind="outcome")
         job.add_done_callback(functools.partial(self._outcome_applied, txn_id, done))
         # Shielded: once queued, the report is applied even if this caller goes away, and
         # a retry finds it recorded instead of applying it twice.

@@ -7,10 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from service.batcher import Answered, Item, MicroBatcher, PipelineTimer, bucket_sizes
+from service.batcher import Answered, Item, MicroBatcher
 from service.errors import DeadlineExpiredError, NotServingError, OverloadedError
 
 
@@ -244,67 +242,6 @@ async def test_fallback_answers_waiting_for_the_state_are_bounded(executor) -> N
     assert rec.entered == [0, 1, 2, 3, 10, 11, 12] and b.answered_backlog == 0
 
 
-def test_pipeline_timer_learns_each_size_bucket_and_forgets_old_calls() -> None:
-    timer = PipelineTimer(memory=10)
-    assert not timer.measured and timer.expected_s(64) == 0.0
-    timer.observe(4, 0.004)
-    # One bucket measured: every size takes it (never stretched by a slope).
-    assert timer.measured and timer.expected_s(1) == timer.expected_s(4) == timer.expected_s(64) == 0.004
-    for n in [1, 8, 32, 64] * 100:  # the first, slower call is forgotten
-        timer.observe(n, 0.0001 + 0.00002 * n)
-    assert timer.expected_s(1) == pytest.approx(0.00012)
-    assert timer.expected_s(64) == pytest.approx(0.00138)
-    assert timer.expected_s(3) == timer.expected_s(4) == 0.004  # no call of 3–4 since: kept
-    assert timer.expected_s(5) == timer.expected_s(8) == pytest.approx(0.00026)
-    # A size no call has had takes the nearest measured bucket above it (a larger call bounds it).
-    assert timer.expected_s(16) == timer.expected_s(32) == pytest.approx(0.00074)
-    # Above every measured size: the largest measured, not an extrapolation.
-    assert timer.expected_s(1000) == timer.expected_s(64)
-
-
-def test_small_calls_are_never_stretched_into_a_slow_large_one() -> None:
-    # The seen failure: a warm-up of 2 (5 ms) and a call of 1 (0.3 ms) fitted a line that put a
-    # ScoreBatch of 50 at 235 ms, and an idle server answered all 50 from the fallback.
-    timer = PipelineTimer()
-    timer.observe(2, 0.005)
-    timer.observe(1, 0.0003)
-    assert timer.expected_s(50) <= 0.005
-
-
-def test_one_stalled_call_does_not_make_a_bucket_look_hopeless() -> None:
-    timer = PipelineTimer(memory=10)
-    for _ in range(20):
-        timer.observe(8, 0.001)
-    timer.observe(8, 2.0)  # a 2 s stall counts as at most 4 × expected + 1 ms
-    assert timer.expected_s(8) < 0.002
-
-
-@settings(max_examples=300, deadline=None)
-@given(calls=st.lists(st.tuples(st.integers(1, 512), st.floats(1e-6, 0.05)), min_size=1, max_size=200),
-       memory=st.integers(2, 200))
-def test_no_prediction_exceeds_the_slowest_call_measured(calls: list[tuple[int, float]], memory: int) -> None:
-    # So a server whose every pipeline call fits in its budget never predicts one that does not:
-    # no spurious "expected over budget", whatever the history of batch sizes and durations.
-    timer = PipelineTimer(memory=memory)
-    for n, seconds in calls:
-        timer.observe(n, seconds)
-    slowest = max(seconds for _, seconds in calls)
-    for n in range(1, 513):
-        assert timer.expected_s(n) <= slowest
-
-
-@given(max_batch=st.integers(1, 65536))
-def test_bucket_sizes_measure_every_bucket_a_batch_can_fall_in(max_batch: int) -> None:
-    sizes = bucket_sizes(max_batch)
-    assert sizes[-1] == max_batch and sizes == sorted(set(sizes))
-    timer = PipelineTimer()
-    for size in sizes:
-        timer.observe(size, size * 1e-6)  # a distinct time per seeded size
-    # Every size up to max_batch is predicted from its own bucket's seed: the smallest seed ≥ it.
-    for n in {1, max_batch, max(1, max_batch // 2), max(1, max_batch - 1), min(max_batch, 3)}:
-        assert timer.expected_s(n) == min(s for s in sizes if s >= n) * 1e-6
-
-
 async def test_the_queue_is_bounded(executor) -> None:
     loop = asyncio.get_running_loop()
     rec = Recorder()
@@ -527,3 +464,83 @@ async def test_a_pipeline_that_has_returned_is_free_before_the_loop_resumes_the_
     assert await first.future == 10 and await second.future == 20
     assert fallback.calls == []
     await b.drain()
+
+
+async def test_transactions_waiting_only_for_the_state_are_costed_as_such(executor) -> None:
+    # 3,000 answered transactions queued cost ~15 ms to feed into the state: a call with a 50 ms
+    # budget behind them is queued, not answered by the fallback (costed as 3,000 to score they
+    # would have been ~70 ms, and every new call would have joined the backlog).
+    loop = asyncio.get_running_loop()
+    rec = Recorder()
+    fallback = Fallback()
+    b = MicroBatcher(rec, executor, max_batch=64, max_wait_us=0, max_queue=1000, fallback=fallback)
+    b.timer.observe(1, 0.0003)
+    b.timer.observe(64, 0.0015)
+    b.timer.observe_batch(0, 64, 64 * 5e-6)
+    b.start()
+    rec.gate.clear()
+    first = make_item(loop, 0)
+    b.submit([first])
+    await asyncio.sleep(0.005)  # 0 holds the pipeline
+    hurried = [make_item(loop, k, budget_s=1e-4) for k in range(1, 3001)]
+    for start in range(0, 3000, 500):  # six calls of 500
+        b.submit(hurried[start:start + 500])
+    assert all(i.future.done() for i in hurried) and b.answered_backlog == 3000 and b.queued == 0
+    patient = make_item(loop, 5000, budget_s=0.05)
+    b.submit([patient])
+    assert not patient.future.done() and b.queued == 1
+    rec.gate.set()
+    assert await patient.future == 50000  # the pipeline's answer
+    await b.drain()
+    assert rec.entered == [*range(3001), 5000]
+    assert [payload for payloads, _ in fallback.calls for payload in payloads] == list(range(1, 3001))
+    assert {reason for _, reason in fallback.calls} == {"expected_over_budget"}
+
+
+async def test_work_runs_in_its_turn_between_the_transactions_around_it(executor) -> None:
+    # An outcome report sent after a call answered by the fallback is applied after that call's
+    # transaction entered the state, and before the next one's: as replay applies it.
+    loop = asyncio.get_running_loop()
+    rec = Recorder()
+    b = MicroBatcher(rec, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=Fallback())
+    b.timer.observe(1, 0.001)
+    b.start()
+    rec.gate.clear()
+    b.submit([make_item(loop, 0)])
+    await asyncio.sleep(0.005)
+    late = make_item(loop, 1, budget_s=1e-4)
+    b.submit([late])  # answered by the fallback, queued for the state
+    assert late.future.done()
+    seen: list[list[int]] = []
+    works = [b.submit_work(lambda: seen.append(rec.entered), kind="outcome") for _ in range(2)]
+    after = make_item(loop, 2)
+    b.submit([after])
+    rec.gate.set()
+    await asyncio.gather(*works)
+    assert seen == [[0, 1], [0, 1]]  # both after 0 and 1 entered, before 2
+    assert await after.future == 20
+    await b.drain()
+    assert rec.entered == [0, 1, 2]
+    failing = b.submit_work(lambda: 1 / 0)  # drained: runs at once, its error in its future
+    with pytest.raises(ZeroDivisionError):
+        await failing
+
+
+async def test_a_cancelled_drain_does_not_strand_what_is_queued(executor) -> None:
+    loop = asyncio.get_running_loop()
+    rec = Recorder()
+    b = MicroBatcher(rec, executor, max_batch=2, max_wait_us=0, max_queue=100, fallback=Fallback())
+    b.start()
+    rec.gate.clear()
+    items = [make_item(loop, k) for k in range(5)]
+    b.submit(items)
+    await asyncio.sleep(0.005)
+    stopping = loop.create_task(b.drain())
+    await asyncio.sleep(0.005)
+    stopping.cancel()  # the caller gave up; the queued work goes on
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    rec.gate.set()
+    assert await asyncio.gather(*(i.future for i in items)) == [k * 10 for k in range(5)]
+    await b.drain()
+    assert rec.entered == list(range(5))

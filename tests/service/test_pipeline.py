@@ -166,3 +166,57 @@ def test_a_batch_answered_entirely_by_the_fallback_still_enters_the_state() -> N
     # The next transaction of that card counts the three (decayed by a few ms: just under 3).
     after = engine.compute(encode_transactions(KeyHasher(), [txns[-1]]))
     assert 2.99 < after[0, card_count_slot] <= 3.0
+
+
+class _BrokenEngine:
+    """A feature engine whose kernels (or state store) fail."""
+
+    def compute(self, batch: object) -> np.ndarray:
+        raise RuntimeError("state store unreachable")
+
+
+def test_when_the_state_cannot_be_written_the_answers_still_come_and_the_loss_is_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    scorer = Scorer(None, parse_ruleset(RULES))
+    txns = [pb.Transaction(transaction_id=f"t{i}", card_id="c", merchant_id="m", amount_minor=100, currency="USD",
+                           event_time_ms=1_767_225_600_000 + i) for i in range(4)]
+    metrics = Metrics()
+    pipeline = Pipeline(engine=_BrokenEngine(), scorer=scorer, hasher=KeyHasher(), metrics=metrics)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="fraudscore.pipeline"):
+            mixed = pipeline.run([Item(t, 0.0, 0, loop.create_future(), answered_by_fallback=k % 2 == 0)
+                                  for k, t in enumerate(txns)])
+            mixed.delivered(None)
+            alone = pipeline.run([Item(t, 0.0, 0, loop.create_future(), answered_by_fallback=True) for t in txns])
+    finally:
+        loop.close()
+    assert [a.transaction_id for a in mixed.answers] == ["t1", "t3"]
+    assert all(a.degraded and a.source == pb.RULES_FALLBACK for a in mixed.answers)
+    assert list(alone.answers) == []
+    assert _counted(metrics, "fraudscore_state_errors") == 8  # every one of both batches, logged
+    assert sum("did not enter the state" in r.getMessage() for r in caplog.records) == 2
+    fallbacks = {s.labels["reason"]: s.value for f in metrics.registry.collect() if f.name == "fraudscore_fallbacks"
+                 for s in f.samples if s.name == "fraudscore_fallbacks_total"}
+    assert fallbacks == {"features_error": 2}
+
+
+def test_a_snapshot_copy_equals_the_state_at_its_moment_and_reuses_its_arrays() -> None:
+    engine = FeatureEngine(_state())
+    pipeline = Pipeline(engine=engine, scorer=Scorer(None, parse_ruleset(RULES)), hasher=KeyHasher(), metrics=Metrics())
+    txns = [pb.Transaction(transaction_id=f"t{i}", card_id=f"c{i}", merchant_id="m", amount_minor=100, currency="USD",
+                           event_time_ms=1_767_225_600_000 + i) for i in range(5)]
+    loop = asyncio.new_event_loop()
+    try:
+        first = pipeline.snapshot_copy()
+        pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns[:3]])
+        second = pipeline.snapshot_copy()
+        pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns[3:]])  # after the copy: not in it
+    finally:
+        loop.close()
+    assert second is first and second.card.occupancy() == 3 and engine.state.card.occupancy() == 5
+    pipeline.snapshot_copy()
+    for mine, theirs in zip(second.tables(), engine.state.tables(), strict=True):
+        for name in ("keys", "last_seen_ms", "values", "tags", "counters"):
+            assert np.array_equal(getattr(mine, name), getattr(theirs, name))
+            assert not np.shares_memory(getattr(mine, name), getattr(theirs, name))
