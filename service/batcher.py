@@ -490,13 +490,7 @@ class MicroBatcher:
 
 def _settle_work(works: list[Work], call: asyncio.Future[list[tuple[bool, Any]]]) -> None:
     if call.cancelled() or call.exception() is not None:
-        failure = call.exception() if not call.cancelled() else None
-        for work in works:
-            if not work.future.done():
-                if failure is None:
-                    work.future.cancel()
-                else:
-                    work.future.set_exception(failure)
+        _fail_futures([w.future for w in works], None if call.cancelled() else call.exception())
         return
     for work, (ok, value) in zip(works, call.result(), strict=True):
         if not work.future.done():
@@ -523,9 +517,14 @@ def _resolve(items: list[Item], results: Sequence[Any]) -> list[bool] | None:
 
 
 def _fail(items: list[Item], exc: BaseException | None) -> None:
-    for item in items:
-        if not item.future.done():
+    _fail_futures([item.future for item in items], exc)
+
+
+def _fail_futures(futures: list[asyncio.Future[Any]], exc: BaseException | None) -> None:
+    """Settle the futures not yet done: with `exc`, or cancelled when None."""
+    for future in futures:
+        if not future.done():
             if exc is None:
-                item.future.cancel()
+                future.cancel()
             else:
-                item.future.set_exception(exc)
+                future.set_exception(exc)
