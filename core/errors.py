@@ -8,7 +8,7 @@
     ├── IdempotencyConflictError         a transaction_id was seen before with a different payload
     └── StateStoreError                  a state store broke its contract, or a batch cannot be worked (kind, reason)
 
-Each subclass carries structured fields; `service/errors.py` is the one place that maps
+Each subclass carries structured fields; `service/api/errors.py` is the one place that maps
 them to gRPC status codes. Messages say what was expected, what arrived and what to do,
 and never contain a card, customer, device or IP identifier in clear.
 """

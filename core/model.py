@@ -4,7 +4,7 @@
       model.txt       LightGBM text model (evaluated by core.forest, never by lightgbm when serving)
       manifest.json   feature names and feature-set version, thresholds, training window, metrics
       report.md, metrics.json, pr_curve.png, score_histogram.png
-                      the validation period's report, for people (core/report.py; never read here)
+                      the validation period's report, for people (core/offline/report.py; never read here)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import orjson
 from core.errors import ModelLoadError
 from core.features import FEATURE_NAMES, FEATURE_SET_VERSION
 from core.forest import Forest, load_forest
-from core.rules import Decision
+from core.rules.ruleset import Decision
 
 MODEL_FILE = "model.txt"
 MANIFEST_FILE = "manifest.json"

@@ -13,7 +13,7 @@ import numpy as np
 
 from core.model import LoadedModel
 from core.reasons import top_reasons
-from core.rules import Decision, RuleHits, Ruleset
+from core.rules.ruleset import Decision, RuleHits, Ruleset
 
 
 class Source(IntEnum):
@@ -111,7 +111,7 @@ class Scorer:
     def score(self, features: np.ndarray, amount: np.ndarray, *, keys: np.ndarray | None = None) -> ScoredBatch:
         """The model path. Raises whatever the model raises; the caller falls back.
 
-        `keys`: the batch's identifiers for named lists (core.named_lists.identifier_keys); without
+        `keys`: the batch's identifiers for named lists (core.rules.named_lists.identifier_keys); without
         them no `card in @list` condition holds."""
         if self.model is None:
             raise RuntimeError("no model loaded")

@@ -5,8 +5,8 @@
     locust -f loadtest/locustfile.py --host 127.0.0.1:50051 --headless -u 50 -r 10 -t 1m \\
         --csv loadtest/results/run
 
-Each simulated user is a payment switch. The payments come from core.simulate, replayed
-in time order (service.loadgen.SimulatedTraffic, the same traffic as `fraudscore bench
+Each simulated user is a payment switch. The payments come from core.history.simulate, replayed
+in time order (service.bench.loadgen.SimulatedTraffic, the same traffic as `fraudscore bench
 serve`): repeat customers, merchants, devices and IPs, with the simulator's fraud patterns
 (card testing, account takeover, compromised merchant, large amounts) mixed in at its
 natural ~1 % (`--fraud-scale` multiplies it). Mostly single Score calls, some ScoreBatch
@@ -46,7 +46,7 @@ from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from locust import User, between, events, task
 from locust.env import Environment
 
-from service.loadgen import Label, SimulatedTraffic, check_loopback
+from service.bench.loadgen import Label, SimulatedTraffic, check_loopback
 
 grpc_gevent.init_gevent()  # grpc must cooperate with locust's gevent loop
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.history import History
-from core.simulate import simulate
+from core.history.simulate import simulate
+from core.history.table import History
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def small_history() -> History:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, small_history: History) -> Path:
-    from core.train import train
+    from core.offline.train import train
 
     out = tmp_path_factory.mktemp("model")
     train(small_history, out, num_boost_round=60, early_stopping_rounds=20, progress=False)

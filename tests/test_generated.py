@@ -26,6 +26,6 @@ def test_generated_code_is_not_committed() -> None:
 
 
 def test_serving_imports_no_training_library() -> None:
-    code = "import sys, service.server; bad = {'lightgbm', 'pyarrow', 'tqdm', 'matplotlib'} & set(sys.modules); print(sorted(bad))"
+    code = "import sys, service.runtime.server; bad = {'lightgbm', 'pyarrow', 'tqdm', 'matplotlib'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], cwd=PROTO_ROOT.parent, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""Real-time features: registry, bounded entity state, the state store interface and the Numba kernels."""
+"""Real-time features: registry, bounded entity state, the state store interface and the Numba kernels.
+On the request path: may import numpy, numba and core's encode, errors and files; nothing offline."""
 
 from core.features.engine import FeatureEngine
 from core.features.registry import (

@@ -1,4 +1,5 @@
 """Exact Numba scoring of LightGBM text models, without importing LightGBM.
+On the request path: may import numpy, numba and core.errors; never lightgbm or anything offline.
 
     forest = load_forest("model.txt")
     forest.predict(X)            # == Booster.predict(X)

@@ -44,7 +44,7 @@ from core.forest.arrays import ForestArrays
 
 # Numba's on-disk cache is keyed on this file only, so everything the kernels use lives here: a
 # function or constant imported from kernels.py could change without recompiling these. The row
-# decision below therefore repeats kernels.py's; tests/core/test_contributions.py holds both to
+# decision below therefore repeats kernels.py's; tests/core/forest/test_contributions.py holds both to
 # LightGBM.
 ZERO_THRESHOLD = float(np.float32(1e-35))  # LightGBM's kZeroThreshold = 1e-35f, widened
 CATEGORICAL_MASK = 1

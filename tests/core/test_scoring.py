@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.features import FEATURE_NAMES
-from core.history import History
+from core.history.table import History
 from core.model import LoadedModel, Thresholds, load_model_dir
+from core.offline.replay import replay_features
 from core.reasons import REASON_CODES, REASON_OF_FEATURE
-from core.replay import replay_features
-from core.rules import Decision, Ruleset
-from core.rules_file import parse_ruleset
+from core.rules.file import parse_ruleset
+from core.rules.ruleset import Decision, Ruleset
 from core.scoring import Scorer, Source, risk_score
 
 MODEL_CODES = {r.code for r in REASON_CODES}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
+from service.runtime.config import Settings
 from tests.conftest import REPO, free_port
 
 DOCKERFILE = REPO / "Dockerfile"

@@ -20,8 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from core.rules_file import load_ruleset
-from service.config import ENV_PREFIX, Settings
+from core.rules.file import load_ruleset
+from service.runtime.config import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "deploy" / "helm" / "fraudscore"
@@ -311,7 +311,7 @@ def env_names_in(text: str) -> set[str]:
 
 
 def test_every_env_name_in_the_chart_is_a_setting(chart: helm.Chart) -> None:
-    """Names in the templates, values files and every render must be fields of service.config.Settings."""
+    """Names in the templates, values files and every render must be fields of service.runtime.config.Settings."""
     used: set[str] = set()
     for path in [*CHART_DIR.rglob("*"), PRODUCTION_VALUES]:
         if path.is_file() and path.suffix in {".yaml", ".tpl", ".txt"}:

@@ -15,9 +15,9 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.history import History
+from core.history.table import History
 from core.model import load_model_dir
-from core.replay import replay_features
+from core.offline.replay import replay_features
 from tests.conftest import ServerProcess
 
 BASE_TIME_MS = 1_767_225_600_000

@@ -135,7 +135,7 @@ def test_missing_transaction_is_refused(stub) -> None:
 def test_a_deadline_already_passed_gets_deadline_exceeded_and_changes_nothing(stub, model_dir: Path) -> None:
     # A negative timeout is a deadline already in the past. (grpc's Python client does not
     # reliably enforce positive sub-millisecond timeouts, so none is used here; the batcher's
-    # drop of requests that expire in the queue is tested in tests/service/test_batcher.py.)
+    # drop of requests that expire in the queue is tested in tests/service/serving/test_batcher.py.)
     t = txn()
     with pytest.raises(grpc.RpcError) as err:
         score(stub, t, timeout=-1.0)

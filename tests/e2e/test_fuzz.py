@@ -10,7 +10,7 @@ server answers a good request afterwards.
 
 Bytes that do not decode as the request message (corrupt wire format, invalid UTF-8 in a
 string field) are refused INVALID_ARGUMENT naming `request` (the fuzzing first found them
-answered UNKNOWN by grpc.aio itself, before any handler; service.validation.lenient).
+answered UNKNOWN by grpc.aio itself, before any handler; service.api.validation.lenient).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import InvalidInputError
-from service.validation import validate_outcome, validate_transaction
+from service.api.validation import validate_outcome, validate_transaction
 from tests.conftest import ServerProcess
 from tests.e2e.helpers import BASE_TIME_MS, txn, uid, unique_ip
 from tests.fuzz.fuzz_score import Harness

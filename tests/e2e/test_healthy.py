@@ -12,7 +12,7 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
 from core.features.state import DEFAULT_CARD_CAPACITY, DEFAULT_ENTITY_CAPACITY
-from core.simulate import simulate
+from core.history.simulate import simulate
 from tests.conftest import start_server
 from tests.e2e.helpers import scrape, value
 from tests.e2e.test_parity import _transaction

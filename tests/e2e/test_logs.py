@@ -12,7 +12,7 @@ import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
-from service.logs import carries_pan, valid_request_id
+from service.runtime.logs import carries_pan, valid_request_id
 from tests.conftest import start_server
 from tests.e2e.helpers import BASE_TIME_MS, txn, uid
 
@@ -83,7 +83,7 @@ def test_logs_carry_request_ids_and_no_identifier_amount_or_ip(tmp_path: Path, m
 def test_the_formatter_redacts_identifier_fields_and_exception_messages() -> None:
     import logging
 
-    from service.logs import JsonFormatter, request_id
+    from service.runtime.logs import JsonFormatter, request_id
 
     def line(record_extra: dict[str, object], exc: BaseException | None = None) -> dict[str, object]:
         exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None

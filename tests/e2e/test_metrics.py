@@ -16,8 +16,8 @@ from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from service.metrics import STAGES
-from service.reload import load_rules
+from service.runtime.metrics import STAGES
+from service.runtime.reload import load_rules
 from tests.conftest import ServerProcess, start_server
 from tests.e2e.helpers import BASE_TIME_MS, txn, uid
 from tests.metrics_doc import documented_metrics, label_values
@@ -100,7 +100,7 @@ def test_label_values_come_from_bounded_sets(scraped: dict[str, tuple[str, list[
     allowed = label_values()
     rules = load_rules(None)  # the packaged defaults, as the test server runs
     rule_names = {r.name for r in (*rules.rules.rules, *rules.fallback.rules)}
-    assert allowed["stage"] == set(STAGES), "docs/metrics.md and service.metrics.STAGES differ"
+    assert allowed["stage"] == set(STAGES), "docs/metrics.md and service.runtime.metrics.STAGES differ"
     assert allowed["code"] == {c.name for c in grpc.StatusCode}
     for metric in documented_metrics().values():
         _, samples = scraped[metric.family]

@@ -18,13 +18,13 @@ from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 from core.encode import KeyHasher, amount_major
 from core.features import FEATURE_SET_VERSION, EntityState
 from core.features.store import load_snapshot
-from core.history import History
+from core.history.simulate import simulate
+from core.history.table import History
 from core.model import load_model_dir
-from core.named_lists import identifier_keys
-from core.replay import encode_history, label_visible_time_ms, replay_features, score_history
+from core.offline.replay import encode_history, label_visible_time_ms, replay_features, score_history
+from core.rules.named_lists import identifier_keys
 from core.scoring import Scorer
-from core.simulate import simulate
-from service.reload import load_rules
+from service.runtime.reload import load_rules
 from tests.conftest import ServerProcess, start_server
 from tests.e2e.helpers import scrape, value
 

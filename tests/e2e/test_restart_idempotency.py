@@ -15,7 +15,7 @@ import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
-from service.idempotency_store import RECORDS_FILE
+from service.serving.idempotency_store import RECORDS_FILE
 from tests.conftest import REPO, ServerProcess, start_server
 from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, txn, uid, value
 

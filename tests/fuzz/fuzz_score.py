@@ -2,9 +2,9 @@
 
 Each input is a serialized ScoreBatchRequest, ScoreRequest or ReportOutcomeRequest (the
 first byte picks which, the rest is the message). It is decoded as the server decodes it
-(service.validation.lenient: bytes that do not parse are refused INVALID_ARGUMENT naming
+(service.api.validation.lenient: bytes that do not parse are refused INVALID_ARGUMENT naming
 `request`, not answered by gRPC before the handler) and validated as the handlers validate it.
-Messages that pass are scored by the service's own pipeline (service.pipeline.Pipeline, as the
+Messages that pass are scored by the service's own pipeline (service.serving.pipeline.Pipeline, as the
 pipeline thread runs it) against one entity state kept across inputs.
 
 What it checks, per input: no crash and no hang (libFuzzer's -timeout); one answer per
@@ -48,17 +48,17 @@ from core.encode import KeyHasher
 from core.errors import InvalidInputError
 from core.features import EntityState, FeatureEngine
 from core.model import load_model_dir
-from core.rules_file import load_ruleset
+from core.rules.file import load_ruleset
 from core.scoring import Scorer
-from service import pipeline as pipeline_module
-from service import validation
-from service.batcher import Item
-from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.validation import decoded, lenient, validate_outcome, validate_transaction
+from service.api import validation
+from service.api.validation import decoded, lenient, validate_outcome, validate_transaction
+from service.runtime.metrics import Metrics
+from service.serving import pipeline as pipeline_module
+from service.serving.batcher import Item
+from service.serving.pipeline import Pipeline
 
 RULES = Path(__file__).resolve().parents[2] / "service" / "defaults" / "rules.json"
-# `request`: bytes that do not parse as the message (service.validation.decoded).
+# `request`: bytes that do not parse as the message (service.api.validation.decoded).
 FIELDS = frozenset(f.name for f in pb.Transaction.DESCRIPTOR.fields) | frozenset(
     f.name for f in pb.ReportOutcomeRequest.DESCRIPTOR.fields) | {"request"}
 _BATCH, _SINGLE, _REPORT = lenient(pb.ScoreBatchRequest), lenient(pb.ScoreRequest), lenient(pb.ReportOutcomeRequest)

@@ -36,7 +36,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Every setting of service/config.py, as FRAUDSCORE_* names (tests/deploy/test_helm.py
+{{/* Every setting of service/runtime/config.py, as FRAUDSCORE_* names (tests/deploy/test_helm.py
 keeps this list equal to the Settings fields), and the ones the chart sets itself. */}}
 {{- define "fraudscore.knownSettings" -}}
 {{- list
@@ -73,7 +73,7 @@ the chart sets itself (two sources for one setting). */}}
 {{- $owned := include "fraudscore.chartOwnedSettings" . | fromJsonArray }}
 {{- range $name, $value := .Values.config }}
 {{- if not (has $name $known) }}
-{{- fail (printf "config.%s: not a fraudscore setting (service/config.py lists them, each FRAUDSCORE_<FIELD NAME>); check the spelling" $name) }}
+{{- fail (printf "config.%s: not a fraudscore setting (service/runtime/config.py lists them, each FRAUDSCORE_<FIELD NAME>); check the spelling" $name) }}
 {{- end }}
 {{- if has $name $owned }}
 {{- fail (printf "config.%s: the chart sets this one itself; use its own value instead (values.yaml, comment above config)" $name) }}

@@ -1,0 +1,397 @@
+"""The pipeline: one call into core/ per batch, on the single pipeline thread.
+
+That thread owns the feature engine and all entity state, and runs batches in arrival
+order. The model path is guarded: if it raises, the batch is answered by the fallback
+rules (degraded, source RULES_FALLBACK) and the next batch tries the model again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import mmap
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.encode import EncodedBatch, KeyHasher, amount_major, encode_columns
+from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.model import LoadedModel
+from core.rules.named_lists import identifier_keys
+from core.rules.ruleset import Decision
+from core.scoring import ScoredBatch, Scorer, Source, risk_score
+from service.runtime.metrics import (
+    CHALLENGER,
+    ENCODE,
+    FALLBACK_RULES,
+    FEATURES,
+    MODEL_RULES,
+    QUEUE_WAIT,
+    RESPOND,
+    Metrics,
+)
+from service.serving.batcher import Answered, Item
+
+log = logging.getLogger("fraudscore.pipeline")
+
+_DECISION_NAMES = {int(d): d.name for d in Decision}
+_DECISION_VALUES = np.array(sorted(_DECISION_NAMES), dtype=np.int8)
+_DECISION_LABELS = [_DECISION_NAMES[d] for d in sorted(_DECISION_NAMES)]  # in _DECISION_VALUES order
+_SOURCE_NAMES = {int(s): s.name for s in Source}
+_OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRMED_LEGITIMATE: 0.0}
+
+
+_MAX_UINT32 = 2**32 - 1
+FAULT_SLOW_S = 0.2  # the `model-slow` hook: each model call takes this much longer
+FAULT_STALL_S = 2.0  # the `pipeline-stall` hook: the first batch holds the pipeline thread this long
+CHALLENGER_ERROR_LOG_S = 60.0  # a failing challenger is logged at most once a minute
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the `model-raise` fault-injection hook."""
+
+
+def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> EncodedBatch:
+    """Columns of validated Transaction messages."""
+    nan = math.nan
+    return encode_columns(
+        hasher,
+        card_id=[t.card_id for t in txns],
+        customer_id=[t.customer_id for t in txns],
+        merchant_id=[t.merchant_id for t in txns],
+        device_id=[t.device_id for t in txns],
+        ip_address=[t.ip_address for t in txns],
+        # np.array of a list: cheaper than np.fromiter of a generator at the small sizes served.
+        amount_minor=np.array([t.amount_minor for t in txns], dtype=np.int64),
+        currency=[t.currency for t in txns],
+        event_time_ms=np.array([t.event_time_ms for t in txns], dtype=np.int64),
+        channel=np.array([t.channel for t in txns], dtype=np.int64),
+        merchant_category=[t.merchant_category for t in txns],
+        country=[t.country for t in txns],
+        latitude=np.array([t.latitude if t.HasField("latitude") else nan for t in txns], dtype=np.float64),
+        longitude=np.array([t.longitude if t.HasField("longitude") else nan for t in txns], dtype=np.float64),
+    )
+
+
+def record_challenger(challenger: LoadedModel, features: np.ndarray, champion: np.ndarray, metrics: Metrics) -> None:
+    """The challenger's shadow scoring of a batch the champion answered: its probabilities into
+    `fraudscore_challenger_probability`, and where its decision (by its own thresholds) differs from
+    the champion's answer, a count by the pair. Feeds metrics only; raises what the model raises."""
+    p = challenger.forest.predict(features)
+    # Indices 0, 1, 2 = APPROVE, REVIEW, DECLINE (_DECISION_LABELS order).
+    mine = np.searchsorted(_DECISION_VALUES, challenger.thresholds.decide(p))
+    theirs = np.searchsorted(_DECISION_VALUES, champion)
+    metrics.challenger_probability.observe_many(p)
+    pairs = np.bincount(theirs * 3 + mine, minlength=9)
+    for k in np.flatnonzero(pairs).tolist():
+        c, m = divmod(k, 3)
+        if c != m:
+            metrics.challenger_disagreements.labels(_DECISION_LABELS[c], _DECISION_LABELS[m]).inc(int(pairs[k]))
+
+
+class Pipeline:
+    """Everything the pipeline thread does. Not thread-safe by design: one thread calls it."""
+
+    def __init__(self, *, engine: FeatureEngine, scorer: Scorer, hasher: KeyHasher, metrics: Metrics,
+                 fault_injection: str = "", fallback_reason: str = "", challenger: LoadedModel | None = None) -> None:
+        self.engine = engine
+        self.scorer = scorer
+        self.hasher = hasher
+        self.metrics = metrics
+        self.fault_injection = fault_injection
+        # Why the model path is unavailable before trying it (e.g. "no_model"); empty when it is loaded.
+        self.fallback_reason = fallback_reason
+        self._stalled = False
+        # Champion/challenger: a second model scored in shadow on the champion's batches, for metrics only.
+        self.challenger = challenger
+        self._challenger_logged_at = -math.inf
+        self._snapshot: EntityState | None = None  # snapshot_copy's arrays, reused
+
+    def _score(self, batch: EncodedBatch, scorer: Scorer, stages: list[tuple[int, int]], *,
+               rows: list[int] | None = None) -> tuple[ScoredBatch, str, np.ndarray | None]:
+        """Advance the state by the whole batch, in order, and score its `rows` (None: all). Returns
+        the answers, the fallback reason (empty on the model path) and the scored rows' features
+        (None if not computed); appends the stages' (index, ns) timings to `stages`."""
+        amount = batch.amount if rows is None else batch.amount[rows]
+        # For named lists (`card in @blocked_cards`); ~4 µs a batch, so only when the rules use any.
+        keys = identifier_keys(batch) if scorer.ruleset.lists else None
+        if keys is not None and rows is not None:
+            keys = np.ascontiguousarray(keys[:, rows])
+        clock = time.perf_counter_ns
+        started = clock()
+        features = self._enter_state(batch)
+        computed = clock()
+        stages.append((FEATURES, computed - started))
+        if features is None:
+            scored = scorer.fallback(None, amount, keys=keys)
+            stages.append((FALLBACK_RULES, clock() - computed))
+            return scored, "features_error", None
+        if rows is not None:
+            features = features[rows]  # a C-contiguous copy of the rows to score
+        try:
+            if scorer.model is None:
+                scored = scorer.fallback(features, amount, keys=keys)
+                stages.append((FALLBACK_RULES, clock() - computed))
+                return scored, self.fallback_reason or "no_model", features
+            if self.fault_injection == "model-raise":
+                raise InjectedFault("fault injection: model-raise")
+            if self.fault_injection == "model-slow":
+                time.sleep(FAULT_SLOW_S)
+            if self.fault_injection == "pipeline-stall" and not self._stalled:
+                self._stalled = True
+                time.sleep(FAULT_STALL_S)
+            scored = scorer.score(features, amount, keys=keys)
+            stages.append((MODEL_RULES, clock() - computed))
+            return scored, "", features
+        except Exception as exc:
+            log.error("model path failed; answering from fallback rules", extra={
+                "reason": "model_error", "error": exc.__class__.__name__, "batch_size": len(amount)})
+            failed = clock()
+            scored = scorer.fallback(features, amount, keys=keys)
+            stages.append((FALLBACK_RULES, clock() - failed))
+            return scored, "model_error", features
+
+    def _enter_state(self, batch: EncodedBatch) -> np.ndarray | None:
+        """The batch's features, its transactions entered into the state in order; None when the
+        kernels or the state store failed: then they did not enter it (logged, and counted in
+        `fraudscore_state_errors_total`: the one way an answered transaction misses the state)."""
+        try:
+            return self.engine.compute(batch)
+        except Exception as exc:
+            self.metrics.state_errors.inc(len(batch))
+            log.error("features failed: these transactions did not enter the state", extra={
+                "reason": "features_error", "error": exc.__class__.__name__, "batch_size": len(batch)})
+            return None
+
+    def run(self, items: list[Item]) -> Answered:
+        """Feed a batch into the state, in order, and score the items not `answered_by_fallback`
+        (those only enter the state: features, no model). One ScoreResponse per scored item, in
+        order; never raises for a model failure. Metrics of the answers are counted by
+        `Answered.delivered`, on the event loop, for the answers that reached their calls."""
+        # Stage timings: a clock read between stages and one histogram update a batch, never per transaction.
+        clock = time.perf_counter_ns
+        started = clock()
+        scored_rows: list[int] | None = None  # None: every item is scored (the common case)
+        if any(item.answered_by_fallback for item in items):
+            scored_rows = [k for k, item in enumerate(items) if not item.answered_by_fallback]
+        first = items[scored_rows[0]] if scored_rows else items[0] if items else None
+        stages = [(QUEUE_WAIT, started - first.received_ns)] if first is not None else []
+        txns = [item.payload for item in items]
+        batch = encode_transactions(self.hasher, txns)
+        encoded = clock()
+        stages.append((ENCODE, encoded - started))
+        # Read once: a rules reload swaps `self.scorer` from the event loop, and the whole batch
+        # (model path and its fallback alike) must answer from one ruleset.
+        scorer = self.scorer
+        if scored_rows is None:
+            scored, fallback_reason, features = self._score(batch, scorer, stages)
+            answered = items
+        else:
+            self.metrics.features_only.inc(len(items) - len(scored_rows))
+            if not scored_rows:  # every one answered already: into the state, and done
+                self._enter_state(batch)
+                stages.append((FEATURES, clock() - encoded))
+                self.metrics.pipeline.record(stages, len(items), clock() - started)
+                return Answered((), _nothing_delivered)
+            scored, fallback_reason, features = self._score(batch, scorer, stages, rows=scored_rows)
+            answered = [items[k] for k in scored_rows]
+        responding = clock()
+        responses = self._responses(answered, scored)
+        shadow_started = clock()
+        stages.append((RESPOND, shadow_started - responding))
+        challenger = self.challenger  # once: a reload may swap it (service/serving/challenger.py)
+        if challenger is not None and features is not None and not fallback_reason and len(scored):
+            self._shadow(challenger, features, scored)
+            stages.append((CHALLENGER, clock() - shadow_started))
+        self.metrics.pipeline.record(stages, len(items), clock() - started)
+        return Answered(responses, functools.partial(self._count_answers, scored, fallback_reason))
+
+    def _count_answers(self, scored: ScoredBatch, fallback_reason: str, delivered: list[bool] | None) -> None:
+        """Event loop: the metrics of the answers that reached their calls (`delivered`: None for all).
+        A pipeline answer dropped because the fallback answered first was never sent: not counted."""
+        if delivered is not None:
+            scored = scored.take(np.flatnonzero(delivered))
+        n = len(scored)
+        if not n:
+            return
+        m = self.metrics
+        if fallback_reason:
+            m.fallbacks.labels(fallback_reason).inc(n)
+        else:
+            m.pipeline.record_probabilities(scored.fraud_probability)
+        self._count_decisions(scored)
+        self._count_rule_hits(scored)
+
+    def _shadow(self, challenger: LoadedModel, features: np.ndarray, scored: ScoredBatch) -> None:
+        """The challenger on the batch the champion answered (after the answers are made): metrics only.
+        A failure is counted, logged at most once a minute, and changes nothing."""
+        try:
+            record_challenger(challenger, features, scored.decision, self.metrics)
+        except Exception as exc:
+            self.metrics.challenger_errors.inc()
+            now = time.monotonic()
+            if now - self._challenger_logged_at >= CHALLENGER_ERROR_LOG_S:
+                self._challenger_logged_at = now
+                log.error("challenger model failed; answers are unaffected (logged at most once a minute)", extra={
+                    # The class only: an error's text is not ours to judge (it may quote input).
+                    "model_version": challenger.version, "error": exc.__class__.__name__, "batch_size": len(scored)})
+
+    def _count_rule_hits(self, scored: ScoredBatch) -> None:
+        """`fraudscore_rule_hits_total{rule, mode, decision}`: each rule's hits by the answer's final
+        decision, shadow rules included, so an analyst sees what a shadow rule would have changed."""
+        hits = scored.hits.hits
+        if not hits.size:
+            return
+        # (decisions × transactions) one-hot @ (transactions × rules) hits: one matrix product a batch.
+        by_decision = (scored.decision[np.newaxis, :] == _DECISION_VALUES[:, np.newaxis]).astype(np.int64) \
+            @ hits.astype(np.int64)
+        rules, counter = scored.hits.rules, self.metrics.rule_hits
+        rows, columns = np.nonzero(by_decision)
+        for d, r, count in zip(rows.tolist(), columns.tolist(), by_decision[rows, columns].tolist(), strict=True):
+            rule = rules[r]
+            counter.labels(rule.name, "shadow" if rule.shadow else "enforce", _DECISION_LABELS[d]).inc(count)
+
+    def _count_decisions(self, scored: ScoredBatch) -> None:
+        """`fraudscore_decisions_total`: one increment per (decision, source) pair seen, not per transaction."""
+        pairs = Counter(zip(scored.decision.tolist(), scored.source.tolist(), strict=True))
+        for (decision, source), count in pairs.items():
+            self.metrics.decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc(count)
+
+    def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
+        # Per batch, not per transaction: the fields every answer shares, the clock. Per
+        # transaction only what differs.
+        decisions, sources = scored.decision.tolist(), scored.source.tolist()
+        probabilities, scores = scored.fraud_probability.tolist(), risk_score(scored.fraud_probability).tolist()
+        degraded, model_version, ruleset_version = scored.degraded, scored.model_version, scored.ruleset_version
+        now_ns = time.perf_counter_ns()
+        out = []
+        for i, item in enumerate(items):
+            answer = pb.ScoreResponse(
+                transaction_id=item.payload.transaction_id, fraud_probability=probabilities[i], risk_score=scores[i],
+                decision=decisions[i], source=sources[i],
+                server_latency_us=min((now_ns - item.received_ns) // 1000, _MAX_UINT32), degraded=degraded,
+                model_version=model_version, ruleset_version=ruleset_version, feature_set_version=FEATURE_SET_VERSION)
+            if scored.reasons[i]:
+                answer.reasons.extend(pb.Reason(code=r.code, description=r.description, weight=r.weight)
+                                      for r in scored.reasons[i])
+            out.append(answer)
+        return out
+
+    def apply_outcome(self, req: pb.ReportOutcomeRequest) -> None:
+        """Feed one outcome report into state (fraud and chargebacks count; legitimate does not)."""
+        self.engine.apply_outcomes(
+            np.array([self.hasher.key(req.card_id)], dtype=np.uint64),
+            np.array([self.hasher.key(req.merchant_id)], dtype=np.uint64),
+            np.array([req.reported_time_ms], dtype=np.int64),
+            np.array([_OUTCOME_FRAUD_WEIGHT[req.outcome]], dtype=np.float64),
+        )
+
+    def answer_fallback(self, items: list[Item], reason: str) -> list[pb.ScoreResponse]:
+        """Fallback answers (degraded) for items the model path cannot answer within their budget,
+        counted by `reason`. Runs on the event loop and touches no state: the batcher keeps the items
+        queued, and the pipeline feeds them into the state in their turn (`run`). Their identifiers
+        are encoded here only when the ruleset has named lists (so that a blocklist holds here too),
+        a cost the event loop pays only then."""
+        txns = [item.payload for item in items]
+        scorer = self.scorer  # one read: a reload may swap it between calls
+        if scorer.ruleset.lists:
+            batch = encode_transactions(self.hasher, txns)
+            scored = scorer.fallback(None, batch.amount, keys=identifier_keys(batch))
+        else:
+            amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
+                                  [t.currency for t in txns])
+            scored = scorer.fallback(None, amount)
+        responses = self._responses(items, scored)
+        # Counted once the answers exist: a fallback that raised answered nobody.
+        self.metrics.fallbacks.labels(reason).inc(len(items))
+        self._count_decisions(scored)
+        self._count_rule_hits(scored)
+        return responses
+
+    def trial(self) -> Pipeline:
+        """A pipeline like this one (scorer, key, challenger) on a throwaway state and metrics, for
+        timing calls at start-up without touching the real state or counting anything."""
+        return Pipeline(engine=FeatureEngine(_throwaway_state(TRIAL_CAPACITY)), scorer=self.scorer, hasher=self.hasher,
+                        metrics=Metrics(), challenger=self.challenger)
+
+    def touch_state(self) -> None:
+        """Write one byte of every memory page of the in-process state tables (rewriting what is
+        there), before serving. Fresh tables are zero pages the kernel has not mapped yet; without
+        this, the first transactions of each new entity pay those page faults on the serving path
+        (~70 ms in the first batches of a fresh server, measured). Restored tables were written by
+        the load already; this costs them one pass. A store other than the process's own: nothing."""
+        try:
+            state = self.engine.state
+        except AttributeError:
+            return
+        for table in state.tables():
+            for array in (table.keys, table.last_seen_ms, table.values, table.tags):
+                flat = array.reshape(-1).view(np.uint8)
+                flat[::mmap.PAGESIZE] = flat[::mmap.PAGESIZE].copy()
+
+    def snapshot_copy(self) -> EntityState:
+        """A copy of state, taken between batches, to be written to disk off this thread.
+
+        Copied into the same arrays every time, allocated (and so page-faulted) by the first
+        call, which start-up makes: a fresh copy of the default 108 MiB of tables took ~250 ms
+        on the pipeline thread, against ~30 ms into arrays already in memory. The copy is valid
+        until the next call (`App.snapshot` copies and writes under one lock)."""
+        s = self.engine.state
+        copy = self._snapshot
+        if copy is None or any(mine.keys.shape != theirs.keys.shape or mine.values.shape != theirs.values.shape
+                               for mine, theirs in zip(copy.tables(), s.tables(), strict=True)):
+            copy = self._snapshot = EntityState(*(type(t)(
+                t.kind, t.keys.copy(), t.last_seen_ms.copy(), t.values.copy(), t.tags.copy(), t.counters.copy())
+                for t in s.tables()))
+            return copy
+        for mine, theirs in zip(copy.tables(), s.tables(), strict=True):
+            for name in ("keys", "last_seen_ms", "values", "tags", "counters"):
+                np.copyto(getattr(mine, name), getattr(theirs, name))
+        return copy
+
+
+def _nothing_delivered(delivered: list[bool] | None) -> None:
+    """The `Answered.delivered` of a batch that answered nobody."""
+
+
+TRIAL_CAPACITY = 4096  # slots per kind of the throwaway state that start-up times pipeline calls on
+
+
+def _throwaway_state(capacity: int) -> EntityState:
+    return EntityState.empty(card_capacity=capacity, merchant_capacity=capacity, customer_capacity=capacity,
+                             device_capacity=capacity, ip_capacity=capacity)
+
+
+def warm_transactions(n: int) -> list[pb.Transaction]:
+    """`n` made-up transactions for warm-up and start-up timing: distinct cards, customers, devices and
+    IPs, a few merchants, amounts spread from cents to thousands (so some are flagged and explained)."""
+    return [pb.Transaction(transaction_id=f"warm-up-{i}", card_id=f"warm-card-{i}", merchant_id=f"warm-merchant-{i % 7}",
+                           amount_minor=99 + (i * 7_919) % 400_000, currency="USD",
+                           event_time_ms=1_767_225_600_000 + i, channel=pb.ECOMMERCE if i % 3 else pb.CARD_PRESENT,
+                           country="US" if i % 5 else "BR", latitude=40.7, longitude=-74.0,
+                           device_id=f"warm-device-{i}", ip_address=f"192.0.2.{i % 250 + 1}",
+                           customer_id=f"warm-customer-{i}", merchant_category="5411" if i % 2 else "5732")
+            for i in range(n)]
+
+
+def warm_up(scorer: Scorer, hasher: KeyHasher, challenger: LoadedModel | None = None) -> None:
+    """Compile (or load from cache) every kernel on a throwaway state, so real state stays untouched;
+    with `challenger`, its prediction too."""
+    engine = FeatureEngine(_throwaway_state(16))
+    txn = warm_transactions(1)[0]
+    batch = encode_transactions(hasher, [txn, txn])
+    features = engine.compute(batch)
+    engine.apply_outcomes(batch.card_key, batch.merchant_key, batch.event_time_ms, np.ones(2))
+    keys = identifier_keys(batch)
+    scorer.fallback(features, batch.amount, keys=keys)
+    if scorer.model is not None:
+        scorer.score(features, batch.amount, keys=keys)
+        # Reasons run only for flagged transactions, which the warm-up's may not be.
+        scorer.model.forest.path_attributions(features)
+        scorer.model.forest.contributions(features)
+    if challenger is not None:
+        challenger.forest.predict(features)
