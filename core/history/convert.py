@@ -19,8 +19,9 @@ import numpy as np
 
 from core.encode import currency_exponent, mapped
 from core.errors import DataError
-from core.history.table import _NUMPY_DTYPES, ColumnSpec, ValueProblem
+from core.history.table import _NUMPY_DTYPES, ColumnSpec
 from core.history.times import EARLIEST_PLAUSIBLE_MS, parse_int, parse_time_ms
+from core.history.validate import ValueProblem
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -39,16 +39,9 @@ import numpy as np
 
 from core.errors import DataError
 from core.history.convert import Converted, convert_column, convert_decimal_amount
-from core.history.table import (
-    COLUMNS,
-    COLUMNS_BY_NAME,
-    DUPLICATE_ID,
-    REPORTED_BEFORE,
-    History,
-    ValueProblem,
-    problem_error,
-    value_problems,
-)
+from core.history.read_report import DroppedRows, ReadReport
+from core.history.table import COLUMNS, COLUMNS_BY_NAME, History
+from core.history.validate import DUPLICATE_ID, REPORTED_BEFORE, ValueProblem, problem_error, value_problems
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -66,71 +59,6 @@ CONFLICTING_LABELS = ("repeated transaction_id whose copies disagree on is_fraud
                       "since which one is right cannot be told")
 REPORT_TIME_IGNORED = ("fraud reported before the transaction happened (a date without a time?): the report "
                        "time is ignored, so this label never feeds the features; the row still trains")
-
-
-@dataclass(frozen=True, slots=True)
-class DroppedRows:
-    """Rows dropped (or adjusted) for one reason: how many, and the first few row numbers
-    (from 1, in file order: row N of a CSV is on line N + 1 unless quoted values hold line breaks)."""
-
-    column: str
-    reason: str
-    count: int
-    first_rows: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ReadReport:
-    """What reading a file kept, dropped and adjusted; a row with several problems counts under each."""
-
-    source: str
-    rows_read: int
-    rows_kept: int
-    dropped: tuple[DroppedRows, ...]
-    column_forms: dict[str, str]  # documented name → the file's column, where the file used another form
-    fraud_read: int = 0
-    fraud_kept: int = 0
-    adjusted: tuple[DroppedRows, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def rows_dropped(self) -> int:
-        return self.rows_read - self.rows_kept
-
-    def summary(self) -> str:
-        """A few lines for a person: counts, then each reason with its first rows."""
-        fraud = f" ({self.fraud_read - self.fraud_kept} of them labelled fraud)" if self.fraud_read > self.fraud_kept else ""
-        lines = [f"read {self.rows_read} rows from {self.source}: kept {self.rows_kept}, "
-                 f"dropped {self.rows_dropped}{fraud}"]
-        for form, name in sorted(self.column_forms.items()):
-            lines.append(f"  column {name!r} read as {form}")
-        lines += [f"  note: {note}" for note in self.notes]
-        lines += [f"  dropped: {_describe(d)}" for d in self.dropped]
-        lines += [f"  kept, adjusted: {_describe(d)}" for d in self.adjusted]
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        def rows(entries: tuple[DroppedRows, ...]) -> list[dict[str, Any]]:
-            return [{"column": d.column, "reason": d.reason, "rows": d.count, "first_rows": list(d.first_rows)}
-                    for d in entries]
-
-        return {
-            "source": Path(self.source).name,
-            "rows_read": self.rows_read,
-            "rows_kept": self.rows_kept,
-            "rows_dropped": self.rows_dropped,
-            "fraud_read": self.fraud_read,
-            "fraud_kept": self.fraud_kept,
-            "column_forms": dict(self.column_forms),
-            "notes": list(self.notes),
-            "dropped": rows(self.dropped),
-            "adjusted": rows(self.adjusted),
-        }
-
-
-def _describe(d: DroppedRows) -> str:
-    rows = ", ".join(map(str, d.first_rows)) + (", …" if d.count > len(d.first_rows) else "")
-    return f"{d.count} rows, column {d.column!r}: {d.reason} (rows {rows})"
 
 
 def read_history(path: str | Path) -> History:
@@ -247,7 +175,7 @@ def _drop(history: History, problems: list[ValueProblem], read: _Table, renamed:
 
 def _check_limits(report: ReadReport, source: str, max_dropped_fraction: float) -> None:
     """More than the allowed share of rows (or of fraud rows) dropped is a format problem: refuse."""
-    worst = "; ".join(_describe(d) for d in sorted(report.dropped, key=lambda d: -d.count)[:3])
+    worst = "; ".join(d.describe() for d in sorted(report.dropped, key=lambda d: -d.count)[:3])
     if report.rows_kept == 0 or report.rows_dropped / report.rows_read > max_dropped_fraction:
         raise DataError(source, (
             f"{report.rows_dropped} of {report.rows_read} rows have bad values, more than the "

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from core.history.simulate import FraudPattern, SimulatedWorld, simulate, simulate_world
-from core.history.table import COLUMNS, Channel, History, looks_like_pan, validate_history
+from core.history.table import COLUMNS, Channel, History
+from core.history.validate import looks_like_pan, validate_history
 
 DAY_MS = 86_400_000
 START_MS = 1_767_225_600_000

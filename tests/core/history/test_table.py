@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from core.errors import DataError
 from core.history.read import read_history
 from core.history.simulate import simulate
-from core.history.table import COLUMNS, COLUMNS_BY_NAME, History, validate_history, write_history
+from core.history.table import COLUMNS, COLUMNS_BY_NAME, History, write_history
+from core.history.validate import validate_history
 
 FORMATS = ("csv", "csv.gz", "parquet")
 HEADER = "transaction_id,card_id,merchant_id,amount_minor,currency,event_time_ms"
