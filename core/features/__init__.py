@@ -1,5 +1,10 @@
 """Real-time features: registry, bounded entity state, the state store interface and the Numba kernels.
-On the request path: may import numpy, numba and core's encode, errors and files; nothing offline."""
+On the request path: may import numpy, numba and core's encode, errors and files; nothing offline.
+
+kernels.py stays one file, over the usual size: its bytes (with state.py's) are part of
+FEATURE_SET_VERSION, which a model records, and Numba's disk cache of a kernel is invalidated only
+by changes to its own file, so every helper the kernels inline lives beside them.
+"""
 
 from core.features.engine import FeatureEngine
 from core.features.registry import (

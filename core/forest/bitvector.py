@@ -13,6 +13,10 @@ Per block of up to eight rows:
 The layout travels as one uint8 blob (`core.forest.packing`) and results go into the caller's
 array: each array argument costs ~70 ns to unbox and returning a new array ~350 ns, against ~1 µs
 to score a row.
+
+One file on purpose, over the usual size: Numba's on-disk cache of a kernel is invalidated only
+by changes to that kernel's own file, never by a helper it calls in another file, which would
+then run stale compiled code after an edit; the kernels here call each other's helpers.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ The passes, per row and tree, at each quadrature point q:
 
   to phi_j: every leaf's term for j, less what the nearest ancestor on the same feature counted for
   the leaves below m with the fractions it knew (the terms telescope to the deepest split on j).
+
+One file on purpose, over the usual size: Numba's on-disk cache of a kernel is invalidated only by
+changes to its own file, so the kernel and the helpers it calls stay together.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from service.api.errors import (
 )
 from service.api.validation import decoded, lenient, validate_outcome, validate_transaction
 from service.runtime.app import App
-from service.serving.batcher import Item
+from service.serving.items import Item
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FraudScoring"].full_name
 STREAM_WINDOW = 64  # messages of one ScoreStream in flight at once

@@ -130,10 +130,10 @@ def bench_forest_model(title: str, forest: Forest, booster: Any, X: Rows) -> lis
 
 def bench_challenger(model: Any, X: Rows, batch: int = 64) -> str:
     """What FRAUDSCORE_CHALLENGER_MODEL_DIR adds to a pipeline call: the challenger's forest.predict on
-    the batch's features and its metrics (service/pipeline.record_challenger), here with the same model."""
+    the batch's features and its metrics (service/serving/challenger.py, `record_challenger`), here with the same model."""
     from core.rules.ruleset import Decision
     from service.runtime.metrics import Metrics
-    from service.serving.pipeline import record_challenger
+    from service.serving.challenger import record_challenger
 
     metrics = Metrics()
     decision = np.full(batch, int(Decision.APPROVE), dtype=np.int8)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from core.errors import FraudscoreError
-from service.cli import offline as offline
+from service.cli import offline, options
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ def _warm(args: argparse.Namespace) -> int:
     from service.runtime.config import Settings
     from service.runtime.reload import load_rules
     from service.runtime.restore import load_model
-    from service.serving.pipeline import warm_up
+    from service.serving.warm import warm_up
 
     settings = Settings.load(model_dir=args.model)
     hasher = KeyHasher(settings.id_hash_key.encode())
@@ -115,7 +115,7 @@ def _rules_check(args: argparse.Namespace) -> int:
     from core.rules.ruleset import Rule
 
     # Named lists are hashed with the server's key, as the server loads them.
-    hasher, _ = offline.id_hasher(args, "rules check")
+    hasher, _ = options.id_hasher(args, "rules check")
     ruleset = load_ruleset(args.file, hasher=hasher)  # RulesLoadError: main() prints it and exits 2
 
     def tally(rules: tuple[Rule, ...]) -> str:
@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     rc = rules.add_parser("check", help="validate a rules file as the server would load it, and summarise it; "
                                         "exit 0 when valid, 2 (with the error on stderr) when refused")
     rc.add_argument("file", type=Path, help="rules file (JSON)")
-    offline.key_file_arg(rc)
+    options.key_file_arg(rc)
     rc.set_defaults(run=_rules_check)
 
     offline.add_commands(sub)

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli.options import (
+    duration,
+    id_hasher,
+    key_file_arg,
+    label_delay_arg,
+    max_dropped_arg,
+    moment,
+    number_in,
+    rate,
+    world_args,
+)
+
 if TYPE_CHECKING:
-    from core.encode import KeyHasher
     from core.history.table import History
     from core.model import LoadedModel
 
@@ -28,48 +38,6 @@ def _simulate(args: argparse.Namespace) -> int:
     write_history(history, args.out)
     print(f"wrote {len(history)} transactions ({int(history.is_fraud.sum())} fraud) to {args.out}")
     return 0
-
-
-def _duration(text: str) -> int:
-    """argparse type: a duration such as 36h, 2d or 1d12h (or 0), in milliseconds."""
-    from core.history.times import parse_duration_ms
-
-    ms = 0 if text.strip() == "0" else parse_duration_ms(text)
-    if ms is None:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 36h, 2d, 1d12h or 90m, got {text!r}")
-    return ms
-
-
-def _moment(text: str) -> int:
-    """argparse type: ISO 8601 (UTC when no offset) or epoch milliseconds, as epoch milliseconds."""
-    from core.history.times import EARLIEST_PLAUSIBLE_MS, parse_time_ms
-
-    ms = parse_time_ms(text)
-    if ms is None:
-        raise argparse.ArgumentTypeError(
-            f"expected ISO 8601 such as 2026-03-01 or 2026-03-01T12:00:00Z, or epoch milliseconds, got {text!r}")
-    if text.strip().lstrip("+-").isdigit() and ms < EARLIEST_PLAUSIBLE_MS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} read as epoch milliseconds is before 2000: a year or epoch seconds? Write ISO 8601 "
-            "such as 2026-10-15, or epoch milliseconds")
-    return ms
-
-
-def _number_in(low: float, high: float, *, high_included: bool, example: str) -> Callable[[str], float]:
-    """argparse type: a finite number in [low, high) or [low, high]."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (low <= value < high or (high_included and value == high)):
-            bounds = f"[{low:g}, {high:g}{']' if high_included else ')'}"
-            raise argparse.ArgumentTypeError(f"expected a number in {bounds} such as {example}, got {text!r}")
-        return value
-    return parse
-
-
-_rate = _number_in(0.0, 1.0, high_included=False, example="0.005")
 
 
 def _label_delay(args: argparse.Namespace, model: LoadedModel | None) -> int | None:
@@ -97,36 +65,6 @@ def _warn_if_trained_on(history: History, model: LoadedModel) -> None:
         print(f"warning: {inside} of {len(history)} rows fall inside model {model.version}'s training window "
               f"({training['train_from']} to {training['train_until']}): the model learnt from them, so the metrics "
               "flatter it; evaluate on later data", file=sys.stderr)
-
-
-def id_hasher(args: argparse.Namespace, command: str) -> tuple[KeyHasher, str]:
-    """The server's identifier key, read as the server reads it: --id-hash-key-file, else
-    FRAUDSCORE_ID_HASH_KEY_FILE or FRAUDSCORE_ID_HASH_KEY, else the published development key;
-    and a line saying which (never the key), for stderr once the inputs have loaded. Features
-    depend on the key (seen-before flags, distinct counts, shared table slots), so offline work
-    must use the server's. Exits 2 on a bad setting."""
-    from core.encode import KeyHasher
-    from service.runtime.config import DEFAULT_ID_HASH_KEY, ENV_PREFIX, Settings
-
-    try:
-        settings = Settings.load(id_hash_key_file=getattr(args, "id_hash_key_file", None))
-    except ValueError as exc:
-        print(f"fraudscore {command}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if settings.id_hash_key == DEFAULT_ID_HASH_KEY:
-        note = (f"note: identifiers hashed with the published development key; a server with {ENV_PREFIX}ID_HASH_KEY "
-                "set computes other features: set the same key here (or --id-hash-key-file)")
-    else:
-        where = "ID_HASH_KEY_FILE" if settings.id_hash_key_file is not None else "ID_HASH_KEY"
-        note = f"identifiers hashed with the key from {ENV_PREFIX}{where}"
-    return KeyHasher(settings.id_hash_key.encode()), note
-
-
-def key_file_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--id-hash-key-file", type=Path, metavar="FILE",
-                   help="file holding the server's identifier key (as FRAUDSCORE_ID_HASH_KEY_FILE); default: "
-                        "FRAUDSCORE_ID_HASH_KEY_FILE or FRAUDSCORE_ID_HASH_KEY, else the published development "
-                        "key. Features depend on it: use the server's")
 
 
 def _sha256(path: Path) -> str:
@@ -287,57 +225,37 @@ def _backtest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_delay_arg(p: argparse.ArgumentParser, default: str = "at their fraud_reported_time only") -> None:
-    p.add_argument("--label-delay", type=_duration, metavar="DURATION",
-                   help=f"fraud labels feed the features this long after the transaction at the earliest, "
-                        f"e.g. 48h or 2d (default: {default})")
-
-
-def _max_dropped_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-dropped", type=_number_in(0.0, 1.0, high_included=True, example="0.01"), default=0.01,
-                   metavar="FRACTION",
-                   help="rows with bad values are dropped and summarised; more than this share of the file "
-                        "is refused as a format problem (default 0.01)")
-
-
-def _world_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--days", type=int, default=30, help="simulated days (default 30)")
-    p.add_argument("--cards", type=int, default=5000, help="simulated cards (default 5000)")
-    p.add_argument("--merchants", type=int, default=800, help="simulated merchants (default 800)")
-    p.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-
-
 def add_commands(sub: Any) -> None:
     """Add simulate, train, replay, evaluate and backtest to `fraudscore`'s subcommands."""
     m = sub.add_parser("simulate", help="write a simulated labelled history (CSV or Parquet)")
     m.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
-    _world_args(m)
+    world_args(m)
     m.set_defaults(run=_simulate)
 
     t = sub.add_parser("train", help="train a model directory from a history (or a simulated one)")
     t.add_argument("--data", type=Path, help="labelled history, .csv or .parquet (default: simulate one)")
     t.add_argument("--out", type=Path, required=True, help="model directory to write")
-    t.add_argument("--label-delay", type=_duration, metavar="DURATION",
+    t.add_argument("--label-delay", type=duration, metavar="DURATION",
                    help="fraud labels feed the features this long after the transaction at the earliest, "
                         "e.g. 48h or 2d (default: at their fraud_reported_time, never without one)")
-    t.add_argument("--valid-from", type=_moment, metavar="TIME",
+    t.add_argument("--valid-from", type=moment, metavar="TIME",
                    help="the validation period starts here (ISO 8601 or epoch ms; default: the last 20%% of the "
                         "history's time span)")
-    t.add_argument("--train-until", type=_moment, metavar="TIME",
+    t.add_argument("--train-until", type=moment, metavar="TIME",
                    help="training rows end before this (default: --valid-from); earlier leaves a gap whose rows "
                         "only feed the features")
-    t.add_argument("--review-rate", type=_rate, default=0.005,
+    t.add_argument("--review-rate", type=rate, default=0.005,
                    help="share of validation transactions the REVIEW threshold sends to review (default 0.005)")
-    t.add_argument("--decline-fpr", type=_rate, default=0.001,
+    t.add_argument("--decline-fpr", type=rate, default=0.001,
                    help="share of legitimate validation transactions the DECLINE threshold may decline "
                         "(default 0.001)")
-    t.add_argument("--fraud-weight", type=_number_in(1e-6, 1e6, high_included=True, example="5"), default=1.0,
+    t.add_argument("--fraud-weight", type=number_in(1e-6, 1e6, high_included=True, example="5"), default=1.0,
                    help="weight of a fraud row against a legitimate one (default 1: calibrated probabilities; "
                         "see docs/training.md)")
-    _max_dropped_arg(t)
+    max_dropped_arg(t)
     t.add_argument("--if-stale", action="store_true",
                    help="only train when --out holds no model this build can serve (used by make serve)")
-    _world_args(t)
+    world_args(t)
     key_file_arg(t)
     t.set_defaults(run=_train)
     r = sub.add_parser("replay", help="score a history offline exactly as the service would, one row each")
@@ -345,7 +263,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--model", type=Path, required=True, help="model directory")
     r.add_argument("--out", type=Path, required=True, help="output file, .csv or .parquet")
     r.add_argument("--rules", type=Path, help="rules file (default: packaged rules)")
-    _label_delay_arg(r)
+    label_delay_arg(r)
     r.add_argument("--reasons-method", choices=("path", "shap"), default="path",
                    help="how model reasons are attributed; use the server's FRAUDSCORE_REASONS_METHOD (default: path)")
     key_file_arg(r)
@@ -357,8 +275,8 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--data", type=Path, required=True, help="labelled history (is_fraud), .csv or .parquet")
     e.add_argument("--out", type=Path,
                    help="report directory (default: <model>/evaluation-<data file name without extension>)")
-    _label_delay_arg(e, default="the model's training label delay")
-    _max_dropped_arg(e)
+    label_delay_arg(e, default="the model's training label delay")
+    max_dropped_arg(e)
     key_file_arg(e)
     e.set_defaults(run=_evaluate)
 
@@ -369,7 +287,7 @@ def add_commands(sub: Any) -> None:
     bt.add_argument("--model", type=Path,
                     help="model directory: test the model-path rules on its decisions "
                          "(default: no model, test the fallback rules as the service without one)")
-    _label_delay_arg(bt)
+    label_delay_arg(bt)
     bt.add_argument("--out", type=Path, help="also write the per-rule table, .csv or .parquet")
     key_file_arg(bt)
     bt.set_defaults(run=_backtest)

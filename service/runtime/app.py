@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 from core.encode import KeyHasher
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.scoring import Scorer
+from service.runtime.challenger_reload import ChallengerReload
 from service.runtime.config import DEFAULT_ID_HASH_KEY, Settings
 from service.runtime.metrics import Metrics
 from service.runtime.reload import Reloader, load_rules, loaded_stamp, model_stamp, rules_stamp
@@ -34,11 +35,12 @@ from service.runtime.restore import (
     restore_state,
     write_snapshot,
 )
-from service.serving.batcher import Answered, Item, MicroBatcher
-from service.serving.challenger import ChallengerReload
+from service.serving.batcher import MicroBatcher
 from service.serving.idempotency import IdempotencyCache
-from service.serving.pipeline import Pipeline, warm_transactions, warm_up
+from service.serving.items import Answered, Item
+from service.serving.pipeline import Pipeline
 from service.serving.timer import PipelineTimer, bucket_sizes
+from service.serving.warm import trial_pipeline, warm_transactions, warm_up
 
 log = logging.getLogger("fraudscore.app")
 # How long a snapshot waits for answers already in its state copy to reach their calls. They
@@ -173,7 +175,7 @@ class App:
         transactions that only enter the state, and, with snapshots on, a copy of the real state
         (taken between nothing: nothing is served yet). Without this the first real calls were
         predicted from a warm-up of two transactions, stretched to whatever size came next."""
-        trial = self.pipeline.trial()
+        trial = trial_pipeline(self.pipeline)
         loop = asyncio.get_running_loop()
 
         async def median_s(fn: Callable[..., Any], *args: Any, times: int = runs) -> float:

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from core.features import EntityState
+from core.rules.ruleset import Decision
 
 # No `<counter>_created` gauge beside every counter and histogram series: it doubles the series
 # count, and in the text format it reads as a metric of its own (process-wide setting).
@@ -48,6 +49,9 @@ STAGES = (
     "respond",         # response messages and the per-batch decision and rule metrics
 )
 QUEUE_WAIT, ENCODE, FEATURES, MODEL_RULES, FALLBACK_RULES, CHALLENGER, RESPOND = range(len(STAGES))
+# The `decision` label's values, in Decision order: index k of DECISION_LABELS names DECISION_VALUES[k].
+DECISION_VALUES = np.array(sorted(int(d) for d in Decision), dtype=np.int8)
+DECISION_LABELS = [Decision(int(d)).name for d in DECISION_VALUES]
 
 
 class ArrayHistogram(Collector):

@@ -44,7 +44,8 @@ from core.rules.ruleset import Ruleset
 from core.scoring import Scorer
 from service.runtime.metrics import Metrics
 from service.runtime.restore import warn_about_training
-from service.serving.pipeline import Pipeline, warm_up
+from service.serving.pipeline import Pipeline
+from service.serving.warm import warm_up
 
 log = logging.getLogger("fraudscore.rules")
 model_log = logging.getLogger("fraudscore.model")
@@ -166,7 +167,7 @@ class Reloader(WatchTask):
         self._metrics = metrics
         self._intervals_s = {"rules": interval_s, "model": model_interval_s}
         # Other watched things that must not reload at the same time as these (e.g. the
-        # challenger, service/serving/challenger.py): name → (interval, check(forced=...)).
+        # challenger, service/runtime/challenger_reload.py): name → (interval, check(forced=...)).
         self._checks: dict[str, Callable[..., Awaitable[bool]]] = {"rules": self._check, "model": self._check_model}
         for name, (every_s, check) in (extra_checks or {}).items():
             self._intervals_s[name] = every_s

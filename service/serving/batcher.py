@@ -40,10 +40,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Any
 
 from service.api.errors import DeadlineExpiredError, NotServingError, OverloadedError
+from service.serving.items import (
+    Answer,
+    Answered,
+    Fallback,
+    Item,
+    Work,
+    fail,
+    resolve,
+    settle_work,
+)
 from service.serving.timer import PipelineTimer
 
 log = logging.getLogger("fraudscore.batcher")
@@ -52,46 +61,6 @@ WATCH_INTERVAL_S = 0.002  # event-loop timers are millisecond-grained; 2 ms is a
 # Fallback-answered items waiting for their features-only pass, at most this many times max_queue:
 # a features-only item costs a few µs, so 4 × 2,048 of them is ~40 ms of pipeline time.
 ANSWERED_BACKLOG_FACTOR = 4
-
-
-@dataclass(slots=True)
-class Item:
-    """One transaction waiting to be scored (or, answered by the fallback, to enter the state)."""
-
-    payload: Any
-    deadline: float            # time.monotonic() seconds: the service budget (≤ client_deadline)
-    received_ns: int           # time.perf_counter_ns() at arrival, for server_latency_us
-    future: asyncio.Future[Any] = field(repr=False)
-    client_deadline: float = math.inf  # time.monotonic() seconds; inf when the client set none
-    # Answered by the fallback before the pipeline took it: the pipeline only feeds it into the
-    # state (features, no model). Set on the event loop, only while the item is queued.
-    answered_by_fallback: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Answered:
-    """What a pipeline call may return instead of a plain sequence: the answers, and a hook the
-    batcher runs on the event loop once they are handed to their calls, with a mask of those
-    that reached their call (None: all did; False where the fallback had answered first). So
-    metrics count the answers sent, never a late one that was dropped."""
-
-    answers: Sequence[Any]
-    delivered: Callable[[list[bool] | None], None]
-
-
-@dataclass(slots=True)
-class Work:
-    """A call that runs on the pipeline thread in its turn in the queue: after every transaction
-    queued before it has entered the state (an outcome report, a snapshot's copy of the state)."""
-
-    fn: Callable[[], Any]
-    future: asyncio.Future[Any] = field(repr=False)
-    kind: str = "work"  # for the timer: "outcome", "snapshot"
-
-
-# `run_batch(items)` returns one answer per item not `answered_by_fallback`, in order.
-Answer = Callable[[list[Item]], "Sequence[Any] | Answered"]
-Fallback = Callable[[list[Item], str], Sequence[Any]]
 
 
 class MicroBatcher:
@@ -251,7 +220,7 @@ class MicroBatcher:
             raise RuntimeError("no fallback to answer with")  # callers check first
         waiting = [i for i in items if not i.future.done()]
         if waiting:
-            _resolve(waiting, fallback(waiting, reason))
+            resolve(waiting, fallback(waiting, reason))
         if queued:
             for item in waiting:
                 item.answered_by_fallback = True
@@ -321,7 +290,7 @@ class MicroBatcher:
                 # Fail them rather than lose them or retry a broken fallback every 2 ms: they leave
                 # the queue having changed nothing, and a retry is scored.
                 self._drop(late_queued)
-                _fail(late_queued, exc)
+                fail(late_queued, exc)
                 raise
             # Already accepted: the backlog bound (for new calls) may be passed by up to max_queue.
             self._answered += marked
@@ -390,13 +359,13 @@ class MicroBatcher:
             try:
                 await self._process(batch)
             except asyncio.CancelledError:
-                _fail(batch, None)
+                fail(batch, None)
                 raise
             except Exception as exc:
                 # The pipeline answers model failures itself; reaching here is a bug. Fail this
                 # batch's calls (INTERNAL) and keep serving the next ones.
                 log.exception("batch failed", extra={"batch_size": len(batch)})
-                _fail(batch, exc)
+                fail(batch, exc)
 
     async def _process(self, batch: list[Item]) -> None:
         now = time.monotonic()
@@ -423,7 +392,7 @@ class MicroBatcher:
                 # Only these fail (they enter nothing; a retry is scored): the rest of the batch,
                 # answered items waiting for the state among them, still runs.
                 log.exception("fallback failed", extra={"batch_size": len(over_budget)})
-                _fail(over_budget, exc)
+                fail(over_budget, exc)
                 failed = {id(i) for i in over_budget}
                 run = [i for i in run if id(i) not in failed]
         if not run:
@@ -439,9 +408,9 @@ class MicroBatcher:
         # Hand-off, the call and its return, not the turns the loop took to resume this task.
         self.timer.observe_batch(len(live), len(run) - len(live), self._returned_at - self._in_flight_since)
         if isinstance(result, Answered):
-            result.delivered(_resolve(live, result.answers))
+            result.delivered(resolve(live, result.answers))
         else:
-            _resolve(live, result)
+            resolve(live, result)
         for item in run:
             # The idempotency record keeps the item as long as the answer (a retry may extend a
             # queued item's deadline); the transaction itself is not needed after the pipeline
@@ -464,7 +433,7 @@ class MicroBatcher:
         self._in_flight_since = self._returned_at = time.monotonic()
         self._busy.set()
         call = asyncio.get_running_loop().run_in_executor(self._executor, self._call_work, [w.fn for w in works])
-        call.add_done_callback(functools.partial(_settle_work, works))
+        call.add_done_callback(functools.partial(settle_work, works))
         try:
             await asyncio.shield(call)
         finally:
@@ -486,45 +455,3 @@ class MicroBatcher:
         finally:
             self._returned_at = time.monotonic()
             self._returned = True
-
-
-def _settle_work(works: list[Work], call: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-    if call.cancelled() or call.exception() is not None:
-        _fail_futures([w.future for w in works], None if call.cancelled() else call.exception())
-        return
-    for work, (ok, value) in zip(works, call.result(), strict=True):
-        if not work.future.done():
-            if ok:
-                work.future.set_result(value)
-            else:
-                work.future.set_exception(value)
-
-
-def _resolve(items: list[Item], results: Sequence[Any]) -> list[bool] | None:
-    """Hand each item its result unless it has one already (the fallback answered it first, the
-    pipeline being late). Returns which got this result, or None when all did."""
-    if len(results) != len(items):
-        raise RuntimeError(f"pipeline returned {len(results)} answers for {len(items)} transactions")
-    delivered: list[bool] | None = None
-    for k, (item, result) in enumerate(zip(items, results, strict=True)):
-        if not item.future.done():
-            item.future.set_result(result)
-        else:  # a pipeline answer that came too late: dropped, and not counted as sent
-            if delivered is None:
-                delivered = [True] * len(items)
-            delivered[k] = False
-    return delivered
-
-
-def _fail(items: list[Item], exc: BaseException | None) -> None:
-    _fail_futures([item.future for item in items], exc)
-
-
-def _fail_futures(futures: list[asyncio.Future[Any]], exc: BaseException | None) -> None:
-    """Settle the futures not yet done: with `exc`, or cancelled when None."""
-    for future in futures:
-        if not future.done():
-            if exc is None:
-                future.cancel()
-            else:
-                future.set_exception(exc)

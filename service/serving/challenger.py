@@ -1,82 +1,26 @@
-"""Champion/challenger: the challenger model directory watched and hot-swapped like the champion's.
-
-The challenger (FRAUDSCORE_CHALLENGER_MODEL_DIR) only ever feeds metrics
-(service/serving/pipeline.py, `record_challenger`), so swapping it risks no answer; what matters
-is that a team can put a new candidate in shadow without a restart. Checked on the
-Reloader's task (SIGHUP, or every FRAUDSCORE_MODEL_RELOAD_S like the champion), loaded and
-warmed off the event loop, swapped with one assignment the pipeline reads once per batch.
-A directory that cannot be used keeps the challenger in shadow (or none), logged and
-counted in `fraudscore_challenger_reloads_total{result="refused"}`.
-"""
+"""The challenger in shadow (FRAUDSCORE_CHALLENGER_MODEL_DIR): scored on the batches the champion
+answered, after the answers are made, feeding metrics only, never an answer. Its directory is
+watched and hot-swapped by service/runtime/challenger_reload.py."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from pathlib import Path
-
 import numpy as np
 
-from core.encode import KeyHasher
-from core.errors import ModelLoadError
-from core.features import NUM_FEATURES
-from core.model import LoadedModel, load_model_dir
-from service.runtime.metrics import Metrics
-from service.runtime.reload import RulesStamp, content_changed, model_stamp
-from service.runtime.restore import warn_about_training
-from service.serving.pipeline import Pipeline
-
-log = logging.getLogger("fraudscore.challenger")
+from core.model import LoadedModel
+from service.runtime.metrics import DECISION_LABELS, DECISION_VALUES, Metrics
 
 
-class ChallengerReload:
-    """`check` swaps a changed, usable challenger directory into `pipeline`."""
-
-    def __init__(self, directory: Path, seen: RulesStamp | None, *, pipeline: Pipeline, metrics: Metrics) -> None:
-        self.directory = directory
-        self._seen = seen  # the stamp of the files in use (or last refused): polling acts on change only
-        self._pipeline = pipeline
-        self._metrics = metrics
-        for result in ("ok", "refused"):  # exported from zero, so rate() and alerts see the first one
-            metrics.challenger_reloads.labels(result)
-
-    async def check(self, *, forced: bool) -> bool:
-        """Load the challenger if its files changed; True when swapped in. `forced` (SIGHUP) checks
-        now, but unchanged files are not loaded again."""
-        stamp = await asyncio.to_thread(model_stamp, self.directory, self._seen)
-        if not content_changed(stamp, self._seen):
-            self._seen = stamp
-            return False
-        self._seen = stamp  # refused files are not retried until they change again
-        trigger = "signal" if forced else "file_changed"
-        old = self._pipeline.challenger
-        old_version = old.version if old is not None else ""
-        try:
-            new = await asyncio.to_thread(_load_and_warm, self.directory, self._pipeline.hasher)
-        except Exception as exc:
-            self._metrics.challenger_reloads.labels("refused").inc()
-            reason = exc.reason if isinstance(exc, ModelLoadError) else f"{exc.__class__.__name__} while loading"
-            log.error("challenger refused; the previous challenger stays in shadow", extra={
-                "challenger_model_dir": str(self.directory), "trigger": trigger, "reason": reason,
-                "model_version": old_version})
-            return False
-        self._pipeline.challenger = new  # read once per batch by the pipeline thread
-        self._metrics.challenger_reloads.labels("ok").inc()
-        info = self._metrics.challenger_info
-        info.labels(new.version).set(1)  # the new label first: a scrape never sees none
-        if old_version and old_version != new.version:
-            with contextlib.suppress(KeyError):
-                info.remove(old_version)
-        log.info("challenger reloaded; scored in shadow, never answered", extra={
-            "challenger_model_dir": str(self.directory), "trigger": trigger, "old_model_version": old_version,
-            "new_model_version": new.version})
-        return True
-
-
-def _load_and_warm(directory: Path, hasher: KeyHasher) -> LoadedModel:
-    """Worker thread: the model, checked against this build's features, and its prediction compiled."""
-    model = load_model_dir(directory)  # refuses another feature set, naming both versions
-    warn_about_training(model, hasher, when="challenger reload")
-    model.forest.predict(np.zeros((2, NUM_FEATURES)))
-    return model
+def record_challenger(challenger: LoadedModel, features: np.ndarray, champion: np.ndarray, metrics: Metrics) -> None:
+    """The challenger's shadow scoring of a batch the champion answered: its probabilities into
+    `fraudscore_challenger_probability`, and where its decision (by its own thresholds) differs from
+    the champion's answer, a count by the pair. Feeds metrics only; raises what the model raises."""
+    p = challenger.forest.predict(features)
+    # Indices 0, 1, 2 = APPROVE, REVIEW, DECLINE (DECISION_LABELS order).
+    mine = np.searchsorted(DECISION_VALUES, challenger.thresholds.decide(p))
+    theirs = np.searchsorted(DECISION_VALUES, champion)
+    metrics.challenger_probability.observe_many(p)
+    pairs = np.bincount(theirs * 3 + mine, minlength=9)
+    for k in np.flatnonzero(pairs).tolist():
+        c, m = divmod(k, 3)
+        if c != m:
+            metrics.challenger_disagreements.labels(DECISION_LABELS[c], DECISION_LABELS[m]).inc(int(pairs[k]))

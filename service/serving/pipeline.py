@@ -26,6 +26,8 @@ from core.rules.ruleset import Decision
 from core.scoring import ScoredBatch, Scorer, Source, risk_score
 from service.runtime.metrics import (
     CHALLENGER,
+    DECISION_LABELS,
+    DECISION_VALUES,
     ENCODE,
     FALLBACK_RULES,
     FEATURES,
@@ -34,13 +36,12 @@ from service.runtime.metrics import (
     RESPOND,
     Metrics,
 )
-from service.serving.batcher import Answered, Item
+from service.serving.challenger import record_challenger
+from service.serving.items import Answered, Item
 
 log = logging.getLogger("fraudscore.pipeline")
 
 _DECISION_NAMES = {int(d): d.name for d in Decision}
-_DECISION_VALUES = np.array(sorted(_DECISION_NAMES), dtype=np.int8)
-_DECISION_LABELS = [_DECISION_NAMES[d] for d in sorted(_DECISION_NAMES)]  # in _DECISION_VALUES order
 _SOURCE_NAMES = {int(s): s.name for s in Source}
 _OUTCOME_FRAUD_WEIGHT = {pb.CONFIRMED_FRAUD: 1.0, pb.CHARGEBACK: 1.0, pb.CONFIRMED_LEGITIMATE: 0.0}
 
@@ -75,22 +76,6 @@ def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> En
         latitude=np.array([t.latitude if t.HasField("latitude") else nan for t in txns], dtype=np.float64),
         longitude=np.array([t.longitude if t.HasField("longitude") else nan for t in txns], dtype=np.float64),
     )
-
-
-def record_challenger(challenger: LoadedModel, features: np.ndarray, champion: np.ndarray, metrics: Metrics) -> None:
-    """The challenger's shadow scoring of a batch the champion answered: its probabilities into
-    `fraudscore_challenger_probability`, and where its decision (by its own thresholds) differs from
-    the champion's answer, a count by the pair. Feeds metrics only; raises what the model raises."""
-    p = challenger.forest.predict(features)
-    # Indices 0, 1, 2 = APPROVE, REVIEW, DECLINE (_DECISION_LABELS order).
-    mine = np.searchsorted(_DECISION_VALUES, challenger.thresholds.decide(p))
-    theirs = np.searchsorted(_DECISION_VALUES, champion)
-    metrics.challenger_probability.observe_many(p)
-    pairs = np.bincount(theirs * 3 + mine, minlength=9)
-    for k in np.flatnonzero(pairs).tolist():
-        c, m = divmod(k, 3)
-        if c != m:
-            metrics.challenger_disagreements.labels(_DECISION_LABELS[c], _DECISION_LABELS[m]).inc(int(pairs[k]))
 
 
 class Pipeline:
@@ -203,7 +188,7 @@ class Pipeline:
         responses = self._responses(answered, scored)
         shadow_started = clock()
         stages.append((RESPOND, shadow_started - responding))
-        challenger = self.challenger  # once: a reload may swap it (service/serving/challenger.py)
+        challenger = self.challenger  # once: a reload may swap it (service/runtime/challenger_reload.py)
         if challenger is not None and features is not None and not fallback_reason and len(scored):
             self._shadow(challenger, features, scored)
             stages.append((CHALLENGER, clock() - shadow_started))
@@ -247,13 +232,13 @@ class Pipeline:
         if not hits.size:
             return
         # (decisions × transactions) one-hot @ (transactions × rules) hits: one matrix product a batch.
-        by_decision = (scored.decision[np.newaxis, :] == _DECISION_VALUES[:, np.newaxis]).astype(np.int64) \
+        by_decision = (scored.decision[np.newaxis, :] == DECISION_VALUES[:, np.newaxis]).astype(np.int64) \
             @ hits.astype(np.int64)
         rules, counter = scored.hits.rules, self.metrics.rule_hits
         rows, columns = np.nonzero(by_decision)
         for d, r, count in zip(rows.tolist(), columns.tolist(), by_decision[rows, columns].tolist(), strict=True):
             rule = rules[r]
-            counter.labels(rule.name, "shadow" if rule.shadow else "enforce", _DECISION_LABELS[d]).inc(count)
+            counter.labels(rule.name, "shadow" if rule.shadow else "enforce", DECISION_LABELS[d]).inc(count)
 
     def _count_decisions(self, scored: ScoredBatch) -> None:
         """`fraudscore_decisions_total`: one increment per (decision, source) pair seen, not per transaction."""
@@ -312,12 +297,6 @@ class Pipeline:
         self._count_rule_hits(scored)
         return responses
 
-    def trial(self) -> Pipeline:
-        """A pipeline like this one (scorer, key, challenger) on a throwaway state and metrics, for
-        timing calls at start-up without touching the real state or counting anything."""
-        return Pipeline(engine=FeatureEngine(_throwaway_state(TRIAL_CAPACITY)), scorer=self.scorer, hasher=self.hasher,
-                        metrics=Metrics(), challenger=self.challenger)
-
     def touch_state(self) -> None:
         """Write one byte of every memory page of the in-process state tables (rewriting what is
         there), before serving. Fresh tables are zero pages the kernel has not mapped yet; without
@@ -356,42 +335,3 @@ class Pipeline:
 
 def _nothing_delivered(delivered: list[bool] | None) -> None:
     """The `Answered.delivered` of a batch that answered nobody."""
-
-
-TRIAL_CAPACITY = 4096  # slots per kind of the throwaway state that start-up times pipeline calls on
-
-
-def _throwaway_state(capacity: int) -> EntityState:
-    return EntityState.empty(card_capacity=capacity, merchant_capacity=capacity, customer_capacity=capacity,
-                             device_capacity=capacity, ip_capacity=capacity)
-
-
-def warm_transactions(n: int) -> list[pb.Transaction]:
-    """`n` made-up transactions for warm-up and start-up timing: distinct cards, customers, devices and
-    IPs, a few merchants, amounts spread from cents to thousands (so some are flagged and explained)."""
-    return [pb.Transaction(transaction_id=f"warm-up-{i}", card_id=f"warm-card-{i}", merchant_id=f"warm-merchant-{i % 7}",
-                           amount_minor=99 + (i * 7_919) % 400_000, currency="USD",
-                           event_time_ms=1_767_225_600_000 + i, channel=pb.ECOMMERCE if i % 3 else pb.CARD_PRESENT,
-                           country="US" if i % 5 else "BR", latitude=40.7, longitude=-74.0,
-                           device_id=f"warm-device-{i}", ip_address=f"192.0.2.{i % 250 + 1}",
-                           customer_id=f"warm-customer-{i}", merchant_category="5411" if i % 2 else "5732")
-            for i in range(n)]
-
-
-def warm_up(scorer: Scorer, hasher: KeyHasher, challenger: LoadedModel | None = None) -> None:
-    """Compile (or load from cache) every kernel on a throwaway state, so real state stays untouched;
-    with `challenger`, its prediction too."""
-    engine = FeatureEngine(_throwaway_state(16))
-    txn = warm_transactions(1)[0]
-    batch = encode_transactions(hasher, [txn, txn])
-    features = engine.compute(batch)
-    engine.apply_outcomes(batch.card_key, batch.merchant_key, batch.event_time_ms, np.ones(2))
-    keys = identifier_keys(batch)
-    scorer.fallback(features, batch.amount, keys=keys)
-    if scorer.model is not None:
-        scorer.score(features, batch.amount, keys=keys)
-        # Reasons run only for flagged transactions, which the warm-up's may not be.
-        scorer.model.forest.path_attributions(features)
-        scorer.model.forest.contributions(features)
-    if challenger is not None:
-        challenger.forest.predict(features)

@@ -54,7 +54,7 @@ from service.api import validation
 from service.api.validation import decoded, lenient, validate_outcome, validate_transaction
 from service.runtime.metrics import Metrics
 from service.serving import pipeline as pipeline_module
-from service.serving.batcher import Item
+from service.serving.items import Item
 from service.serving.pipeline import Pipeline
 
 RULES = Path(__file__).resolve().parents[2] / "service" / "defaults" / "rules.json"

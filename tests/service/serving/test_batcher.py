@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.api.errors import DeadlineExpiredError, NotServingError, OverloadedError
-from service.serving.batcher import Answered, Item, MicroBatcher
+from service.serving.batcher import MicroBatcher
+from service.serving.items import Answered, Item
 
 
 def make_item(loop: asyncio.AbstractEventLoop, payload: int, *, budget_s: float = 5.0,

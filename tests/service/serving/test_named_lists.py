@@ -15,7 +15,7 @@ from core.features import EntityState, FeatureEngine
 from core.scoring import Scorer
 from service.runtime.metrics import Metrics
 from service.runtime.reload import load_rules, loaded_stamp, rules_stamp
-from service.serving.batcher import Item
+from service.serving.items import Item
 from service.serving.pipeline import Pipeline
 
 HASHER = KeyHasher(b"server-key")

@@ -18,7 +18,7 @@ from core.rules.file import parse_ruleset
 from core.rules.ruleset import Decision
 from core.scoring import Scorer
 from service.runtime.metrics import Metrics
-from service.serving.batcher import Item
+from service.serving.items import Item
 from service.serving.pipeline import Pipeline, encode_transactions
 
 RULES = orjson.dumps({"version": "t", "rules": [], "fallback": {"default_probability": 0.02, "rules": [
