@@ -277,8 +277,9 @@ def bench_rules(history: Any, X: Rows) -> list[str]:
     return lines
 
 
-def main(model_dir: Path, parts: Sequence[str] = PARTS) -> int:
-    """Run the named parts (all by default) and print their tables."""
+def main(model_dir: Path, parts: Sequence[str] = PARTS, *, long_s: float = 0.0) -> int:
+    """Run the named parts (all by default) and print their tables; `long_s` > 0 adds a long run at
+    80 % of the service's peak to the serve part."""
     history, X = replayed_rows()
     lines: list[str] = []
     if "features" in parts:
@@ -290,6 +291,6 @@ def main(model_dir: Path, parts: Sequence[str] = PARTS) -> int:
     if "serve" in parts:
         from service.bench.serve import bench_serve
 
-        lines += ["", *bench_serve(model_dir)]
+        lines += ["", *bench_serve(model_dir, long_s=long_s)]
     print("\n".join(lines))
     return 0

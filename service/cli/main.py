@@ -135,7 +135,7 @@ def _bench(args: argparse.Namespace) -> int:
     from service.bench.compute import PARTS
     from service.bench.compute import main as bench_main
 
-    return bench_main(args.model, [args.part] if args.part else PARTS)
+    return bench_main(args.model, [args.part] if args.part else PARTS, long_s=args.long)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -182,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("part", nargs="?", choices=("features", "rules", "forest", "serve"),
                    help="run only this part (default: all)")
     b.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
+    b.add_argument("--long", type=float, default=0.0, metavar="SECONDS",
+                   help="serve: also run this long at 80%% of the service's peak and print its p99 per 10 s "
+                        "(a flat tail, or drift?); e.g. 300")
     b.set_defaults(run=_bench)
     return p
 
