@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from core.errors import FraudscoreError
-from service.api.errors import ConcurrencyLimitError, status_of
+from service.api.errors import status_of
 from service.runtime import logs
 from service.runtime.metrics import Metrics
 
@@ -30,21 +30,16 @@ class HasCalls(Protocol):
 
 
 class Gate:
-    """The FraudScoring calls in the server, and the refusal past `limit`, counted in
-    `fraudscore_sheds_total{reason="concurrency"}`. gRPC's own limit, set a little higher, refuses
-    before any handler and unseen by metrics: with this one below it, gRPC's is only a backstop.
-    Event loop only (plain int arithmetic: ~0.01 µs a call, docs/metrics.md)."""
+    """The FraudScoring calls in the server now (`fraudscore_calls_in_flight`). The limit is gRPC's
+    (FRAUDSCORE_MAX_CONCURRENT_RPCS), enforced before any handler runs, so a call past it never
+    reaches this count. Event loop only (plain int arithmetic: ~0.01 µs a call)."""
 
-    __slots__ = ("_shed", "in_flight", "limit")
+    __slots__ = ("in_flight",)
 
-    def __init__(self, metrics: Metrics, limit: int) -> None:
-        self.in_flight, self.limit = 0, limit
-        self._shed = metrics.sheds.labels("concurrency")
+    def __init__(self) -> None:
+        self.in_flight = 0
 
     def enter(self) -> None:
-        if self.in_flight >= self.limit:
-            self._shed.inc()
-            raise ConcurrencyLimitError(self.limit)
         self.in_flight += 1
 
     def leave(self) -> None:

@@ -1,10 +1,10 @@
-"""Service-side errors and the one table that maps every error to a gRPC status code.
+"""Service-side errors and the one table that maps every error to a gRPC status code. (Calls past
+FRAUDSCORE_MAX_CONCURRENT_RPCS are refused by gRPC itself, before any handler: RESOURCE_EXHAUSTED.)
 
     FraudscoreError (core.errors)
     ├── InvalidInputError ............ INVALID_ARGUMENT   (bad request; nothing changed)
     ├── IdempotencyConflictError ..... FAILED_PRECONDITION (same id, different payload)
     ├── OverloadedError .............. RESOURCE_EXHAUSTED (shed: queue full; retry with backoff)
-    │   └── ConcurrencyLimitError .... RESOURCE_EXHAUSTED (shed: too many calls in progress)
     ├── StreamTooLongError ........... RESOURCE_EXHAUSTED (a stream past its message limit; open a new one)
     ├── DeadlineExpiredError ......... DEADLINE_EXCEEDED  (deadline passed before any work)
     ├── NotServingError .............. UNAVAILABLE        (starting or draining; retry elsewhere)
@@ -30,16 +30,6 @@ class OverloadedError(FraudscoreError):
         what = ("transactions answered by the fallback waiting to enter the state" if reason == "answered_backlog_full"
                 else "transactions queued")
         super().__init__(f"server overloaded: {queued} {what}, limit {limit}; retry with backoff")
-
-
-class ConcurrencyLimitError(OverloadedError):
-    """FRAUDSCORE_MAX_CONCURRENT_RPCS calls already in the server."""
-
-    def __init__(self, limit: int) -> None:
-        self.queued = self.limit = limit
-        self.reason = "concurrency"
-        FraudscoreError.__init__(self, f"server overloaded: {limit} calls in progress "
-                                       "(FRAUDSCORE_MAX_CONCURRENT_RPCS); retry with backoff")
 
 
 class StreamTooLongError(FraudscoreError):

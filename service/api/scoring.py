@@ -44,7 +44,9 @@ def _fingerprint(txn: pb.Transaction) -> int:
 class FraudScoringService(pb_grpc.FraudScoringServicer):
     def __init__(self, app: App) -> None:
         self.app = app
-        gate = Gate(app.metrics, app.settings.max_concurrent_rpcs)
+        gate = Gate()
+        app.metrics.calls_in_flight.set_function(lambda: gate.in_flight)
+        app.metrics.calls_in_flight_limit.set(app.settings.max_concurrent_rpcs)
         self.calls = {m: Calls(app.metrics, m, gate) for m in ("Score", "ScoreBatch", "ScoreStream", "ReportOutcome")}
 
     def _submit(self, txns: list[pb.Transaction], context: grpc.aio.ServicerContext) -> list[asyncio.Future[Any]]:

@@ -364,8 +364,10 @@ async def _streams_async(target: str, streams: list[list[bytes]], in_flight: int
                     degraded += reply.degraded
                     window.release()
             except grpc.aio.AioRpcError:
-                errors += 1
-            await writer
+                errors += 1  # refused or ended by the server: the writer's failure says nothing more
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await writer
 
         await asyncio.gather(*(one(m) for m in streams))
         took = time.monotonic() - start_at

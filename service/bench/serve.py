@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.bench.loadgen import BUDGET_US, closed_loop, transactions
 from service.bench.openloop import (
+    CANCELLED,
     DEADLINE,
     DEGRADED,
     FAILED,
@@ -147,7 +148,7 @@ class _Traffic:
 def _fits(calls: Calls) -> bool:
     """A rate the server sustains: p99 within the budget, nothing degraded, refused or failed."""
     return (len(calls) > 0 and calls.percentile_ms(99) <= BUDGET_US / 1000
-            and calls.count(DEGRADED, REFUSED, DEADLINE, FAILED) == 0)
+            and calls.count(DEGRADED, REFUSED, DEADLINE, FAILED, CANCELLED) == 0)
 
 
 def _peak(gen: Generators, traffic: _Traffic, target: str) -> tuple[float, list[str]]:
@@ -263,14 +264,15 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0, long_s: float = 0.0) -
         f"  at 50% of the bare peak ({0.5 * bare_peak:.0f}/s): p50 {half_bare.percentile_ms(50):.2f} ms, "
         f"p99 {half_bare.percentile_ms(99):.2f} ms, p99.9 {half_bare.percentile_ms(99.9):.2f} ms "
         f"(goal p99 ≤ 10, p99.9 ≤ 25); degraded {half_bare.count(DEGRADED)}, "
-        f"refused {half_bare.count(REFUSED)}, failed {half_bare.count(DEADLINE, FAILED)}",
+        f"refused {half_bare.count(REFUSED, CANCELLED)}, failed {half_bare.count(DEADLINE, FAILED)}",
         f"  at 50% of the real peak ({half:.0f}/s): p99 {baseline_p99:.2f} ms; degraded "
         f"{baseline.count(DEGRADED)} of {len(baseline)} (must be 0)",
         f"  3× the real peak ({over_rate:.0f}/s) for {OVERLOAD_S:.0f} s, probe {PROBE_RATE:.0f}/s: probe answered "
         f"{int(probe_over.answered.sum())} of {len(probe_over)}, {100 * probe_over.within():.1f}% of them within 50 ms "
         f"(goal ≥ 99.9%), probe p50 {probe_over.percentile_ms(50):.1f} ms, p99 {probe_over.percentile_ms(99):.1f} ms",
         f"    bulk: answered {int(over.answered.sum())} ({over.count(DEGRADED)} degraded), refused {refused} "
-        f"(p99 {over.percentile_ms(99, statuses=(REFUSED,)):.1f} ms after sending), deadline or failed "
+        f"and dropped by gRPC's queue (CANCELLED) {over.count(CANCELLED)}, p99 "
+        f"{over.percentile_ms(99, statuses=(REFUSED, CANCELLED)):.1f} ms after sending; deadline or failed "
         f"{over.count(DEADLINE, FAILED)}; goodput {over.goodput(OVERLOAD_S):.0f}/s within 50 ms = "
         f"{100 * over.goodput(OVERLOAD_S) / real_peak:.0f}% of the peak (goal ≥ 80%); server RSS "
         f"{rss_before:.0f} → {rss_after:.0f} MiB",

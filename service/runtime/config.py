@@ -70,13 +70,20 @@ class Settings:
     """Most messages in one ScoreStream; past it the stream ends with RESOURCE_EXHAUSTED (open a new one)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
-    max_concurrent_rpcs: int = 256
-    """FraudScoring calls in the server at once (a stream counts as one); past it a call is answered
-    RESOURCE_EXHAUSTED before any work, counted in `fraudscore_sheds_total{reason="concurrency"}`.
-    gRPC's own limit, a little above (`grpc_concurrency_limit`), is the backstop for everything
-    else (health, reflection). Under overload a call waits inside gRPC before the server sees it,
-    where no budget can be applied: keep this near peak rate × budget (docs/design.md, "Serving
-    under pressure")."""
+    max_concurrent_rpcs: int = 32
+    """Calls the server works on at once on its gRPC port (every method; an open ScoreStream holds
+    one for its life). gRPC itself enforces it, before any Python runs: past it a call waits in
+    gRPC's own queue (`max_pending_rpcs`) or is refused RESOURCE_EXHAUSTED. Sized for latency, not
+    capacity: answers take about this many divided by the peak rate (32 / 1,500 per s ≈ 21 ms on the
+    2-core reference machine); raise it by the number of ScoreStreams clients keep open
+    (docs/design.md, "Overload: refused by gRPC, early")."""
+    max_pending_rpcs: int = 16
+    """Calls gRPC holds while `max_concurrent_rpcs` are in the server, before any handler; past half
+    of it gRPC starts dropping new ones, past it all (the client sees RESOURCE_EXHAUSTED or CANCELLED;
+    nothing was recorded: retry with backoff). Small on purpose: a call waits there where no budget
+    applies, and dropping it in gRPC costs the server no Python. Too small, and a stall of the event
+    loop (a GC pause, a busy neighbour on the host) drops calls at moderate load: half of it is the
+    burst it absorbs (8 calls: 8 ms at 1,000/s)."""
     max_connection_age_s: float = 300.0
     """A client connection is closed (GOAWAY, then `shutdown_grace_s` for its calls to finish) after
     about this many seconds (gRPC adds ±10 % jitter); clients reconnect, through the load balancer,
@@ -168,6 +175,7 @@ class Settings:
         need(1 <= self.max_batch_request <= self.max_queue, "max_batch_request",
              "must be ≥ 1 and ≤ max_queue (a larger ScoreBatch could never be queued)")
         need(self.max_concurrent_rpcs >= 1, "max_concurrent_rpcs", "must be ≥ 1")
+        need(self.max_pending_rpcs >= 1, "max_pending_rpcs", "must be ≥ 1")
         need(self.max_clock_skew_s >= 0, "max_clock_skew_s", "must be ≥ 0")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be ≥ 0")
         # Fewer would evict records of calls still queued or in the pipeline: their retries
@@ -211,11 +219,6 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE is set but {cert} and {key} are not: mutual TLS "
                              "needs the server's own certificate and key too; set them, or unset "
                              f"{ENV_PREFIX}TLS_CLIENT_CA_FILE")
-
-    @property
-    def grpc_concurrency_limit(self) -> int:
-        """gRPC's own limit: the backstop above `max_concurrent_rpcs`, room for health and reflection."""
-        return self.max_concurrent_rpcs + max(16, self.max_concurrent_rpcs // 8)
 
     def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **changes)

@@ -260,6 +260,12 @@ class Metrics:
                                 ["model_version", "ruleset_version", "feature_set_version"], registry=r)
         self.model_loaded = Gauge("fraudscore_model_loaded", "1 when a model is loaded, 0 when serving fallback only",
                                   registry=r)
+        self.calls_in_flight = Gauge(
+            "fraudscore_calls_in_flight", "FraudScoring calls in the server now (an open ScoreStream counts once)",
+            registry=r)
+        self.calls_in_flight_limit = Gauge(
+            "fraudscore_calls_in_flight_limit",
+            "FRAUDSCORE_MAX_CONCURRENT_RPCS: calls past it wait in gRPC's queue or are refused by gRPC", registry=r)
         self.queue_depth = Gauge("fraudscore_queue_depth", "Transactions waiting for the pipeline's answer",
                                  registry=r)
         self.answered_backlog = Gauge(

@@ -62,6 +62,12 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # gRPC's queue of calls waiting for one of the max_concurrent_rpcs slots, before any handler:
+        # random early drops from half of max_pending_rpcs, every new call past it. Measured under 3×
+        # overload (docs/design.md, "Overload"): with gRPC's defaults (1,000 and 3,000) calls waited
+        # there until their clients timed out and almost nothing was answered within 50 ms.
+        ("grpc.server.max_pending_requests", settings.max_pending_rpcs // 2),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs),
     ]
     if settings.max_connection_age_s > 0:
         # GOAWAY after the age (gRPC adds ±10 % jitter, so pods do not all reconnect at once), then
@@ -84,9 +90,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         # Counted (a bounded label set: our own methods only) and given a request id.
         refused_call(ours.get(method), context, started, grpc.StatusCode.UNAUTHENTICATED)
 
-    # gRPC's limit is the backstop, a little above the service's own (service/api/calls.py, Gate),
-    # which refuses first and counts it: gRPC's refusals reach no interceptor and no metric.
-    server = grpc.aio.server(maximum_concurrent_rpcs=settings.grpc_concurrency_limit,
+    # The limit is gRPC's, enforced before any Python runs: a refusal there costs the event loop
+    # nothing, where one in a handler costs most of a call (docs/design.md, "Overload").
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
                              options=server_options(settings), interceptors=security.interceptors(on_refused=refused))
     health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

@@ -161,7 +161,8 @@ def test_the_alerts_cover_fallbacks_sheds_the_budget_and_no_model() -> None:
     exprs = {str(r["alert"]): re.sub(r"\s+", " ", str(r["expr"])).strip() for r in _alert_rules()}
     assert any("fraudscore_fallbacks_total" in e and "/" in e for e in exprs.values()), "fallback ratio"
     assert any("fraudscore_sheds_total" in e and "/" in e for e in exprs.values()), "shed ratio"
-    assert any('reason="concurrency"' in e for e in exprs.values()), "calls refused at the concurrency limit"
+    assert any("fraudscore_calls_in_flight" in e and "fraudscore_calls_in_flight_limit" in e
+               for e in exprs.values()), "a pod at its call limit (gRPC refuses past it)"
     assert any("histogram_quantile(0.99" in e and "fraudscore_request_duration_seconds_bucket" in e
                and e.endswith("> 0.05") for e in exprs.values()), "p99 over the 50 ms budget"
     assert any("fraudscore_model_loaded" in e and "== 0" in e for e in exprs.values()), "no model loaded"

@@ -1,5 +1,5 @@
-"""Limits of a real server over real channels: calls past FRAUDSCORE_MAX_CONCURRENT_RPCS refused
-and counted by the service itself, and connections aged out (FRAUDSCORE_MAX_CONNECTION_AGE_S)."""
+"""Limits of a real server over real channels: calls past FRAUDSCORE_MAX_CONCURRENT_RPCS refused by
+gRPC itself before any handler, and connections aged out (FRAUDSCORE_MAX_CONNECTION_AGE_S)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def aging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv.stop()
 
 
-def test_calls_past_the_concurrency_limit_are_refused_and_counted(limited: ServerProcess) -> None:
+def test_calls_past_the_call_limit_are_refused_by_grpc_at_once(limited: ServerProcess) -> None:
     release = threading.Event()
 
     def held() -> Iterator[pb.ScoreRequest]:
@@ -48,10 +48,13 @@ def test_calls_past_the_concurrency_limit_are_refused_and_counted(limited: Serve
         try:
             for stream in streams:
                 next(stream)  # answered: the stream is in the server, holding its slot
+            assert value(scrape(limited), "fraudscore_calls_in_flight") == 2
+            assert value(scrape(limited), "fraudscore_calls_in_flight_limit") == 2
+            started = time.monotonic()
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Score(pb.ScoreRequest(transaction=txn()), timeout=10)
+            assert time.monotonic() - started < 1.0  # refused at once, not held until the deadline
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "FRAUDSCORE_MAX_CONCURRENT_RPCS" in (refused.value.details() or "")  # type: ignore[attr-defined]
         finally:
             release.set()
         for stream in streams:
@@ -62,9 +65,10 @@ def test_calls_past_the_concurrency_limit_are_refused_and_counted(limited: Serve
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("fraudscore_sheds_total", reason="concurrency") == 1
-    assert delta("fraudscore_requests_total", method="Score", code="RESOURCE_EXHAUSTED") == 1
-    assert delta("fraudscore_request_duration_seconds_count", method="Score", code="RESOURCE_EXHAUSTED") == 1
+    # Refused by gRPC before any handler ran: no handler counted it, nothing was recorded.
+    assert delta("fraudscore_requests_total", method="Score", code="RESOURCE_EXHAUSTED") == 0
+    assert delta("fraudscore_requests_total", method="Score", code="OK") == 1
+    assert value(after, "fraudscore_calls_in_flight") == 0
     # Each streamed message's latency, not only the streams' lifetimes.
     assert delta("fraudscore_stream_message_duration_seconds_count") == 2
     assert delta("fraudscore_requests_total", method="ScoreStream", code="OK") == 2

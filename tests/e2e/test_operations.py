@@ -211,15 +211,17 @@ def test_a_burst_beyond_the_queue_bound_is_shed_and_counted(tmp_path: Path, mode
             later = stub.ScoreBatch(pb.ScoreBatchRequest(transactions=refused), timeout=30).results
             assert [r.transaction_id for r in later] == [t.transaction_id for t in refused]
             assert value(scrape(srv), "fraudscore_idempotent_replays_total") == 0
-            # A burst of concurrent calls: each one is answered or shed, nothing else.
+            # A burst of concurrent calls: each one is answered or shed, nothing else. Shed by the
+            # handler past the queue bound (counted), or by gRPC past its call slots or its own short
+            # queue (RESOURCE_EXHAUSTED or CANCELLED, before any handler: no server metric sees those).
             calls = [stub.Score.future(pb.ScoreRequest(transaction=txn()), timeout=60) for _ in range(40)]
             codes = status_codes(calls)
-        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
         assert grpc.StatusCode.OK in codes
-        shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-        assert shed > 0
-        assert value(scrape(srv), "fraudscore_sheds_total", reason="queue_full") == 4 + shed
-        assert value(scrape(srv), "fraudscore_requests_total", method="Score", code="RESOURCE_EXHAUSTED") == shed
+        by_handler = value(scrape(srv), "fraudscore_sheds_total", reason="queue_full") - 4
+        assert by_handler > 0
+        assert value(scrape(srv), "fraudscore_requests_total", method="Score", code="RESOURCE_EXHAUSTED") == by_handler
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= by_handler
     finally:
         assert srv.stop() == 0
 

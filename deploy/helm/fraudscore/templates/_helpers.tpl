@@ -46,7 +46,7 @@ keeps this list equal to the Settings fields), and the ones the chart sets itsel
   "FRAUDSCORE_SNAPSHOT_INTERVAL_S" "FRAUDSCORE_BUDGET_MS" "FRAUDSCORE_MAX_BATCH"
   "FRAUDSCORE_MAX_WAIT_US" "FRAUDSCORE_MAX_QUEUE" "FRAUDSCORE_SHED_MODE"
   "FRAUDSCORE_MAX_BATCH_REQUEST" "FRAUDSCORE_MAX_STREAM_MESSAGES" "FRAUDSCORE_MAX_MESSAGE_BYTES"
-  "FRAUDSCORE_MAX_CONCURRENT_RPCS" "FRAUDSCORE_MAX_CLOCK_SKEW_S" "FRAUDSCORE_SHUTDOWN_GRACE_S"
+  "FRAUDSCORE_MAX_CONCURRENT_RPCS" "FRAUDSCORE_MAX_PENDING_RPCS" "FRAUDSCORE_MAX_CLOCK_SKEW_S" "FRAUDSCORE_SHUTDOWN_GRACE_S"
   "FRAUDSCORE_IDEMPOTENCY_TTL_S" "FRAUDSCORE_IDEMPOTENCY_MAX_ENTRIES" "FRAUDSCORE_ID_HASH_KEY"
   "FRAUDSCORE_ID_HASH_KEY_FILE"
   "FRAUDSCORE_CARD_CAPACITY" "FRAUDSCORE_ENTITY_CAPACITY" "FRAUDSCORE_REASONS_METHOD"
@@ -83,8 +83,11 @@ the chart sets itself (two sources for one setting). */}}
 
 {{/* TLS or auth on: the gRPC port needs TLS or a token, which kubelet probes cannot give,
 so probes use the plaintext health-only port. */}}
+{{/* Probes always go to the plaintext health-only port: the gRPC port refuses calls past
+FRAUDSCORE_MAX_CONCURRENT_RPCS and drops those past its short queue, so under overload a probe
+there could fail and the kubelet restart a pod that is only busy. */}}
 {{- define "fraudscore.useHealthPort" -}}
-{{- if or .Values.tls.enabled .Values.auth.enabled }}true{{- end }}
+true
 {{- end }}
 
 {{- define "fraudscore.probePort" -}}
