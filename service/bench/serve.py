@@ -188,8 +188,9 @@ def _start_bare(port: int) -> subprocess.Popen[bytes]:
 
 
 def _recovered_after_s(windows: list[float], baseline_ms: float, window_s: float) -> float:
-    """Seconds until the p99 per window stays within max(2 × baseline, baseline + 5 ms) for good."""
-    limit = max(2 * baseline_ms, baseline_ms + 5.0)
+    """Seconds until the p99 per window stays within max(2 × baseline, baseline + 10 ms) for good (a
+    shared host's noise moves a half-second window's p99 by a few ms; a slow state, by hundreds)."""
+    limit = max(2 * baseline_ms, baseline_ms + 10.0)
     for k in range(len(windows)):
         if all(w <= limit for w in windows[k:] if w == w):
             return k * window_s
@@ -279,7 +280,7 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0, long_s: float = 0.0) -
         f"    generator sending lag p99 {float(np.percentile(over.lag_us, 99)) / 1000:.1f} ms (large: the generators, "
         f"sharing the cores, could not keep the schedule); by the server's own clock: {server_view}",
         f"  recovery at 50% of the real peak: p99 per 0.5 s {' '.join(f'{w:.0f}' for w in windows)} ms; back within "
-        f"max(2×, +5 ms) of the {baseline_p99:.1f} ms before after {_recovered_after_s(windows, baseline_p99, 0.5):.1f} s "
+        f"max(2×, +10 ms) of the {baseline_p99:.1f} ms before after {_recovered_after_s(windows, baseline_p99, 0.5):.1f} s "
         f"(goal ≤ 2 s)",
         f"  ScoreBatch of {batch_size}, 4 in flight per generator: {batches.per_s:,.0f} transactions/s, request p99 "
         f"{batches.percentile_ms(99):.0f} ms, degraded {batches.degraded}, errors {batches.errors} (goal ≥ 100,000/s)",
