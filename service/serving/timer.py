@@ -61,7 +61,9 @@ class PipelineTimer:
     def _mean(self, old: float | None, seconds: float) -> float:
         if old is None:
             return seconds
-        return old * self._decay + min(seconds, STALL_FACTOR * old + 0.001) * (1.0 - self._decay)
+        seconds = min(seconds, STALL_FACTOR * old + 0.001)
+        # Never above both terms (rounding could put a mean of two equal calls a hair above them).
+        return min(old * self._decay + seconds * (1.0 - self._decay), max(old, seconds))
 
     def observe(self, n: int, seconds: float) -> None:
         """A call that scored `n` transactions took `seconds`."""
