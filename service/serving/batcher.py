@@ -61,10 +61,11 @@ WATCH_INTERVAL_S = 0.002  # event-loop timers are millisecond-grained; 2 ms is a
 # Fallback-answered items waiting for their features-only pass, at most this many times max_queue:
 # a features-only item costs a few µs, so 4 × 2,048 of them is ~40 ms of pipeline time.
 ANSWERED_BACKLOG_FACTOR = 4
-# A pipeline call past its expected time is expected to need up to this much longer: enough to
-# answer its items by the fallback and let the event loop deliver them before their deadlines if
-# it is stuck, without treating every host stall of a few tens of ms as one (docs/design.md).
-OVERRUN_MARGIN_S = 0.005
+# A pipeline call past its expected time is expected to need as much again, but never more than
+# its expected time or this margin, whichever is longer: time enough to answer its items by the
+# fallback and let the event loop deliver them before their deadlines if it is stuck, without
+# treating every host stall of a few tens of ms as one (docs/design.md, "Budget").
+OVERRUN_MARGIN_S = 0.010
 
 
 class MicroBatcher:
@@ -208,9 +209,9 @@ class MicroBatcher:
                 expected = timer.expected_batch_s(len(self._in_flight), self._in_flight_state_only)
             # A call past its expected time is slow or stuck: expect it to run on a while longer
             # (continuous, never negative: an overrunning call is not "about to finish"). Until
-            # 2026-12-03 "as much again": a 25 ms host stall then sent every queued call of a
-            # 50 ms budget to the fallback although the pipeline answered them in time.
-            current = max(expected - elapsed, min(elapsed - expected, OVERRUN_MARGIN_S))
+            # 2026-12-03 "as much again" without a bound: a 25 ms host stall of a 1 ms call then
+            # sent every queued call of a 50 ms budget to the fallback, answered in time or not.
+            current = max(expected - elapsed, min(elapsed - expected, max(expected, OVERRUN_MARGIN_S)))
         else:
             current = 0.0
         full, rest = divmod(ahead + own, self._max_batch)
