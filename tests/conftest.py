@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -102,6 +103,18 @@ def start_server(tmp: Path, *, model_dir: Path | None, state_dir: Path | None = 
             time.sleep(0.1)
     server.stop()
     raise TimeoutError(f"server did not report SERVING within {timeout_s}s:\n{server.log()}")
+
+
+@contextlib.contextmanager
+def bare_server() -> Iterator[str]:
+    """The bare grpc.aio server of `fraudscore bench serve` (a constant answer), as a control; its target."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.bench.loadgen", "bare", "--port", str(port)], cwd=REPO)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
 
 
 @pytest.fixture(scope="module")

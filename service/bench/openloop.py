@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
@@ -74,20 +75,38 @@ class Calls:
     def count(self, *statuses: int) -> int:
         return int(np.isin(self.status, statuses).sum())
 
-    def percentile_ms(self, p: float, *, statuses: tuple[int, ...] = (OK, DEGRADED)) -> float:
+    def _latency(self, from_send: bool) -> np.ndarray:
+        # From the intended send time (the caller's clock), or with `from_send` from the moment the
+        # generator actually sent: what the server and the network took, less the generator's lag.
+        latency: np.ndarray = self.latency_us - self.lag_us if from_send else self.latency_us
+        return latency
+
+    def percentile_ms(self, p: float, *, statuses: tuple[int, ...] = (OK, DEGRADED), from_send: bool = False) -> float:
         """The p-th percentile of the latency of calls with these outcomes (NaN when none)."""
         rows = np.isin(self.status, statuses)
-        return float(np.percentile(self.latency_us[rows], p)) / 1000.0 if rows.any() else float("nan")
+        return float(np.percentile(self._latency(from_send)[rows], p)) / 1000.0 if rows.any() else float("nan")
 
-    def within(self, limit_us: int = BUDGET_US) -> float:
+    def within(self, limit_us: int = BUDGET_US, *, from_send: bool = False) -> float:
         """The share of answered calls answered within `limit_us` of their send time (NaN when none)."""
         answered = self.answered
-        return float((self.latency_us[answered] <= limit_us).mean()) if answered.any() else float("nan")
+        return float((self._latency(from_send)[answered] <= limit_us).mean()) if answered.any() else float("nan")
+
+    def good_share(self, limit_us: int = BUDGET_US) -> float:
+        """The share of all calls answered by the model path (not degraded) within `limit_us` (NaN when none)."""
+        return float(((self.status == OK) & (self.latency_us <= limit_us)).mean()) if len(self) else float("nan")
 
     def goodput(self, duration_s: float, limit_us: int = BUDGET_US, *, model_only: bool = False) -> float:
         """Answers within `limit_us` per second (with `model_only`, not degraded ones)."""
         good = (self.status == OK) if model_only else self.answered
         return float((good & (self.latency_us <= limit_us)).sum()) / duration_s
+
+    def windows_with(self, *statuses: int, start: float, stop: float, window_s: float) -> float:
+        """The share of the windows of `window_s` in [start, stop) holding a call with one of these
+        outcomes: a host's stall shows in a window or two, a server in a bad state in most of them."""
+        n = max(math.ceil((stop - start) / window_s - 1e-9), 1)
+        rows = np.isin(self.status, statuses) & (self.sent_at >= start) & (self.sent_at < stop)
+        hit = np.unique(((self.sent_at[rows] - start) // window_s).astype(np.int64))
+        return float(len(hit)) / n
 
     def p99_by_window(self, start: float, stop: float, window_s: float) -> list[float]:
         """The p99 of answered calls per window of `window_s` from `start` (ms; NaN for an empty window)."""
@@ -182,12 +201,16 @@ class Generators:
 
     def run(self, target: str, requests: Sequence[bytes], phases: Sequence[tuple[float, float]], *,
             probe: Sequence[bytes] = (), probe_rate_per_s: float = 100.0, timeout_s: float = 1.0,
-            lead_s: float = 0.5) -> tuple[Calls, Calls, float]:
+            lead_s: float = 0.5, probe_target: str | None = None) -> tuple[Calls, Calls, float]:
         """Send the bulk `requests` on the schedule of `phases` ((rate per s, seconds) each, one after
         the other), split over the bulk processes, and the `probe` requests at `probe_rate_per_s`
-        from the same start, `lead_s` from now. Returns the bulk's calls, the probe's, and the
-        start instant. Needs as many requests as the phases send (raises ValueError otherwise)."""
+        from the same start, `lead_s` from now, to `probe_target` (default: `target`; another
+        server there makes the probe a control run at the same moments). Returns the bulk's calls,
+        the probe's, and the start instant. Needs as many requests as the phases send (raises
+        ValueError otherwise)."""
         check_loopback(target)
+        probe_target = probe_target or target
+        check_loopback(probe_target)
         start_at = time.monotonic() + lead_s
         times = schedule(start_at, phases)
         if len(requests) < len(times):
@@ -201,7 +224,7 @@ class Generators:
         probed = None
         if probe:
             probe_times = schedule(start_at, [(probe_rate_per_s, total_s)])
-            probed = self._probe.submit(_send, target, list(probe[:len(probe_times)]), probe_times[:len(probe)],
+            probed = self._probe.submit(_send, probe_target, list(probe[:len(probe_times)]), probe_times[:len(probe)],
                                         timeout_s)
         calls = Calls.merge([f.result() for f in bulk])
         return calls, (probed.result() if probed is not None else Calls.merge([])), start_at

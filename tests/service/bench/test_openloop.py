@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,7 +20,7 @@ from service.bench.openloop import (
     schedule,
     score_requests,
 )
-from tests.conftest import REPO, ServerProcess, free_port
+from tests.conftest import ServerProcess, bare_server
 
 
 def test_a_schedule_spaces_calls_evenly_and_phases_follow_without_a_gap() -> None:
@@ -49,6 +47,10 @@ def test_what_the_rows_of_a_run_say() -> None:
     merged = Calls.merge([run.between(1.0, 2.0), run.between(0.0, 1.0)])
     assert merged.sent_at.tolist() == sorted(run.sent_at.tolist())
     assert np.isnan(calls([(0.0, 1, REFUSED)]).within())
+    # Refusals and timeouts in 2 of the 4 half-second windows of [0, 2); degraded answers in 1.
+    assert run.windows_with(REFUSED, DEADLINE, start=0.0, stop=2.0, window_s=0.5) == 0.5
+    assert run.windows_with(DEGRADED, start=0.0, stop=2.0, window_s=0.5) == 0.25
+    assert run.windows_with(DEGRADED, start=0.5, stop=2.0, window_s=0.5) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,8 @@ def generators() -> Iterator[Generators]:
 
 @pytest.fixture
 def bare() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.bench.loadgen", "bare", "--port", str(port)], cwd=REPO)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0
+    with bare_server() as target:
+        yield target
 
 
 def test_generators_send_on_schedule_from_their_own_processes(generators: Generators, bare: str) -> None:
