@@ -338,6 +338,35 @@ async def test_an_overrunning_batch_still_answers_its_items_within_budget(execut
     await b.drain()
 
 
+async def test_a_short_stall_of_a_fast_pipeline_does_not_send_the_queue_to_the_fallback(executor) -> None:
+    # Expected 1 ms, this call stalls 60 ms (a host taking the CPU): the calls queued behind it, with
+    # 100 ms budgets, are still answered by the pipeline in time. (Expecting "as much again" without
+    # a bound answered them all by the fallback once the stall passed half the budget.)
+    loop = asyncio.get_running_loop()
+    fallback = Fallback()
+    calls = 0
+
+    def stalls_once(items: list[Item]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.06 if calls == 1 else 0.001)
+        return [i.payload * 10 for i in items]
+
+    b = MicroBatcher(stalls_once, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
+    for _ in range(5):
+        b.timer.observe(1, 0.001)
+    b.start()
+    first = make_item(loop, 1, budget_s=0.1)
+    b.submit([first])
+    await asyncio.sleep(0.001)
+    queued = [make_item(loop, k, budget_s=0.1) for k in (2, 3, 4)]
+    for item in queued:
+        b.submit([item])
+    assert await asyncio.gather(first.future, *(i.future for i in queued)) == [10, 20, 30, 40]
+    assert fallback.calls == []
+    await b.drain()
+
+
 async def test_an_item_already_in_the_pipeline_gets_an_answer_never_an_expiry(executor) -> None:
     # It will enter the state: failing it would let a retry count the transaction twice.
     loop = asyncio.get_running_loop()
