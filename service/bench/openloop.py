@@ -23,9 +23,10 @@ import gc
 import math
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -34,6 +35,7 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 from service.bench.loadgen import BUDGET_US, check_loopback
 
 SCORE = "/fraudscore.v1.FraudScoring/Score"
+R = TypeVar("R")
 # Outcomes of a call, as `Calls.status` holds them. CANCELLED: the server cancelled the call (gRPC
 # does that to calls it had to drop from its queue of calls no handler had taken yet).
 OK, DEGRADED, REFUSED, DEADLINE, FAILED, CANCELLED = range(6)
@@ -135,18 +137,20 @@ def schedule(start_at: float, phases: Sequence[tuple[float, float]]) -> np.ndarr
     return np.concatenate(times) if times else np.empty(0)
 
 
-def _send(target: str, requests: list[bytes], sent_at: np.ndarray, timeout_s: float) -> Calls:
-    """Worker process: send `requests[k]` at monotonic time `sent_at[k]`; one row per call."""
+def _in_worker(run: Callable[..., Coroutine[Any, Any, R]], *args: Any) -> R:
+    """Worker process: one run (`_send`, `_batches`, `_streams`) on uvloop, without the garbage
+    collector (a collection pause would read as server latency; the worker's life is one run)."""
     import uvloop
 
-    gc.disable()  # a collection pause would read as server latency; the worker's life is one run
+    gc.disable()
     try:
-        return uvloop.run(_send_async(target, requests, sent_at, timeout_s))
+        return uvloop.run(run(*args))
     finally:
         gc.enable()
 
 
-async def _send_async(target: str, requests: list[bytes], sent_at: np.ndarray, timeout_s: float) -> Calls:
+async def _send(target: str, requests: list[bytes], sent_at: np.ndarray, timeout_s: float) -> Calls:
+    """Send `requests[k]` at monotonic time `sent_at[k]`; one row per call."""
     n = len(requests)
     latency = np.zeros(n, dtype=np.int64)
     status = np.full(n, FAILED, dtype=np.int8)
@@ -218,13 +222,13 @@ class Generators:
         total_s = sum(seconds for _, seconds in phases)
         bulk: list[Future[Calls]] = [
             # Process k sends every processes-th call of the one schedule.
-            self._bulk.submit(_send, target, list(requests[k:len(times):self.processes]),
+            self._bulk.submit(_in_worker, _send, target, list(requests[k:len(times):self.processes]),
                               times[k::self.processes], timeout_s)
             for k in range(self.processes)]
         probed = None
         if probe:
             probe_times = schedule(start_at, [(probe_rate_per_s, total_s)])
-            probed = self._probe.submit(_send, probe_target, list(probe[:len(probe_times)]), probe_times[:len(probe)],
+            probed = self._probe.submit(_in_worker, _send, probe_target, list(probe[:len(probe_times)]), probe_times[:len(probe)],
                                         timeout_s)
         calls = Calls.merge([f.result() for f in bulk])
         return calls, (probed.result() if probed is not None else Calls.merge([])), start_at
@@ -235,7 +239,7 @@ class Generators:
         check_loopback(target)
         start_at = time.monotonic() + lead_s
         return Throughput.merge([f.result() for f in [
-            self._bulk.submit(_batches, target, list(requests[k::self.processes]), size, in_flight, start_at,
+            self._bulk.submit(_in_worker, _batches, target, list(requests[k::self.processes]), size, in_flight, start_at,
                               seconds) for k in range(self.processes)]])
 
     def streams(self, target: str, streams: Sequence[list[bytes]], *, in_flight: int,
@@ -245,7 +249,7 @@ class Generators:
         check_loopback(target)
         start_at = time.monotonic() + lead_s
         return Throughput.merge([f.result() for f in [
-            self._bulk.submit(_streams, target, list(streams[k::self.processes]), in_flight, start_at)
+            self._bulk.submit(_in_worker, _streams, target, list(streams[k::self.processes]), in_flight, start_at)
             for k in range(self.processes)]])
 
 
@@ -300,20 +304,9 @@ class Throughput:
         return float(np.percentile(self.latency_us, p)) / 1000.0 if self.latency_us.size else float("nan")
 
 
-def _batches(target: str, requests: list[bytes], size: int, in_flight: int, start_at: float,
-             seconds: float) -> Throughput:
-    """Worker process: ScoreBatch requests of `size` transactions, `in_flight` at a time, for `seconds`."""
-    import uvloop
-
-    gc.disable()
-    try:
-        return uvloop.run(_batches_async(target, requests, size, in_flight, start_at, seconds))
-    finally:
-        gc.enable()
-
-
-async def _batches_async(target: str, requests: list[bytes], size: int, in_flight: int, start_at: float,
-                         seconds: float) -> Throughput:
+async def _batches(target: str, requests: list[bytes], size: int, in_flight: int, start_at: float,
+                   seconds: float) -> Throughput:
+    """ScoreBatch requests of `size` transactions, `in_flight` at a time, for `seconds`."""
     answered = degraded = errors = 0
     latencies: list[int] = []
     queue = iter(requests)
@@ -344,19 +337,9 @@ async def _batches_async(target: str, requests: list[bytes], size: int, in_fligh
     return Throughput(answered, degraded, errors, took, np.array(latencies, dtype=np.int64))
 
 
-def _streams(target: str, streams: list[list[bytes]], in_flight: int, start_at: float) -> Throughput:
-    """Worker process: one ScoreStream per list of messages, all at once, each keeping at most
-    `in_flight` messages unanswered; latency per message from its send to its answer."""
-    import uvloop
-
-    gc.disable()
-    try:
-        return uvloop.run(_streams_async(target, streams, in_flight, start_at))
-    finally:
-        gc.enable()
-
-
-async def _streams_async(target: str, streams: list[list[bytes]], in_flight: int, start_at: float) -> Throughput:
+async def _streams(target: str, streams: list[list[bytes]], in_flight: int, start_at: float) -> Throughput:
+    """One ScoreStream per list of messages, all at once, each keeping at most `in_flight` messages
+    unanswered; latency per message from its send to its answer."""
     answered = degraded = errors = 0
     latencies: list[int] = []
     async with grpc.aio.insecure_channel(target) as channel:

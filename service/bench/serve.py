@@ -93,7 +93,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(port: int) -> Samples:
     """Every sample of the server's /metrics, keyed by (name, sorted labels)."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -103,31 +106,27 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def _server_side(before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-                 after: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> str:
+def _server_side(before: Samples, after: Samples) -> str:
     """What the server itself saw between two scrapes: Score calls by code, fallbacks by reason,
     and the share of answered Score calls inside the budget by its own clock."""
     def delta(name: str, **labels: str) -> float:
         """Change of `name`, summed over every series carrying these labels (e.g. all codes)."""
-        def total(seen: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+        def total(seen: Samples) -> float:
             wanted = labels.items()
             return sum(v for (n, ls), v in seen.items() if n == name and wanted <= dict(ls).items())
         return total(after) - total(before)
 
-    codes = {dict(labels)["code"]: after[(name, labels)] - before.get((name, labels), 0.0)
-             for (name, labels) in after if name == "fraudscore_requests_total" and ("method", "Score") in labels}
-    codes = {code: n for code, n in codes.items() if n}
-    fallbacks = {dict(labels)["reason"]: after[(name, labels)] - before.get((name, labels), 0.0)
-                 for (name, labels) in after if name == "fraudscore_fallbacks_total"}
-    fallbacks = {reason: n for reason, n in fallbacks.items() if n}
+    def by(label: str, name: str, **labels: str) -> dict[str, int]:
+        """The non-zero changes of `name`'s series carrying `labels`, by the value of `label`."""
+        values = {dict(ls)[label] for (n, ls) in after if n == name and labels.items() <= dict(ls).items()}
+        changes = {value: int(delta(name, **labels, **{label: value})) for value in values}
+        return {value: n for value, n in changes.items() if n}
+
     within = delta("fraudscore_request_duration_seconds_bucket", method="Score", le="0.05")
     total = delta("fraudscore_request_duration_seconds_count", method="Score")
-    return (f"server saw {int(total)} Score calls: {({c: int(n) for c, n in codes.items()})}, "
+    return (f"server saw {int(total)} Score calls: {by('code', 'fraudscore_requests_total', method='Score')}, "
             f"{100 * within / total if total else 0:.1f}% within 50 ms by its clock, "
-            f"fallbacks {({r: int(n) for r, n in fallbacks.items()}) or 0}")
-
-
-Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+            f"fallbacks {by('reason', 'fraudscore_fallbacks_total') or 0}")
 
 
 class _Traffic:

@@ -317,20 +317,32 @@ async def test_a_pipeline_bug_fails_the_batch_not_the_batcher(executor) -> None:
     await b.drain()
 
 
+def timed_batcher(executor, fallback: Fallback, *, expected_s: float, takes_s: list[float]) -> MicroBatcher:
+    """A started batcher whose timer expects `expected_s` a call, over a pipeline whose k-th call takes
+    `takes_s[k]` (the last one from then on) and answers payload × 10."""
+    durations = iter(takes_s)
+    took = takes_s[-1]
+
+    def pipeline(items: list[Item]) -> list[int]:
+        nonlocal took
+        took = next(durations, took)
+        time.sleep(took)
+        return [i.payload * 10 for i in items]
+
+    b = MicroBatcher(pipeline, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
+    for _ in range(5):
+        b.timer.observe(1, expected_s)
+    b.start()
+    return b
+
+
 async def test_an_overrunning_batch_still_answers_its_items_within_budget(executor) -> None:
     # Expected 100 ms, this call takes 190 ms: between 1× and 2× its expected time the watch
     # must not think it is about to finish.
     loop = asyncio.get_running_loop()
     fallback = Fallback()
 
-    def slow(items: list[Item]) -> list[int]:
-        time.sleep(0.19)
-        return [i.payload * 10 for i in items]
-
-    b = MicroBatcher(slow, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
-    for _ in range(5):
-        b.timer.observe(1, 0.1)
-    b.start()
+    b = timed_batcher(executor, fallback, expected_s=0.1, takes_s=[0.19])
     item = make_item(loop, 7, budget_s=0.15)
     b.submit([item])
     assert await item.future == -7
@@ -344,18 +356,7 @@ async def test_a_short_stall_of_a_fast_pipeline_does_not_send_the_queue_to_the_f
     # a bound answered them all by the fallback once the stall passed half the budget.)
     loop = asyncio.get_running_loop()
     fallback = Fallback()
-    calls = 0
-
-    def stalls_once(items: list[Item]) -> list[int]:
-        nonlocal calls
-        calls += 1
-        time.sleep(0.06 if calls == 1 else 0.001)
-        return [i.payload * 10 for i in items]
-
-    b = MicroBatcher(stalls_once, executor, max_batch=8, max_wait_us=0, max_queue=100, fallback=fallback)
-    for _ in range(5):
-        b.timer.observe(1, 0.001)
-    b.start()
+    b = timed_batcher(executor, fallback, expected_s=0.001, takes_s=[0.06, 0.001])
     first = make_item(loop, 1, budget_s=0.1)
     b.submit([first])
     await asyncio.sleep(0.001)
