@@ -276,8 +276,8 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0, long_s: float = 0.0) -
         f"{over.count(DEADLINE, FAILED)}; goodput {over.goodput(OVERLOAD_S):.0f}/s within 50 ms = "
         f"{100 * over.goodput(OVERLOAD_S) / real_peak:.0f}% of the peak (goal ≥ 80%); server RSS "
         f"{rss_before:.0f} → {rss_after:.0f} MiB",
-        f"    generator sending lag p99 {float(np.percentile(over.lag_us, 99)) / 1000:.1f} ms (large: the generators, "
-        f"sharing the cores, could not keep the schedule); by the server's own clock: {server_view}",
+        f"    generator sending lag p99 {float(np.percentile(over.lag_us, 99)) / 1000:.1f} ms (when large, the "
+        f"generators, sharing the cores, could not keep the schedule); by the server's own clock: {server_view}",
         f"  recovery at 50% of the real peak: p99 per 0.5 s {' '.join(f'{w:.0f}' for w in windows)} ms; back within "
         f"max(2×, +10 ms) of the {baseline_p99:.1f} ms before after {_recovered_after_s(windows, baseline_p99, 0.5):.1f} s "
         f"(goal ≤ 2 s)",
