@@ -19,7 +19,7 @@ import itertools
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,16 +279,28 @@ class _BareScoring(pb_grpc.FraudScoringServicer):
         self._reply = pb.ScoreResponse(fraud_probability=0.01, risk_score=10, decision=pb.APPROVE, source=pb.MODEL,
                                        model_version="bare", ruleset_version="bare", feature_set_version="bare")
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    def _answer(self, txn: pb.Transaction) -> pb.ScoreResponse:
         reply = pb.ScoreResponse()
         reply.CopyFrom(self._reply)
-        reply.transaction_id = request.transaction.transaction_id
+        reply.transaction_id = txn.transaction_id
         return reply
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return self._answer(request.transaction)
+
+    async def ScoreBatch(self, request: pb.ScoreBatchRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
+        return pb.ScoreBatchResponse(results=[self._answer(txn) for txn in request.transactions])
+
+    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
+        async for request in request_iterator:
+            yield self._answer(request.transaction)
 
 
 async def serve_bare(host: str, port: int) -> None:
     server = grpc.aio.server()
-    # The other RPCs keep the generated servicer's UNIMPLEMENTED answers.
+    # ReportOutcome keeps the generated servicer's UNIMPLEMENTED answer.
     pb_grpc.add_FraudScoringServicer_to_server(_BareScoring(), server)  # type: ignore[abstract]
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
