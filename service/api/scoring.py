@@ -32,6 +32,7 @@ from service.api.errors import (
 from service.api.validation import decoded, lenient, validate_outcome, validate_transaction
 from service.runtime.app import App
 from service.serving.items import Item
+from service.serving.responses import batch_response
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FraudScoring"].full_name
 STREAM_WINDOW = 64  # messages of one ScoreStream in flight at once
@@ -103,18 +104,20 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             item.client_deadline = max(item.client_deadline, client_deadline)
 
     @unary("Score")
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """The answer is a serialized ScoreResponse (service/serving/responses.py), sent as it is."""
         request = decoded(request)
         if not request.HasField("transaction"):
             raise InvalidInputError("transaction", "required")
         validate_transaction(request.transaction, latest_ms=self.app.latest_event_time_ms())
         (future,) = self._submit([request.transaction], context)
         (result,) = await answers([future])
-        answer: pb.ScoreResponse = result
+        answer: bytes = result
         return answer
 
     @unary("ScoreBatch")
-    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> pb.ScoreBatchResponse:
+    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """A serialized ScoreBatchResponse: the answers' bytes, each framed as one of its results."""
         txns = list(decoded(request).transactions)
         limit = self.app.settings.max_batch_request
         if not txns or len(txns) > limit:
@@ -123,12 +126,11 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
         for i, txn in enumerate(txns):
             validate_transaction(txn, prefix=f"transactions[{i}].", latest_ms=latest_ms)
         futures = self._submit(txns, context)
-        results = await answers(futures)
-        return pb.ScoreBatchResponse(results=results)
+        return batch_response(await answers(futures))
 
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
-        """Responses in request order; a bad message ends the stream with its status and index.
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Responses (serialized) in request order; a bad message ends the stream with its status and index.
 
         Up to STREAM_WINDOW messages of one stream are in flight at once, so a busy stream
         shares batches instead of waiting a round trip per message.
@@ -232,14 +234,14 @@ def add_scoring_service(service: FraudScoringService, server: grpc.aio.Server) -
     INVALID_ARGUMENT like any other bad input."""
     def handler(kind: Callable[..., grpc.RpcMethodHandler], fn: Callable[..., Any], request: type,
                 response: Any) -> grpc.RpcMethodHandler:
-        return kind(fn, request_deserializer=lenient(request), response_serializer=response.SerializeToString)
+        # response None: the handler answers bytes, serialized already (service/serving/responses.py).
+        return kind(fn, request_deserializer=lenient(request),
+                    response_serializer=None if response is None else response.SerializeToString)
 
     handlers = {
-        "Score": handler(grpc.unary_unary_rpc_method_handler, service.Score, pb.ScoreRequest, pb.ScoreResponse),
-        "ScoreBatch": handler(grpc.unary_unary_rpc_method_handler, service.ScoreBatch, pb.ScoreBatchRequest,
-                              pb.ScoreBatchResponse),
-        "ScoreStream": handler(grpc.stream_stream_rpc_method_handler, service.ScoreStream, pb.ScoreRequest,
-                               pb.ScoreResponse),
+        "Score": handler(grpc.unary_unary_rpc_method_handler, service.Score, pb.ScoreRequest, None),
+        "ScoreBatch": handler(grpc.unary_unary_rpc_method_handler, service.ScoreBatch, pb.ScoreBatchRequest, None),
+        "ScoreStream": handler(grpc.stream_stream_rpc_method_handler, service.ScoreStream, pb.ScoreRequest, None),
         "ReportOutcome": handler(grpc.unary_unary_rpc_method_handler, service.ReportOutcome,
                                  pb.ReportOutcomeRequest, pb.ReportOutcomeResponse),
     }

@@ -80,11 +80,11 @@ class App:
                                  metrics=self.metrics, interval_s=settings.rules_reload_s,
                                  reasons_method=settings.reasons_method, model_dir=settings.model_dir,
                                  model_seen=model_seen, model_interval_s=settings.model_reload_s, extra_checks=extra)
-        # Answers are kept serialized (as the records file holds them): a compacted entry is then
-        # plain data that the garbage collector does not walk (service/serving/idempotency.py).
-        self.idempotency: IdempotencyCache[pb.ScoreResponse, bytes] = IdempotencyCache(
-            ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries,
-            pack=pb.ScoreResponse.SerializeToString, unpack=pb.ScoreResponse.FromString)
+        # Answers are serialized ScoreResponses from birth (service/serving/responses.py), kept as they
+        # are (as the records file holds them): a compacted entry is plain data that the garbage
+        # collector does not walk (service/serving/idempotency.py).
+        self.idempotency: IdempotencyCache[bytes, bytes] = IdempotencyCache(
+            ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)
         # Whether an outcome report counted: a bool, kept as it is.
         self.outcomes_seen: IdempotencyCache[bool, bool] = IdempotencyCache(
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max_entries)

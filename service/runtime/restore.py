@@ -149,7 +149,7 @@ def set_aside(path: Path, *, keep: int = REFUSED_KEPT) -> Path | None:
     return target
 
 
-def restore_idempotency(settings: Settings, answers: IdempotencyCache[pb.ScoreResponse, bytes],
+def restore_idempotency(settings: Settings, answers: IdempotencyCache[bytes, bytes],
                         outcomes: IdempotencyCache[bool, bool]) -> None:
     """Saved answers and outcome reports, if intact; restored whether or not the state snapshot was.
 

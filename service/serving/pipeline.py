@@ -38,6 +38,7 @@ from service.runtime.metrics import (
 )
 from service.serving.challenger import record_challenger
 from service.serving.items import Answered, Item
+from service.serving.responses import ResponseWriter
 
 log = logging.getLogger("fraudscore.pipeline")
 
@@ -95,6 +96,8 @@ class Pipeline:
         self.challenger = challenger
         self._challenger_logged_at = -math.inf
         self._snapshot: EntityState | None = None  # snapshot_copy's arrays, reused
+        # Answers are serialized where they are made: one writer per thread (its cache is not shared).
+        self._writer, self._loop_writer = ResponseWriter(), ResponseWriter()
 
     def _score(self, batch: EncodedBatch, scorer: Scorer, stages: list[tuple[int, int]], *,
                rows: list[int] | None = None) -> tuple[ScoredBatch, str, np.ndarray | None]:
@@ -154,7 +157,7 @@ class Pipeline:
 
     def run(self, items: list[Item]) -> Answered:
         """Feed a batch into the state, in order, and score the items not `answered_by_fallback`
-        (those only enter the state: features, no model). One ScoreResponse per scored item, in
+        (those only enter the state: features, no model). One serialized ScoreResponse per scored item, in
         order; never raises for a model failure. Metrics of the answers are counted by
         `Answered.delivered`, on the event loop, for the answers that reached their calls."""
         # Stage timings: a clock read between stages and one histogram update a batch, never per transaction.
@@ -185,7 +188,7 @@ class Pipeline:
             scored, fallback_reason, features = self._score(batch, scorer, stages, rows=scored_rows)
             answered = [items[k] for k in scored_rows]
         responding = clock()
-        responses = self._responses(answered, scored)
+        responses = self._responses(answered, scored, self._writer)
         shadow_started = clock()
         stages.append((RESPOND, shadow_started - responding))
         challenger = self.challenger  # once: a reload may swap it (service/runtime/challenger_reload.py)
@@ -246,25 +249,15 @@ class Pipeline:
         for (decision, source), count in pairs.items():
             self.metrics.decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc(count)
 
-    def _responses(self, items: list[Item], scored: ScoredBatch) -> list[pb.ScoreResponse]:
-        # Per batch, not per transaction: the fields every answer shares, the clock. Per
-        # transaction only what differs.
-        decisions, sources = scored.decision.tolist(), scored.source.tolist()
-        probabilities, scores = scored.fraud_probability.tolist(), risk_score(scored.fraud_probability).tolist()
-        degraded, model_version, ruleset_version = scored.degraded, scored.model_version, scored.ruleset_version
+    def _responses(self, items: list[Item], scored: ScoredBatch, writer: ResponseWriter) -> list[bytes]:
+        """The serialized ScoreResponses (service/serving/responses.py); what a batch shares, once."""
         now_ns = time.perf_counter_ns()
-        out = []
-        for i, item in enumerate(items):
-            answer = pb.ScoreResponse(
-                transaction_id=item.payload.transaction_id, fraud_probability=probabilities[i], risk_score=scores[i],
-                decision=decisions[i], source=sources[i],
-                server_latency_us=min((now_ns - item.received_ns) // 1000, _MAX_UINT32), degraded=degraded,
-                model_version=model_version, ruleset_version=ruleset_version, feature_set_version=FEATURE_SET_VERSION)
-            if scored.reasons[i]:
-                answer.reasons.extend(pb.Reason(code=r.code, description=r.description, weight=r.weight)
-                                      for r in scored.reasons[i])
-            out.append(answer)
-        return out
+        return writer.write(
+            [item.payload.transaction_id for item in items], scored.fraud_probability.tolist(),
+            risk_score(scored.fraud_probability).tolist(), scored.decision.tolist(), scored.source.tolist(),
+            scored.reasons, degraded=scored.degraded, model_version=scored.model_version,
+            ruleset_version=scored.ruleset_version, feature_set_version=FEATURE_SET_VERSION,
+            latencies_us=[min((now_ns - item.received_ns) // 1000, _MAX_UINT32) for item in items])
 
     def apply_outcome(self, req: pb.ReportOutcomeRequest) -> None:
         """Feed one outcome report into state (fraud and chargebacks count; legitimate does not)."""
@@ -275,7 +268,7 @@ class Pipeline:
             np.array([_OUTCOME_FRAUD_WEIGHT[req.outcome]], dtype=np.float64),
         )
 
-    def answer_fallback(self, items: list[Item], reason: str) -> list[pb.ScoreResponse]:
+    def answer_fallback(self, items: list[Item], reason: str) -> list[bytes]:
         """Fallback answers (degraded) for items the model path cannot answer within their budget,
         counted by `reason`. Runs on the event loop and touches no state: the batcher keeps the items
         queued, and the pipeline feeds them into the state in their turn (`run`). Their identifiers
@@ -290,7 +283,7 @@ class Pipeline:
             amount = amount_major(np.fromiter((t.amount_minor for t in txns), dtype=np.int64, count=len(txns)),
                                   [t.currency for t in txns])
             scored = scorer.fallback(None, amount)
-        responses = self._responses(items, scored)
+        responses = self._responses(items, scored, self._loop_writer)
         # Counted once the answers exist: a fallback that raised answered nobody.
         self.metrics.fallbacks.labels(reason).inc(len(items))
         self._count_decisions(scored)

@@ -111,7 +111,7 @@ class Harness:
         answers = self.pipeline.run(items).answers
         if len(answers) != len(txns):
             raise AssertionError(f"{len(txns)} transactions, {len(answers)} answers")
-        for answer in answers:
+        for answer in map(pb.ScoreResponse.FromString, answers):
             if not (0.0 <= answer.fraud_probability <= 1.0 and 0 <= answer.risk_score <= 999):
                 raise AssertionError(f"answer out of range: {answer}")
 

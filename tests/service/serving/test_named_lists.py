@@ -17,6 +17,7 @@ from service.runtime.metrics import Metrics
 from service.runtime.reload import load_rules, loaded_stamp, rules_stamp
 from service.serving.items import Item
 from service.serving.pipeline import Pipeline
+from tests.service.serving import parsed
 
 HASHER = KeyHasher(b"server-key")
 
@@ -46,10 +47,10 @@ def test_the_pipeline_and_the_event_loop_fallback_apply_the_lists(tmp_path: Path
     expected = [pb.DECLINE, pb.APPROVE, pb.REVIEW]
     loop = asyncio.new_event_loop()
     try:
-        answers = pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers
+        answers = parsed(pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers)
         assert [a.decision for a in answers] == expected
         assert [r.code for r in answers[0].reasons] == ["R_BLOCKED"]
-        fallback = pipeline.answer_fallback([Item(t, 0.0, 0, loop.create_future()) for t in txns], "test")
+        fallback = parsed(pipeline.answer_fallback([Item(t, 0.0, 0, loop.create_future()) for t in txns], "test"))
         assert [a.decision for a in fallback] == expected
     finally:
         loop.close()
@@ -58,7 +59,7 @@ def test_the_pipeline_and_the_event_loop_fallback_apply_the_lists(tmp_path: Path
                      hasher=HASHER, metrics=Metrics())
     loop = asyncio.new_event_loop()
     try:
-        assert other.run([Item(txns[0], 0.0, 0, loop.create_future())]).answers[0].decision != pb.DECLINE
+        assert parsed(other.run([Item(txns[0], 0.0, 0, loop.create_future())]).answers)[0].decision != pb.DECLINE
     finally:
         loop.close()
 

@@ -20,6 +20,7 @@ from core.scoring import Scorer
 from service.runtime.metrics import Metrics
 from service.serving.items import Item
 from service.serving.pipeline import Pipeline, encode_transactions
+from tests.service.serving import parsed
 
 RULES = orjson.dumps({"version": "t", "rules": [], "fallback": {"default_probability": 0.02, "rules": [
     {"name": "big", "when": [{"field": "amount", "op": ">=", "value": 100}], "action": "DECLINE"},
@@ -88,7 +89,7 @@ def test_a_raising_challenger_changes_no_answer(model_dir: Path, caplog: pytest.
         try:
             out = []
             for _ in range(2):  # twice: the second failure within the minute is not logged again
-                out += pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers
+                out += parsed(pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers)
         finally:
             loop.close()
         return out, metrics
@@ -131,14 +132,15 @@ def test_items_answered_by_the_fallback_enter_the_state_in_order_unscored(model_
                  for k, t in enumerate(txns)]
         result = mixed.run(items)
         reference, _ = pipeline()
-        every = reference.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers
+        every = parsed(reference.run([Item(t, 0.0, 0, loop.create_future()) for t in txns]).answers)
     finally:
         loop.close()
-    for a in (*result.answers, *every):
+    mixed_answers = parsed(result.answers)
+    for a in (*mixed_answers, *every):
         a.server_latency_us = 0
     # Answers only for the others, each as if the whole batch had been scored: the state the later
     # ones saw holds the early-answered transactions before them.
-    assert list(result.answers) == [a for k, a in enumerate(every) if k not in answered_early]
+    assert mixed_answers == [a for k, a in enumerate(every) if k not in answered_early]
     for mine, theirs in zip(mixed.engine.state.tables(), reference.engine.state.tables(), strict=True):
         for name in ("keys", "last_seen_ms", "values", "tags"):
             np.testing.assert_array_equal(getattr(mine, name), getattr(theirs, name))
@@ -191,8 +193,8 @@ def test_when_the_state_cannot_be_written_the_answers_still_come_and_the_loss_is
             alone = pipeline.run([Item(t, 0.0, 0, loop.create_future(), answered_by_fallback=True) for t in txns])
     finally:
         loop.close()
-    assert [a.transaction_id for a in mixed.answers] == ["t1", "t3"]
-    assert all(a.degraded and a.source == pb.RULES_FALLBACK for a in mixed.answers)
+    assert [a.transaction_id for a in parsed(mixed.answers)] == ["t1", "t3"]
+    assert all(a.degraded and a.source == pb.RULES_FALLBACK for a in parsed(mixed.answers))
     assert list(alone.answers) == []
     assert _counted(metrics, "fraudscore_state_errors") == 8  # every one of both batches, logged
     assert sum("did not enter the state" in r.getMessage() for r in caplog.records) == 2
