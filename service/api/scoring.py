@@ -29,7 +29,7 @@ from service.api.errors import (
     OverloadedError,
     StreamTooLongError,
 )
-from service.api.validation import decoded, lenient, validate_outcome, validate_transaction
+from service.api.validation import decoded, in_batch, lenient, validate_outcome, validate_transaction
 from service.runtime.app import App
 from service.serving.items import Item
 from service.serving.responses import batch_response
@@ -124,7 +124,10 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
             raise InvalidInputError("transactions", f"between 1 and {limit} transactions", got=str(len(txns)))
         latest_ms = self.app.latest_event_time_ms()
         for i, txn in enumerate(txns):
-            validate_transaction(txn, prefix=f"transactions[{i}].", latest_ms=latest_ms)
+            try:
+                validate_transaction(txn, prefix="", latest_ms=latest_ms)
+            except InvalidInputError as exc:
+                raise in_batch(exc, f"transactions[{i}].") from None
         futures = self._submit(txns, context)
         return batch_response(await answers(futures))
 
@@ -149,8 +152,10 @@ class FraudScoringService(pb_grpc.FraudScoringServicer):
                     request = decoded(request, f"stream[{index}]")
                     if not request.HasField("transaction"):
                         raise InvalidInputError(f"stream[{index}].transaction", "required")
-                    validate_transaction(request.transaction, prefix=f"stream[{index}].transaction.",
-                                         latest_ms=self.app.latest_event_time_ms())
+                    try:
+                        validate_transaction(request.transaction, prefix="", latest_ms=self.app.latest_event_time_ms())
+                    except InvalidInputError as exc:
+                        raise in_batch(exc, f"stream[{index}].transaction.") from None
                     (future,) = self._submit([request.transaction], context)
                     await window.put((received, future))
                     index += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -134,11 +135,32 @@ def validate_transaction(txn: pb.Transaction, prefix: str = "transaction.", *, l
         raise InvalidInputError(f"{prefix}latitude", "a finite number in [-90, 90]")
     if has_lon and not (math.isfinite(txn.longitude) and -180.0 <= txn.longitude <= 180.0):
         raise InvalidInputError(f"{prefix}longitude", "a finite number in [-180, 180]")
-    if txn.ip_address:
-        try:
-            ipaddress.ip_address(txn.ip_address)
-        except ValueError:
-            raise InvalidInputError(f"{prefix}ip_address", "empty or an IPv4/IPv6 address") from None
+    if txn.ip_address and not ip_address_ok(txn.ip_address):
+        raise InvalidInputError(f"{prefix}ip_address", "empty or an IPv4/IPv6 address")
+
+
+def ip_address_ok(value: str) -> bool:
+    """Whether `ipaddress.ip_address` accepts `value`. An IPv4 address is checked by the C library's
+    inet_pton first (0.2 µs against 2 µs, the largest cost of a transaction's validation): glibc's
+    accepts exactly what `ipaddress` does for IPv4 (four decimal octets ≤ 255, ASCII digits, no
+    leading zeros; tests/service/api/test_validation.py compares the two); anything it refuses
+    (IPv6, or an error) is `ipaddress`'s to judge."""
+    try:
+        socket.inet_pton(socket.AF_INET, value)
+        return True
+    except (OSError, ValueError, UnicodeError):
+        pass
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def in_batch(exc: InvalidInputError, prefix: str) -> InvalidInputError:
+    """`exc` of a transaction validated with prefix "", its field under `prefix` (e.g.
+    "transactions[3]."): the prefix is only made for the transaction that broke a rule."""
+    return InvalidInputError(prefix + exc.field, exc.rule, got=exc.got)
 
 
 def validate_outcome(req: pb.ReportOutcomeRequest, *, latest_ms: int | None = None) -> None:

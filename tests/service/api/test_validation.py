@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 from hypothesis import given
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 
 from core.errors import InvalidInputError
 from core.identifiers import looks_like_pan, luhn_ok
-from service.api.validation import validate_outcome, validate_transaction
+from service.api.validation import in_batch, ip_address_ok, validate_outcome, validate_transaction
 from tests.e2e.helpers import BASE_TIME_MS, txn
 
 
@@ -113,3 +115,29 @@ def test_luhn_valid_ids_other_than_the_card_are_accepted() -> None:
     with pytest.raises(InvalidInputError) as err:
         validate_transaction(txn(ip_address="4111111111111111"))
     assert err.value.field == "transaction.ip_address" and "4111111111111111" not in str(err.value)
+
+
+def _ipaddress_accepts(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+_OCTET = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "010", "0x1", "1 ", "+1", "", "٣", "1e1"]))
+_IPV4ISH = st.lists(_OCTET, min_size=3, max_size=5).map(".".join)
+
+
+@given(st.one_of(_IPV4ISH, st.text(alphabet="0123456789.:abcdefABCDEF%x/ \x00", max_size=45), st.text(max_size=20),
+                 st.ip_addresses().map(str)))
+def test_the_ip_address_check_accepts_what_ipaddress_accepts(value: str) -> None:
+    assert ip_address_ok(value) == _ipaddress_accepts(value)
+
+
+def test_a_broken_rule_in_a_batch_names_the_transaction() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        validate_transaction(txn(currency="usd"), prefix="")
+    named = in_batch(err.value, "transactions[7].")
+    assert named.field == "transactions[7].currency" and str(named).startswith("transactions[7].currency: ")
+    assert named.rule == err.value.rule and named.got == err.value.got
