@@ -12,8 +12,8 @@ import logging
 import math
 import mmap
 import time
-from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
@@ -77,6 +77,36 @@ def encode_transactions(hasher: KeyHasher, txns: Sequence[pb.Transaction]) -> En
         latitude=np.array([t.latitude if t.HasField("latitude") else nan for t in txns], dtype=np.float64),
         longitude=np.array([t.longitude if t.HasField("longitude") else nan for t in txns], dtype=np.float64),
     )
+
+
+_SOURCES = max(int(s) for s in Source) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What a batch's answers add to the decision and rule-hit counters, in a few numpy passes."""
+
+    decisions: list[tuple[int, int, int]]  # (Decision value, Source value, answers)
+    rule_hits: list[tuple[int, int, int]]  # (index in DECISION_LABELS, index in the batch's rules, hits)
+
+    @classmethod
+    def of(cls, scored: ScoredBatch) -> Tally:
+        decision = scored.decision.astype(np.int64)
+        pairs = np.bincount(decision * _SOURCES + scored.source)
+        seen = np.flatnonzero(pairs)
+        decisions = list(zip((seen // _SOURCES).tolist(), (seen % _SOURCES).tolist(), pairs[seen].tolist(),
+                             strict=True))
+        hits = scored.hits.hits
+        rule_hits: list[tuple[int, int, int]] = []
+        if hits.size:
+            rows, rules = np.nonzero(hits)
+            if rows.size:
+                n_rules = hits.shape[1]
+                by = np.bincount(np.searchsorted(DECISION_VALUES, decision[rows]) * n_rules + rules)
+                seen = np.flatnonzero(by)
+                rule_hits = list(zip((seen // n_rules).tolist(), (seen % n_rules).tolist(), by[seen].tolist(),
+                                     strict=True))
+        return cls(decisions, rule_hits)
 
 
 class Pipeline:
@@ -196,13 +226,17 @@ class Pipeline:
             self._shadow(challenger, features, scored)
             stages.append((CHALLENGER, clock() - shadow_started))
         self.metrics.pipeline.record(stages, len(items), clock() - started)
-        return Answered(responses, functools.partial(self._count_answers, scored, fallback_reason))
+        # Tallied here, on the pipeline thread: the event loop then only adds a few counts.
+        return Answered(responses, functools.partial(self._count_answers, scored, fallback_reason, Tally.of(scored)))
 
-    def _count_answers(self, scored: ScoredBatch, fallback_reason: str, delivered: list[bool] | None) -> None:
-        """Event loop: the metrics of the answers that reached their calls (`delivered`: None for all).
-        A pipeline answer dropped because the fallback answered first was never sent: not counted."""
+    def _count_answers(self, scored: ScoredBatch, fallback_reason: str, tally: Tally,
+                       delivered: list[bool] | None) -> None:
+        """Event loop: the metrics of the answers that reached their calls (`delivered`: None for all,
+        then `tally`, counted on the pipeline thread, holds). A pipeline answer dropped because the
+        fallback answered first was never sent: not counted."""
         if delivered is not None:
             scored = scored.take(np.flatnonzero(delivered))
+            tally = Tally.of(scored)
         n = len(scored)
         if not n:
             return
@@ -211,8 +245,7 @@ class Pipeline:
             m.fallbacks.labels(fallback_reason).inc(n)
         else:
             m.pipeline.record_probabilities(scored.fraud_probability)
-        self._count_decisions(scored)
-        self._count_rule_hits(scored)
+        self._count(scored, tally)
 
     def _shadow(self, challenger: LoadedModel, features: np.ndarray, scored: ScoredBatch) -> None:
         """The challenger on the batch the champion answered (after the answers are made): metrics only.
@@ -228,26 +261,16 @@ class Pipeline:
                     # The class only: an error's text is not ours to judge (it may quote input).
                     "model_version": challenger.version, "error": exc.__class__.__name__, "batch_size": len(scored)})
 
-    def _count_rule_hits(self, scored: ScoredBatch) -> None:
-        """`fraudscore_rule_hits_total{rule, mode, decision}`: each rule's hits by the answer's final
-        decision, shadow rules included, so an analyst sees what a shadow rule would have changed."""
-        hits = scored.hits.hits
-        if not hits.size:
-            return
-        # (decisions × transactions) one-hot @ (transactions × rules) hits: one matrix product a batch.
-        by_decision = (scored.decision[np.newaxis, :] == DECISION_VALUES[:, np.newaxis]).astype(np.int64) \
-            @ hits.astype(np.int64)
-        rules, counter = scored.hits.rules, self.metrics.rule_hits
-        rows, columns = np.nonzero(by_decision)
-        for d, r, count in zip(rows.tolist(), columns.tolist(), by_decision[rows, columns].tolist(), strict=True):
+    def _count(self, scored: ScoredBatch, tally: Tally) -> None:
+        """`fraudscore_decisions_total` by (decision, source), and `fraudscore_rule_hits_total{rule, mode,
+        decision}`: each rule's hits by the answer's final decision, shadow rules included, so an analyst
+        sees what a shadow rule would have changed. One increment per pair seen, not per transaction."""
+        decisions, rule_hits, rules = self.metrics.decisions, self.metrics.rule_hits, scored.hits.rules
+        for decision, source, count in tally.decisions:
+            decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc(count)
+        for d, r, count in tally.rule_hits:
             rule = rules[r]
-            counter.labels(rule.name, "shadow" if rule.shadow else "enforce", DECISION_LABELS[d]).inc(count)
-
-    def _count_decisions(self, scored: ScoredBatch) -> None:
-        """`fraudscore_decisions_total`: one increment per (decision, source) pair seen, not per transaction."""
-        pairs = Counter(zip(scored.decision.tolist(), scored.source.tolist(), strict=True))
-        for (decision, source), count in pairs.items():
-            self.metrics.decisions.labels(_DECISION_NAMES[decision], _SOURCE_NAMES[source]).inc(count)
+            rule_hits.labels(rule.name, "shadow" if rule.shadow else "enforce", DECISION_LABELS[d]).inc(count)
 
     def _responses(self, items: list[Item], scored: ScoredBatch, writer: ResponseWriter) -> list[bytes]:
         """The serialized ScoreResponses (service/serving/responses.py); what a batch shares, once."""
@@ -286,8 +309,7 @@ class Pipeline:
         responses = self._responses(items, scored, self._loop_writer)
         # Counted once the answers exist: a fallback that raised answered nobody.
         self.metrics.fallbacks.labels(reason).inc(len(items))
-        self._count_decisions(scored)
-        self._count_rule_hits(scored)
+        self._count(scored, Tally.of(scored))
         return responses
 
     def touch_state(self) -> None:

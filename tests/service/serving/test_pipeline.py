@@ -16,7 +16,7 @@ from core.encode import KeyHasher
 from core.features import FEATURE_NAMES, EntityState, FeatureEngine
 from core.rules.file import parse_ruleset
 from core.rules.ruleset import Decision
-from core.scoring import Scorer
+from core.scoring import Scorer, Source
 from service.runtime.metrics import Metrics
 from service.serving.items import Item
 from service.serving.pipeline import Pipeline, encode_transactions
@@ -61,6 +61,11 @@ def test_rule_hits_are_counted_by_final_decision() -> None:
                for s in family.samples if s.name == "fraudscore_rule_hits_total"}
     assert counted == expected
     assert len({d for _, _, d in expected}) == 3  # the batch reaches every decision
+    decisions = {(s.labels["decision"], s.labels["source"]): s.value
+                 for family in metrics.registry.collect() if family.name == "fraudscore_decisions"
+                 for s in family.samples if s.name == "fraudscore_decisions_total"}
+    assert decisions == Counter((Decision(int(d)).name, Source(int(s)).name)
+                                for d, s in zip(scored.decision, scored.source, strict=True))
     assert expected["watch", "shadow", "DECLINE"] and expected["watch", "shadow", "REVIEW"]
 
 
