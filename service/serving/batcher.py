@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -68,6 +68,19 @@ ANSWERED_BACKLOG_FACTOR = 4
 OVERRUN_MARGIN_S = 0.010
 
 
+class Group(list[Item]):
+    """Queued items of one call (up to max_batch of them), and `earliest`: a bound below every one
+    of their deadlines, taken when the group is made. An item's deadline only ever moves later (to
+    infinity once the fallback has answered it), so the bound holds; the watch's common case then
+    looks once per group, not once per item (~70 µs a look at 2,048 queued, every 2 ms)."""
+
+    __slots__ = ("earliest",)
+
+    def __init__(self, items: Iterable[Item] = ()) -> None:
+        super().__init__(items)
+        self.earliest = min((i.deadline for i in self), default=math.inf)
+
+
 class MicroBatcher:
     """Feeds queued items to `run_batch` (called in `executor`) one batch at a time."""
 
@@ -94,7 +107,7 @@ class MicroBatcher:
         self._fallback = fallback
         self._shed_to_fallback = shed_to_fallback and fallback is not None
         self._watch_interval_s = watch_interval_s
-        self._groups: deque[list[Item] | Work] = deque()
+        self._groups: deque[Group | Work] = deque()
         self._queued = 0    # items in `_groups`, answered or not
         self._answered = 0  # of those, answered by the fallback (waiting only to enter the state)
         self._wakeup = asyncio.Event()
@@ -167,7 +180,7 @@ class MicroBatcher:
 
     def _enqueue(self, items: list[Item], *, answered: int = 0) -> None:
         for start in range(0, len(items), self._max_batch):
-            self._groups.append(items[start:start + self._max_batch])
+            self._groups.append(Group(items[start:start + self._max_batch]))
         self._queued += len(items)
         self._answered += answered
         self._wakeup.set()
@@ -252,8 +265,8 @@ class MicroBatcher:
         in_flight_done_by = now + self._wait_s(0, 0, 0)
         if (all(i.deadline > in_flight_done_by or i.future.done() for i in self._in_flight)
                 and (not self.queued or now + self._wait_s(self.queued, self._answered, 0) < min(
-                    i.deadline for g in self._groups if isinstance(g, list) for i in g))):
-            return  # the common case, checked in C-speed passes: nothing is late even at the back
+                    (g.earliest for g in self._groups if isinstance(g, Group)), default=math.inf))):
+            return  # the common case, one look per group: nothing is late even at the back
         # In the pipeline already: these will enter the state, so they always get an answer
         # (never DeadlineExpiredError: the idempotency record of a failed call is forgotten,
         # and a retry would then count the transaction twice).
@@ -262,7 +275,7 @@ class MicroBatcher:
         expired = 0
         ahead = ahead_state_only = 0
         gone = time.monotonic()
-        kept: deque[list[Item] | Work] = deque()
+        kept: deque[Group | Work] = deque()
         for group in self._groups:
             if isinstance(group, Work):
                 kept.append(group)
@@ -281,7 +294,7 @@ class MicroBatcher:
                     else:  # answered now, and kept in its place to enter the state
                         late_queued.append(item)
                         keep.append(item)
-                group = keep
+                group = Group(keep)
             if group:
                 kept.append(group)
                 state_only = sum(1 for i in group if i.answered_by_fallback)
@@ -307,12 +320,12 @@ class MicroBatcher:
     def _drop(self, items: list[Item]) -> None:
         """Take `items` (not answered) out of the queue."""
         leaving = {id(i) for i in items}
-        kept: deque[list[Item] | Work] = deque()
+        kept: deque[Group | Work] = deque()
         for group in self._groups:
             if isinstance(group, Work):
                 kept.append(group)
                 continue
-            rest = [i for i in group if id(i) not in leaving]
+            rest = Group(i for i in group if id(i) not in leaving)
             if rest:
                 kept.append(rest)
         self._groups = kept
