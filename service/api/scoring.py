@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 import xxhash
 from fraudscore.v1 import fraudscore_pb2 as pb
-from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
 from core.errors import IdempotencyConflictError, InvalidInputError
 from service.api.calls import Calls, Gate, answers, observed, unary
@@ -39,10 +38,16 @@ STREAM_WINDOW = 64  # messages of one ScoreStream in flight at once
 
 
 def _fingerprint(txn: pb.Transaction) -> int:
-    return xxhash.xxh64_intdigest(txn.SerializeToString(deterministic=True))
+    # Not `deterministic=True`: that only orders map entries, and Transaction has no map (a test
+    # checks both give the same bytes: fingerprints kept in the records file must not change);
+    # 0.26 µs against 0.45 a transaction.
+    return xxhash.xxh64_intdigest(txn.SerializeToString())
 
 
-class FraudScoringService(pb_grpc.FraudScoringServicer):
+class FraudScoringService:
+    """The four RPCs. Not the generated servicer's subclass: its handlers answer bytes (answers are
+    serialized on the pipeline thread), registered by `add_scoring_service` without serializers."""
+
     def __init__(self, app: App) -> None:
         self.app = app
         gate = Gate()
