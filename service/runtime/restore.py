@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fraudscore.v1 import fraudscore_pb2 as pb
-
 from core.encode import KEY_SCHEME, KeyHasher
 from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState
