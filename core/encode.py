@@ -130,13 +130,22 @@ def currency_exponent(currency: str) -> int:
 
 def amount_major(amount_minor: np.ndarray, currency: Strings) -> np.ndarray:
     """Amounts in major units, as float64."""
-    scale = mapped(currency, _minor_unit, np.float64)
+    scale = mapped(currency, minor_unit, np.float64)
     amount: np.ndarray = np.asarray(amount_minor, dtype=np.float64) * scale
     return amount
 
 
-def _minor_unit(currency: str) -> float:
-    return float(10.0 ** -currency_exponent(currency))
+_MINOR_UNITS: dict[str, float] = {}
+
+
+def minor_unit(currency: str) -> float:
+    """The value of one minor unit of `currency` in major units (0.01 for USD, 1.0 for JPY)."""
+    unit = _MINOR_UNITS.get(currency)
+    if unit is None:
+        unit = float(10.0 ** -currency_exponent(currency))
+        if len(_MINOR_UNITS) < 4096:  # codes are validated (three capitals), but bounded all the same
+            _MINOR_UNITS[currency] = unit
+    return unit
 
 
 def mcc_code(category: str) -> int:

@@ -11,15 +11,17 @@ import numpy as np
 import orjson
 import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
+from hypothesis import given
+from hypothesis import strategies as st
 
-from core.encode import KeyHasher
+from core.encode import EncodedBatch, KeyHasher, encode_columns
 from core.features import FEATURE_NAMES, EntityState, FeatureEngine
 from core.rules.file import parse_ruleset
-from core.rules.ruleset import Decision
-from core.scoring import Scorer, Source
-from service.runtime.metrics import Metrics
+from core.rules.ruleset import Decision, RuleHits
+from core.scoring import ScoredBatch, Scorer, Source
+from service.runtime.metrics import DECISION_LABELS, Metrics
 from service.serving.items import Item
-from service.serving.pipeline import Pipeline, encode_transactions
+from service.serving.pipeline import Pipeline, Tally, encode_transactions
 from tests.service.serving import parsed
 
 RULES = orjson.dumps({"version": "t", "rules": [], "fallback": {"default_probability": 0.02, "rules": [
@@ -227,3 +229,49 @@ def test_a_snapshot_copy_equals_the_state_at_its_moment_and_reuses_its_arrays() 
         for name in ("keys", "last_seen_ms", "values", "tags", "counters"):
             assert np.array_equal(getattr(mine, name), getattr(theirs, name))
             assert not np.shares_memory(getattr(mine, name), getattr(theirs, name))
+
+
+@given(st.lists(st.tuples(st.sampled_from([int(d) for d in Decision]), st.sampled_from([int(s) for s in Source]),
+                          st.lists(st.booleans(), min_size=3, max_size=3)), max_size=200))
+def test_a_tally_counts_each_pair_once_per_answer(rows: list[tuple[int, int, list[bool]]]) -> None:
+    n = len(rows)
+    scored = ScoredBatch(np.zeros(n), np.array([r[0] for r in rows], dtype=np.int8),
+                         np.array([r[1] for r in rows], dtype=np.int8), False, [()] * n, "m", "r",
+                         RuleHits((), np.array([r[2] for r in rows], dtype=bool).reshape(n, 3)))
+    tally = Tally.of(scored)
+    assert sorted(tally.decisions) == sorted((d, s, c) for (d, s), c in Counter((d, s) for d, s, _ in rows).items())
+    expected = Counter((Decision(d).name, k) for d, _, hit in rows for k, h in enumerate(hit) if h)
+    assert {(DECISION_LABELS[d], r): c for d, r, c in tally.rule_hits} == expected
+
+
+_ID = st.text(max_size=12)
+_TXN = st.builds(
+    pb.Transaction, transaction_id=_ID, card_id=_ID, customer_id=_ID, merchant_id=_ID, device_id=_ID, ip_address=_ID,
+    merchant_category=st.sampled_from(["", "5411", "0742", "12"]), amount_minor=st.integers(1, 10**15),
+    currency=st.sampled_from(["USD", "JPY", "BHD", "EUR", "XAF"]), event_time_ms=st.integers(0, 2**62),
+    channel=st.integers(0, 4), country=st.sampled_from(["", "US", "DE", "zz"]),
+    latitude=st.none() | st.floats(-90, 90), longitude=st.none() | st.floats(-180, 180))
+
+
+@given(st.lists(_TXN, min_size=1, max_size=20))
+def test_the_serving_encoder_equals_the_offline_columns(txns: list[pb.Transaction]) -> None:
+    # Replay encodes histories with encode_columns; the server must see the same numbers.
+    for t in txns:  # latitude and longitude come together (validation)
+        if t.HasField("latitude") != t.HasField("longitude"):
+            t.ClearField("latitude")
+            t.ClearField("longitude")
+    hasher = KeyHasher(b"another-key-for-this-test")
+    served = encode_transactions(hasher, txns)
+    offline = encode_columns(
+        hasher, card_id=[t.card_id for t in txns], customer_id=[t.customer_id for t in txns],
+        merchant_id=[t.merchant_id for t in txns], device_id=[t.device_id for t in txns],
+        ip_address=[t.ip_address for t in txns], amount_minor=np.array([t.amount_minor for t in txns]),
+        currency=[t.currency for t in txns], event_time_ms=np.array([t.event_time_ms for t in txns]),
+        channel=np.array([t.channel for t in txns]), merchant_category=[t.merchant_category for t in txns],
+        country=[t.country for t in txns],
+        latitude=np.array([t.latitude if t.HasField("latitude") else np.nan for t in txns]),
+        longitude=np.array([t.longitude if t.HasField("longitude") else np.nan for t in txns]))
+    for name in EncodedBatch.__slots__:
+        mine, theirs = getattr(served, name), getattr(offline, name)
+        assert mine.dtype == theirs.dtype and mine.flags.c_contiguous, name
+        np.testing.assert_array_equal(mine, theirs, err_msg=name)
