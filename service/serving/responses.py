@@ -67,11 +67,23 @@ class ResponseWriter:
     """Serializes the ScoreResponses of a batch. One per pipeline; the pipeline thread's (a
     fallback answer on the event loop uses its own: `_reasons` is a cache, not thread-safe)."""
 
-    __slots__ = ("_reasons",)
+    __slots__ = ("_reasons", "_shared")
 
     def __init__(self) -> None:
         # (code, description) → the Reason's first two fields: reason codes come from a short list.
         self._reasons: dict[tuple[str, str], bytes] = {}
+        # The fields a batch shares (degraded, the three versions): a model or rules reload adds one.
+        self._shared: dict[tuple[bool, str, str, str], bytes] = {}
+
+    def _batch_fields(self, degraded: bool, model_version: str, ruleset_version: str, feature_set_version: str) -> bytes:
+        key = (degraded, model_version, ruleset_version, feature_set_version)
+        shared = self._shared.get(key)
+        if shared is None:
+            if len(self._shared) >= 64:  # reloads over a long life: start over rather than grow
+                self._shared.clear()
+            shared = self._shared[key] = (b"8\x01" if degraded else b"") + _text_field(b"B", model_version) \
+                + _text_field(b"J", ruleset_version) + _text_field(b"R", feature_set_version)
+        return shared
 
     def _reason(self, code: str, description: str, weight: float) -> bytes:
         head = self._reasons.get((code, description))
@@ -86,8 +98,7 @@ class ResponseWriter:
               latencies_us: Sequence[int]) -> list[bytes]:
         """One serialized ScoreResponse per transaction. `reasons[i]`: objects with `code`,
         `description` and `weight`. Fields shared by the batch are encoded once."""
-        shared = (b"8\x01" if degraded else b"") + _text_field(b"B", model_version) \
-            + _text_field(b"J", ruleset_version) + _text_field(b"R", feature_set_version)
+        shared = self._batch_fields(degraded, model_version, ruleset_version, feature_set_version)
         out = []
         for i, txn_id in enumerate(transaction_ids):
             why = reasons[i]
