@@ -13,7 +13,8 @@ from core.model import LoadedModel
 from core.rules.named_lists import identifier_keys
 from core.scoring import Scorer
 from service.runtime.metrics import Metrics
-from service.serving.pipeline import Pipeline, encode_transactions
+from service.serving.encode import encode_transactions
+from service.serving.pipeline import Pipeline
 
 
 def trial_pipeline(pipeline: Pipeline) -> Pipeline:

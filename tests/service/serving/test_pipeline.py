@@ -20,8 +20,9 @@ from core.rules.file import parse_ruleset
 from core.rules.ruleset import Decision, RuleHits
 from core.scoring import ScoredBatch, Scorer, Source
 from service.runtime.metrics import DECISION_LABELS, Metrics
+from service.serving.encode import encode_transactions
 from service.serving.items import Item
-from service.serving.pipeline import Pipeline, Tally, encode_transactions
+from service.serving.pipeline import Pipeline, Tally
 from tests.service.serving import parsed
 
 RULES = orjson.dumps({"version": "t", "rules": [], "fallback": {"default_probability": 0.02, "rules": [
