@@ -38,7 +38,7 @@ from core.features.state import (
     _checked_table,
     _read_snapshot,
 )
-from core.files import write_atomically
+from core.files import Pacer, write_atomically, write_npz
 
 KEYED_SNAPSHOT_FORMAT = 2
 """Format 2 is format 1 (`EntityState.save`) plus `key_scheme` and `key_fingerprint`. A build
@@ -206,10 +206,12 @@ def _find_slots(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     return slots
 
 
-def save_snapshot(state: EntityState, path: Path, *, feature_set_version: str, hasher: KeyHasher) -> None:
+def save_snapshot(state: EntityState, path: Path, *, feature_set_version: str, hasher: KeyHasher,
+                  pacer: Pacer | None = None) -> None:
     """Write a snapshot of `state`, whose keys `hasher` made, atomically (temporary file, fsync, rename).
 
-    Stamped with the hasher's scheme and key fingerprint (never the key).
+    Stamped with the hasher's scheme and key fingerprint (never the key). With a `pacer`,
+    written in slices with pauses between (`core.files.Pacer`).
     """
     arrays: dict[str, Any] = {
         "format": np.array([KEYED_SNAPSHOT_FORMAT]),
@@ -220,7 +222,7 @@ def save_snapshot(state: EntityState, path: Path, *, feature_set_version: str, h
     for t in state.tables():
         for name in _TABLE_ARRAYS:
             arrays[f"{t.kind}.{name}"] = getattr(t, name)
-    write_atomically(path, lambda f: np.savez(f, **arrays))
+    write_atomically(path, lambda f: write_npz(f, arrays, pacer=pacer))
 
 
 def load_snapshot(path: Path, *, feature_set_version: str, hasher: KeyHasher) -> EntityState:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from prometheus_client import start_http_server
 
 from core.encode import KeyHasher
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
+from core.files import Pacer
 from core.scoring import Scorer
 from service.runtime.challenger_reload import ChallengerReload
 from service.runtime.config import DEFAULT_ID_HASH_KEY, Settings
@@ -46,6 +48,11 @@ log = logging.getLogger("fraudscore.app")
 # How long a snapshot waits for answers already in its state copy to reach their calls. They
 # arrive within a few event-loop turns; running out means a bug, and the snapshot is skipped.
 DELIVERY_TIMEOUT_S = 10.0
+# The share of the wall clock a periodic snapshot's listing, encoding and writing may take, in
+# slices (core.files.Pacer). At 1,000 calls/s on 2 cores, snapshots at full speed cost ~10 calls
+# dropped by gRPC's queue each and a p99 of 20–50 ms in their second (docs/benchmarks.md); paced
+# at a quarter, ~0 and 9–19 ms. The final snapshot at shutdown goes at full speed.
+SNAPSHOT_SHARE = 0.25
 T = TypeVar("T")
 
 
@@ -222,7 +229,7 @@ class App:
         applied, self._outcomes_applied = self._outcomes_applied, []
         return self.pipeline.snapshot_copy(), [item.future for item in self._last_batch] + applied
 
-    async def snapshot(self) -> None:
+    async def snapshot(self, *, share: float = SNAPSHOT_SHARE) -> None:
         """Copy state between batches on the pipeline thread; write records, then state, from another thread.
 
         Every transaction and outcome report in the copy has its idempotency record saved:
@@ -246,9 +253,10 @@ class App:
             copy, applied = await self.batcher.submit_work(self._copy_between_batches, kind="snapshot")
             self._undelivered.extend(applied)
             await self._until_settled()
-            answers = await self.idempotency.completed()
-            outcomes = await self.outcomes_seen.completed()
-            await asyncio.shield(asyncio.to_thread(write_snapshot, state_dir, copy, self.hasher, answers, outcomes))
+            answers = await self.idempotency.completed(share=share)
+            outcomes = await self.outcomes_seen.completed(share=share)
+            write = functools.partial(write_snapshot, state_dir, copy, self.hasher, answers, outcomes, Pacer(share))
+            await asyncio.shield(asyncio.to_thread(write))
         log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE),
                                                   "cards": copy.card.occupancy(), "answers": len(answers),
                                                   "outcomes": len(outcomes)})
@@ -284,7 +292,7 @@ class App:
         if self._batcher is not None:
             await self._batcher.drain()
         try:
-            await self.snapshot()
+            await self.snapshot(share=1.0)  # nothing is served any more: no need to spread it
         except Exception as exc:
             log.error("final state snapshot failed", extra={"error": exc.__class__.__name__, "reason": str(exc)})
         if self._metrics_server is not None:

@@ -18,6 +18,7 @@ from core.encode import KEY_SCHEME, KeyHasher
 from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState
 from core.features.store import load_snapshot, save_snapshot
+from core.files import Pacer
 from core.model import LoadedModel, load_model_dir
 from service.runtime.config import Settings
 from service.serving.idempotency import IdempotencyCache, Remembered
@@ -179,7 +180,9 @@ def restore_idempotency(settings: Settings, answers: IdempotencyCache[bytes, byt
 
 
 def write_snapshot(state_dir: Path, state: EntityState, hasher: KeyHasher, answers: Remembered[bytes],
-                    outcomes: Remembered[bool]) -> None:
-    """Records first, then state: if the records cannot be written, the state is not either."""
-    save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes)
-    save_snapshot(state, state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION, hasher=hasher)
+                    outcomes: Remembered[bool], pacer: Pacer | None = None) -> None:
+    """Records first, then state: if the records cannot be written, the state is not either.
+    With a `pacer`, both are encoded and written in slices with pauses between."""
+    save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes, pacer=pacer)
+    save_snapshot(state, state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION, hasher=hasher,
+                  pacer=pacer)

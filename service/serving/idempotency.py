@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from core.errors import IdempotencyConflictError
+from core.files import Pacer
 
 T = TypeVar("T")  # an answer, as callers see it
 P = TypeVar("P")  # an answer packed: an atomic value (bytes, bool, int…), which the GC does not track
@@ -264,22 +265,26 @@ class IdempotencyCache(Generic[T, P]):
         if isinstance(entry, _Live) and entry.future is future:
             del self._entries[transaction_id]
 
-    async def completed(self, *, chunk: int = CAPTURE_CHUNK) -> Remembered[P]:
+    async def completed(self, *, chunk: int = CAPTURE_CHUNK, share: float = 1.0) -> Remembered[P]:
         """Every unexpired entry whose call has its answer, packed, captured at the moment of the call.
 
         Everything completed when it is called is included; an entry completed while the
         copy is being read may be too. Calls still in flight, failed or cancelled are left
         out (they have no answer). The keys and entries are copied at once (C-speed copies,
-        in the same order), then read `chunk` at a time, yielding to the event loop in between.
+        in the same order), then read `chunk` at a time, yielding to the event loop in between:
+        with a `share` below 1, for long enough that reading takes that share of the loop's time
+        (a snapshot's listing of 200,000 entries: ~50 ms of the loop's time either way, spread
+        over ~0.3 s at a quarter).
         """
         ids, entries = list(self._entries), list(self._entries.values())
         now = self._clock()
         to_epoch = self._wall_clock() - now
         out: Remembered[P] = Remembered.empty()
         out_ids, fingerprints, expiry, answers = out.transaction_ids, out.fingerprints, out.expires_at_epoch_s, out.answers
+        pacer = Pacer(share)
         for start in range(0, len(entries), chunk):
             if start:
-                await asyncio.sleep(0)
+                await asyncio.sleep(pacer.pause_s())
             for transaction_id, e in zip(ids[start:start + chunk], entries[start:start + chunk], strict=True):
                 if isinstance(e, _Live):
                     f = e.future

@@ -14,8 +14,10 @@ import xxhash
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.errors import IdempotencyConflictError
+from core.files import Pacer
 from service.serving.idempotency import IdempotencyCache, Remembered
 from service.serving.idempotency_store import (
+    ENCODE_CHUNK,
     FORMAT_VERSION,
     MAGIC,
     RECORDS_FILE,
@@ -357,6 +359,48 @@ async def test_completed_reads_in_chunks_and_sees_every_entry() -> None:
         cache.register(f"t{i}", i, done(answer(f"t{i}")))
     got = await cache.completed(chunk=4)
     assert got.transaction_ids == [f"t{i}" for i in range(25)] and got.fingerprints == list(range(25))
+
+
+async def test_a_paced_read_gives_the_loop_time_between_chunks_and_sees_the_same() -> None:
+    clocks = Clocks(0.0, 0.0)
+    cache = clocks.cache(max_entries=1000)
+    for i in range(40):
+        cache.register(f"t{i}", i, done(answer(f"t{i}")))
+    turns = 0
+
+    async def other_work() -> None:  # what the loop does while a snapshot lists the records
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.get_running_loop().create_task(other_work())
+    try:
+        paced = await cache.completed(chunk=4, share=0.01)
+    finally:
+        other.cancel()
+    assert paced == await cache.completed(chunk=4)
+    assert turns >= 9  # at least one turn of other work between each two of the 10 chunks
+    with pytest.raises(ValueError, match=r"share of the time is in \(0, 1\], got 0"):
+        await cache.completed(share=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, ENCODE_CHUNK, 2 * ENCODE_CHUNK + 3])
+def test_a_paced_records_file_is_the_same_file_written_in_slices(tmp_path: Path, n: int) -> None:
+    rng = random.Random(n)
+    answers = Remembered([f"t{i}" + "é" * (i % 3) for i in range(n)], [rng.getrandbits(64) for _ in range(n)],
+                         [1e9 + rng.random() for _ in range(n)],
+                         [answer(f"t{i}", rng.random()).SerializeToString() for i in range(n)])
+    outcomes = Remembered([f"o{i}" for i in range(n)], list(range(n)), [2e9] * n, [i % 2 == 0 for i in range(n)])
+    save_records(tmp_path / "plain", answers=answers, outcomes=outcomes)
+    slept: list[float] = []
+    ticks = iter(range(10**9))
+    pacer = Pacer(0.5, clock=lambda: float(next(ticks)), sleep=slept.append)
+    save_records(tmp_path / "paced", answers=answers, outcomes=outcomes, pacer=pacer)
+    assert (tmp_path / "paced").read_bytes() == (tmp_path / "plain").read_bytes()
+    assert load_records(tmp_path / "paced") == SavedRecords(answers, outcomes)
+    # A pause after each slice of records encoded and each chunk of the file written, none long.
+    assert len(slept) >= 2 * -(-n // ENCODE_CHUNK) + 1 and all(0 < s <= 1 for s in slept)
 
 
 async def test_forgotten_entries_do_not_pile_up(tmp_path: Path) -> None:
