@@ -47,6 +47,8 @@ STEPS = (0.4, 0.55, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)  # × the closed-loop es
 PROBE_RATE = 100.0
 OVERLOAD_S = 20.0
 RECOVERY_S = 6.0
+SNAPSHOTS_WRITTEN = ("fraudscore_state_snapshots_total", (("result", "written"),))
+SNAPSHOT_WRITTEN_AT = ("fraudscore_state_snapshot_last_written_timestamp_seconds", ())
 BATCH_SIZE, BATCHES_IN_FLIGHT = 256, 4  # per generator process
 # 8 streams × 8 messages in flight: 64 waiting at most, ~13 ms of the pipeline at 5,000/s, inside the
 # budget (64 each, 512 in all, measured saturation: a queue, answered by the fallback).
@@ -254,7 +256,8 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0, long_s: float = 0.0) -
                                         probe.between(end_over, end_over + RECOVERY_S)])
                 windows = recovery.p99_by_window(end_over, end_over + RECOVERY_S, 0.5)
                 batches, streams = _throughput(gen, traffic, target, seconds)
-                long_lines = _long_run(gen, traffic, target, 0.8 * real_peak, long_s) if long_s > 0 else []
+                long_lines = (_long_run(gen, traffic, target, 0.8 * real_peak, long_s, metrics_port)
+                              if long_s > 0 else [])
             finally:
                 _stop(real)
         bare = _start_bare(port)
@@ -306,12 +309,30 @@ def bench_serve(model_dir: Path, *, seconds: float = 5.0, long_s: float = 0.0) -
     return out
 
 
-def _long_run(gen: Generators, traffic: _Traffic, target: str, rate: float, seconds: float) -> list[str]:
-    """`seconds` at `rate`: the p99 of every 10 s window, to show a flat or drifting tail."""
+def _long_run(gen: Generators, traffic: _Traffic, target: str, rate: float, seconds: float,
+              metrics_port: int) -> list[str]:
+    """`seconds` at `rate`: the p99 of every 10 s window, to show a flat or drifting tail; the
+    windows holding a degraded or refused answer, and those in which a state snapshot ended."""
+    snapshots_before = _scrape(metrics_port).get(SNAPSHOTS_WRITTEN, 0.0)
     calls, _, start = gen.run(target, traffic.scores(math.ceil(rate * seconds)), [(rate, seconds)])
+    after = _scrape(metrics_port)
     windows = calls.p99_by_window(start, start + seconds, 10.0)
+    bad = calls.status == DEGRADED
+    refused = calls.status == REFUSED
+    marks = []
+    for k in range(len(windows)):
+        inside = (calls.sent_at >= start + 10.0 * k) & (calls.sent_at < start + 10.0 * (k + 1))
+        n_bad, n_refused = int((bad & inside).sum()), int((refused & inside).sum())
+        if n_bad or n_refused:
+            marks.append(f"{k} ({n_bad} degraded, {n_refused} refused)")
+    snapshots = after.get(SNAPSHOTS_WRITTEN, 0.0) - snapshots_before
+    # Only the last snapshot's time is exported: its window, on the generators' monotonic clock.
+    last_end = after.get(SNAPSHOT_WRITTEN_AT, 0.0) - time.time() + time.monotonic()
+    last = f", the last ending in window {int((last_end - start) // 10)}" if snapshots and last_end >= start else ""
     return [f"  {seconds:.0f} s at 80% of the real peak ({rate:.0f}/s): p99 per 10 s {' '.join(f'{w:.1f}' for w in windows)} "
-            f"ms; degraded {calls.count(DEGRADED)}, refused {calls.count(REFUSED)}"]
+            f"ms; degraded {int(bad.sum())}, refused {int(refused.sum())}"
+            + (f" (windows from 0: {', '.join(marks)})" if marks else "")
+            + f"; state snapshots written {snapshots:.0f}{last}"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fraudscore.v1 import fraudscore_pb2 as pb
@@ -247,6 +248,21 @@ class App:
         state_dir = self.settings.state_dir
         if state_dir is None:
             return
+        started = time.monotonic()
+        try:
+            answers, outcomes, cards = await self._snapshot(state_dir, share)
+        except Exception:  # a cancelled caller is no failure: the shielded write runs on
+            self.metrics.snapshots.labels("failed").inc()
+            raise
+        took = time.monotonic() - started
+        self.metrics.snapshots.labels("written").inc()
+        self.metrics.snapshot_written_at.set(time.time())
+        self.metrics.snapshot_duration.set(took)
+        log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE), "cards": cards,
+                                                  "answers": answers, "outcomes": outcomes,
+                                                  "seconds": round(took, 3)})
+
+    async def _snapshot(self, state_dir: Path, share: float) -> tuple[int, int, int]:
         async with self._snapshot_lock:
             # In its turn in the queue: the copy holds every transaction queued before it, those
             # answered by the fallback and still waiting for the state included.
@@ -257,9 +273,7 @@ class App:
             outcomes = await self.outcomes_seen.completed(share=share)
             write = functools.partial(write_snapshot, state_dir, copy, self.hasher, answers, outcomes, Pacer(share))
             await asyncio.shield(asyncio.to_thread(write))
-        log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE),
-                                                  "cards": copy.card.occupancy(), "answers": len(answers),
-                                                  "outcomes": len(outcomes)})
+        return len(answers), len(outcomes), copy.card.occupancy()
 
     async def _until_settled(self) -> None:
         pending = [f for f in self._undelivered if not f.done()]

@@ -279,6 +279,18 @@ class Metrics:
             "fraudscore_features_only",
             "Transactions fed into the state without scoring (features only), having been answered by the "
             "fallback while queued", registry=r)
+        self.snapshots = Counter("fraudscore_state_snapshots",
+                                 "State snapshots (state.npz and idempotency.bin) taken, by result (written, failed)",
+                                 ["result"], registry=r)
+        for result in ("written", "failed"):
+            self.snapshots.labels(result)  # 0 from the start, so that increase() sees the first
+        self.snapshot_written_at = Gauge(
+            "fraudscore_state_snapshot_last_written_timestamp_seconds",
+            "Unix time at which the last state snapshot was written (0: none yet)", registry=r)
+        self.snapshot_duration = Gauge(
+            "fraudscore_state_snapshot_duration_seconds",
+            "Wall time of the last state snapshot written, from its copy to its files in place (paced: "
+            "most of it is pauses)", registry=r)
         self.pipeline_busy = Gauge("fraudscore_pipeline_busy_seconds",
                                    "How long the batch in the pipeline has been running (0 when idle)", registry=r)
         self.pipeline_expected = Gauge(

@@ -7,6 +7,7 @@ confirmed-fraud count, has reached two. A control in the same server shows each 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -99,6 +100,42 @@ def test_a_retry_after_a_restart_gets_the_first_answer_and_counts_once(
     assert later.fraud_probability == pytest.approx(offline_probabilities(model_dir, [a, b])[1], abs=1e-12)
     for log in (srv.log(), again.log()):
         assert a.transaction_id not in log and card not in log
+
+
+def test_a_periodic_snapshot_alone_carries_state_and_answers_across_a_crash(
+        tmp_path: Path, model_dir: Path, env: dict[str, str]) -> None:
+    # The periodic snapshots are the paced ones (the final one at SIGTERM is not): SIGKILL after
+    # one was written leaves only them to restore from.
+    state_dir = tmp_path / "state"
+    card = uid("card")
+    a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
+    b = txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000)
+    periodic = env | {"FRAUDSCORE_SNAPSHOT_INTERVAL_S": "0.3"}
+    srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir, extra_env=periodic)
+    try:
+        first = score(srv, a)
+        # The one being written as `a` was answered may have copied the state before it: the next.
+        written = value(scrape(srv), "fraudscore_state_snapshots_total", result="written")
+        deadline = time.monotonic() + 30
+        while value(s := scrape(srv), "fraudscore_state_snapshots_total", result="written") < written + 2:
+            assert time.monotonic() < deadline, "no snapshot written within 30 s"
+            time.sleep(0.1)
+        srv.proc.kill()
+        srv.proc.wait(timeout=10)
+    finally:
+        srv.stop()
+    assert value(s, "fraudscore_state_snapshots_total", result="failed") == 0
+    assert value(s, "fraudscore_state_snapshot_last_written_timestamp_seconds") > time.time() - 60
+    assert 0 < value(s, "fraudscore_state_snapshot_duration_seconds") < 30
+    again = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir, extra_env=env)
+    try:
+        assert "state restored" in again.log() and "idempotency records restored" in again.log()
+        retry = score(again, a)
+        later = score(again, b)
+    finally:
+        assert again.stop() == 0
+    assert retry == first
+    assert later.fraud_probability == pytest.approx(offline_probabilities(model_dir, [a, b])[1], abs=1e-12)
 
 
 def test_a_repeated_outcome_report_after_a_restart_counts_once(
