@@ -47,7 +47,7 @@ STEPS = (0.4, 0.55, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)  # × the closed-loop es
 PROBE_RATE = 100.0
 OVERLOAD_S = 20.0
 RECOVERY_S = 6.0
-SNAPSHOTS_WRITTEN = ("fraudscore_state_snapshots_total", (("result", "written"),))
+SNAPSHOTS_WRITTEN = ("fraudscore_state_snapshots_total", (("result", "ok"),))
 SNAPSHOT_WRITTEN_AT = ("fraudscore_state_snapshot_last_written_timestamp_seconds", ())
 BATCH_SIZE, BATCHES_IN_FLIGHT = 256, 4  # per generator process
 # 8 streams × 8 messages in flight: 64 waiting at most, ~13 ms of the pipeline at 5,000/s, inside the

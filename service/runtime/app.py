@@ -255,7 +255,7 @@ class App:
             self.metrics.snapshots.labels("failed").inc()
             raise
         took = time.monotonic() - started
-        self.metrics.snapshots.labels("written").inc()
+        self.metrics.snapshots.labels("ok").inc()
         self.metrics.snapshot_written_at.set(time.time())
         self.metrics.snapshot_duration.set(took)
         log.info("state snapshot written", extra={"path": str(state_dir / SNAPSHOT_FILE), "cards": cards,

@@ -280,9 +280,9 @@ class Metrics:
             "Transactions fed into the state without scoring (features only), having been answered by the "
             "fallback while queued", registry=r)
         self.snapshots = Counter("fraudscore_state_snapshots",
-                                 "State snapshots (state.npz and idempotency.bin) taken, by result (written, failed)",
+                                 "State snapshots (state.npz and idempotency.bin) taken, by result (ok, failed)",
                                  ["result"], registry=r)
-        for result in ("written", "failed"):
+        for result in ("ok", "failed"):
             self.snapshots.labels(result)  # 0 from the start, so that increase() sees the first
         self.snapshot_written_at = Gauge(
             "fraudscore_state_snapshot_last_written_timestamp_seconds",

@@ -115,9 +115,9 @@ def test_a_periodic_snapshot_alone_carries_state_and_answers_across_a_crash(
     try:
         first = score(srv, a)
         # The one being written as `a` was answered may have copied the state before it: the next.
-        written = value(scrape(srv), "fraudscore_state_snapshots_total", result="written")
+        written = value(scrape(srv), "fraudscore_state_snapshots_total", result="ok")
         deadline = time.monotonic() + 30
-        while value(s := scrape(srv), "fraudscore_state_snapshots_total", result="written") < written + 2:
+        while value(s := scrape(srv), "fraudscore_state_snapshots_total", result="ok") < written + 2:
             assert time.monotonic() < deadline, "no snapshot written within 30 s"
             time.sleep(0.1)
         srv.proc.kill()
