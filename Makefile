@@ -7,7 +7,7 @@ PROTO_OUT := protos/fraudscore/v1/fraudscore_pb2.py
 MODEL_DIR ?= models/default
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint proto model bench clean loadtest
+.PHONY: serve test lint proto model bench clean loadtest redis-server
 
 # The environment: created once, reinstalled when pyproject.toml or the pins change. The
 # pins (constraints.txt) are the image's too, so tests run the versions the image ships.
@@ -30,9 +30,19 @@ model: $(PROTO_OUT)
 serve: model
 	$(BIN)/fraudscore serve --model $(MODEL_DIR)
 
-# The whole suite: lint (ruff, mypy --strict), then every test.
-test: lint
+# The whole suite: lint (ruff, mypy --strict), then every test. The shared-state tests start
+# Debian's redis-server themselves (tests/redis_server.py); it is installed here where missing.
+test: lint redis-server
 	$(BIN)/python -m pytest
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's redis-server for the shared-state tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "the tests need redis-server (Debian: apt-get install redis-server, as root); not found" >&2; exit 1; \
+	  fi; }
 
 lint: $(PROTO_OUT)
 	$(BIN)/ruff check .

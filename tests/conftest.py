@@ -124,3 +124,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     srv = start_server(tmp, model_dir=model_dir)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A standalone redis-server for the session (tests/redis_server.py); tests keep to namespaces of their own."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,13 +19,18 @@ from core.errors import StateStoreError
 from core.features import kernels
 from core.features.registry import NUM_FEATURES
 from core.features.state import MAX_PROBE, EntityState, EntityTable
-from core.features.store import LocalStore, StateStore, StoredRows, write_rows
+from core.features.store import LocalStore, StateStore, StoredRows, VersionedStore, write_rows
 
 _T = TypeVar("_T")
 _KINDS: tuple[str, ...] = tuple(f.name for f in fields(EntityState))
 # A working table that evicted is rebuilt 4× larger; keys that still collide after this many
 # tries share their low bits far beyond chance (keys are keyed hashes), and no size will do.
 _WORKING_TRIES = 4
+# Rounds of compare-and-set a batch may take against a shared store before it gives up (its
+# answers then come from the fallback, and the transactions are counted in state_errors). Each
+# round writes every row nobody else changed meanwhile, so rounds only continue for rows that
+# other writers keep changing within one round trip: a merchant in every batch of every process.
+CONFLICT_ROUNDS = 8
 
 
 def _arrays(t: EntityTable) -> tuple[np.ndarray, ...]:
@@ -45,9 +50,9 @@ class FeatureEngine:
     is deterministic for a given order of events.
     """
 
-    __slots__ = ("_state", "_store", "_working_headroom")
+    __slots__ = ("_conflicts", "_state", "_store", "_versioned", "_working_headroom")
 
-    def __init__(self, state: EntityState | StateStore, *, working_headroom: int = 4) -> None:
+    def __init__(self, state: EntityState | StateStore | VersionedStore, *, working_headroom: int = 4) -> None:
         if working_headroom < 1:
             raise ValueError(f"working_headroom must be at least 1 slot per entity, got {working_headroom}")
         self._working_headroom = working_headroom
@@ -55,14 +60,24 @@ class FeatureEngine:
         # only that (`is None` is the cheapest branch there is). `_store` is always where the
         # state lives, so the store path needs no None check of its own.
         self._state: EntityState | None = None
-        self._store: StateStore
+        self._store: StateStore | VersionedStore
+        self._versioned: VersionedStore | None = None  # set when writes are compare-and-set
+        self._conflicts = [0]
         if isinstance(state, EntityState):
             self._state = state
             self._store = LocalStore(state)
+        elif callable(getattr(state, "fetch_versioned", None)) and callable(getattr(state, "store_if_unchanged", None)):
+            self._store = self._versioned = state  # type: ignore[assignment]  # checked just above
         elif callable(getattr(state, "fetch", None)) and callable(getattr(state, "store", None)):
             self._store = state
         else:
-            raise TypeError(f"FeatureEngine needs an EntityState or a StateStore, got {type(state).__name__}")
+            raise TypeError(f"FeatureEngine needs an EntityState, a StateStore or a VersionedStore, "
+                            f"got {type(state).__name__}")
+
+    @property
+    def store_conflicts(self) -> int:
+        """Rows recomputed because another writer changed them first (a shared store only)."""
+        return self._conflicts[0]
 
     @property
     def state(self) -> EntityState:
@@ -124,41 +139,140 @@ class FeatureEngine:
     def _compute_through_store(self, batch: EncodedBatch) -> np.ndarray:
         keys = {"card": batch.card_key, "merchant": batch.merchant_key, "customer": batch.customer_key,
                 "device": batch.device_key, "ip": batch.ip_key}
-        return _through_store(self._store, keys, lambda working: FeatureEngine(working).compute(batch),
-                              headroom=self._working_headroom)
+        return self._through(keys, lambda working: FeatureEngine(working).compute(batch))
 
     def _apply_outcomes_through_store(self, card_key: np.ndarray, merchant_key: np.ndarray,
                                       reported_time_ms: np.ndarray, fraud_weight: np.ndarray) -> None:
         keys = {"card": np.asarray(card_key, dtype=np.uint64), "merchant": np.asarray(merchant_key, dtype=np.uint64)}
-        _through_store(self._store, keys, lambda working: FeatureEngine(working).apply_outcomes(
-            card_key, merchant_key, reported_time_ms, fraud_weight), headroom=self._working_headroom)
+        self._through(keys, lambda working: FeatureEngine(working).apply_outcomes(
+            card_key, merchant_key, reported_time_ms, fraud_weight))
+
+    def _through(self, keys: Mapping[str, np.ndarray], run: Callable[[EntityState], _T]) -> _T:
+        if self._versioned is not None:
+            return _through_versioned_store(self._versioned, keys, run, headroom=self._working_headroom,
+                                            conflicts=self._conflicts)
+        return _through_store(self._store, keys, run, headroom=self._working_headroom)  # type: ignore[arg-type]
 
 
 def _through_store(store: StateStore, batch_keys: Mapping[str, np.ndarray], run: Callable[[EntityState], _T], *,
                    headroom: int) -> _T:
-    """Fetch the batch's entities from `store`, `run` the kernels on a working copy, store every row back.
-
-    The working tables hold `headroom` slots per entity and must not evict (an evicted row
-    would be lost to the store); if one did, the batch runs again on 4× larger ones.
-    """
-    wanted = {kind: _unique_keys(keys) for kind, keys in batch_keys.items()}
-    wanted = {kind: keys for kind, keys in wanted.items() if keys.size}
+    """Fetch the batch's entities from `store`, `run` the kernels on a working copy, store every row back."""
+    wanted = _wanted(batch_keys)
     fetched = {kind: _checked(kind, store.fetch(kind, keys), keys) for kind, keys in wanted.items()}
+    working, result = _run_working(wanted, fetched, run, headroom)
+    for t in working.tables():
+        if t.kind in wanted:
+            store.store(t.kind, StoredRows.of_table(t))
+    return result
+
+
+def _through_versioned_store(store: VersionedStore, batch_keys: Mapping[str, np.ndarray],
+                             run: Callable[[EntityState], _T], *, headroom: int, conflicts: list[int]) -> _T:
+    """As `_through_store`, with compare-and-set: rows another writer changed since they were read
+    are read again and the batch recomputed, and only those rows written, until none is left.
+
+    Each round writes every row whose version still matches; the others' new values were computed
+    from stale rows, so they are fetched afresh, the kernels run on the batch again (the rows
+    already written go in as they were read, and come out as they were written: each row depends
+    only on itself and the batch), and only those are offered again. The answer's features are
+    the last round's. `conflicts[0]` counts the rows that had to be recomputed.
+    """
+    wanted = _wanted(batch_keys)
+    fetched = _checked_versioned(store.fetch_versioned(wanted), wanted)
+    pending = wanted
+    for _ in range(CONFLICT_ROUNDS):
+        working, result = _run_working(wanted, {kind: rows for kind, (rows, _) in fetched.items()}, run, headroom)
+        offered = {}
+        for t in working.tables():
+            if t.kind in pending:
+                rows = _only(StoredRows.of_table(t), pending[t.kind])
+                offered[t.kind] = (rows, _versions_of(rows.keys, *fetched[t.kind]))
+        left = {kind: np.unique(keys) for kind, keys in store.store_if_unchanged(offered).items() if len(keys)}
+        if not left:
+            return result
+        conflicts[0] += sum(len(keys) for keys in left.values())
+        hold = getattr(store, "hold", None)
+        if hold is not None:  # so that the next round cannot lose these rows again
+            hold(left)
+        fresh = _checked_versioned(store.fetch_versioned(left), left)
+        for kind, keys in left.items():
+            fetched[kind] = _merged(fetched[kind], keys, fresh[kind])
+        pending = left
+    raise StateStoreError(", ".join(pending), f"rows kept changing under this batch through {CONFLICT_ROUNDS} "
+                          "rounds of compare-and-set; is one entity far hotter than the rest?")
+
+
+def _wanted(batch_keys: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each kind's distinct non-zero keys, sorted; kinds with none left out."""
+    wanted = {kind: _unique_keys(keys) for kind, keys in batch_keys.items()}
+    return {kind: keys for kind, keys in wanted.items() if keys.size}
+
+
+def _run_working(wanted: Mapping[str, np.ndarray], fetched: Mapping[str, StoredRows],
+                 run: Callable[[EntityState], _T], headroom: int) -> tuple[EntityState, _T]:
+    """`run` on working tables holding `fetched`, `headroom` slots per wanted entity.
+
+    The working tables must not evict (an evicted row would be lost to the store); if one did,
+    the batch runs again on 4× larger ones (nothing was stored yet, so that is safe).
+    """
     for _ in range(_WORKING_TRIES):
         working = _working_state(wanted, fetched, headroom)
         result = run(working)
         crowded = [t.kind for t in working.tables() if t.evictions]
         if not crowded:
-            break
-        # Nothing was stored yet, so the batch can simply run again on roomier tables.
+            return working, result
         headroom *= 4
-    else:
-        raise StateStoreError(", ".join(crowded), f"the batch's keys collide in working tables of up to "
-                              f"{headroom // 4}× their number of slots; are the keys hashed?")
-    for t in working.tables():
-        if t.kind in wanted:
-            store.store(t.kind, StoredRows.of_table(t))
-    return result
+    raise StateStoreError(", ".join(crowded), f"the batch's keys collide in working tables of up to "
+                          f"{headroom // 4}× their number of slots; are the keys hashed?")
+
+
+def _only(rows: StoredRows, keys: np.ndarray) -> StoredRows:
+    """The rows of `keys` (sorted) among `rows`."""
+    keep = np.isin(rows.keys, keys, assume_unique=True)
+    return StoredRows(rows.keys[keep], rows.last_seen_ms[keep], rows.values[keep], rows.tags[keep])
+
+
+def _versions_of(keys: np.ndarray, fetched: StoredRows, versions: np.ndarray) -> np.ndarray:
+    """The version read for each of `keys`: its fetched row's, 0 where none was fetched (a new entity)."""
+    out = np.zeros(keys.shape[0], dtype=np.uint64)
+    if len(fetched):
+        order = np.argsort(fetched.keys)
+        at = np.minimum(np.searchsorted(fetched.keys, keys, sorter=order), len(fetched) - 1)
+        found = fetched.keys[order[at]] == keys
+        out[found] = versions[order[at[found]]]
+    return out
+
+
+def _merged(old: tuple[StoredRows, np.ndarray], keys: np.ndarray,
+            fresh: tuple[StoredRows, np.ndarray]) -> tuple[StoredRows, np.ndarray]:
+    """`old` with the rows of `keys` replaced by what `fresh` holds of them (dropped where it holds none)."""
+    rows, versions = old
+    new_rows, new_versions = fresh
+    keep = ~np.isin(rows.keys, keys, assume_unique=True)
+    if not keep.any():  # (an empty side may be StoredRows.empty(), whose column counts mean nothing)
+        return fresh
+    kept = StoredRows(rows.keys[keep], rows.last_seen_ms[keep], rows.values[keep], rows.tags[keep])
+    if not len(new_rows):
+        return kept, versions[keep]
+    merged = StoredRows(*(np.concatenate([getattr(kept, name), getattr(new_rows, name)])
+                          for name in ("keys", "last_seen_ms", "values", "tags")))
+    return merged, np.concatenate([versions[keep], new_versions])
+
+
+def _checked_versioned(got: object, asked: Mapping[str, np.ndarray]) -> dict[str, tuple[StoredRows, np.ndarray]]:
+    """What `fetch_versioned` returned, checked as `_checked` checks a `fetch`, versions aligned with rows."""
+    if not isinstance(got, dict) or set(got) != set(asked):
+        raise StateStoreError(", ".join(asked), "fetch_versioned did not return exactly the kinds asked for")
+    out = {}
+    for kind, keys in asked.items():
+        rows, versions = got[kind]
+        rows = _checked(kind, rows, keys)
+        if not (isinstance(versions, np.ndarray) and versions.dtype == np.uint64 and versions.shape == (len(rows),)):
+            raise StateStoreError(kind, "fetch_versioned returned versions that are not uint64, one per row")
+        if len(rows) and not versions.all():
+            raise StateStoreError(kind, "fetch_versioned returned version 0 for a stored row")
+        out[kind] = (rows, versions)
+    return out
 
 
 def _unique_keys(keys: np.ndarray) -> np.ndarray:

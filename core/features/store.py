@@ -16,8 +16,10 @@ fingerprint of the `KeyHasher` that made its keys, so state keyed otherwise is r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +47,8 @@ KEYED_SNAPSHOT_FORMAT = 2
 that reads only format 1 refuses it, so a rollback cannot read these keys as its own either."""
 
 _U64, _I64, _F64 = np.dtype(np.uint64), np.dtype(np.int64), np.dtype(np.float64)
+ROW_LAYOUT: Mapping[str, tuple[int, int]] = MappingProxyType(_LAYOUT)
+"""Each entity kind's (V values, T tags) per row: what a store outside the process lays out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,31 @@ class StateStore(Protocol):
 
     def store(self, kind: str, rows: StoredRows, /) -> None:
         """Replace the stored rows of `rows.keys` with `rows`."""
+        ...
+
+
+class VersionedStore(Protocol):
+    """A store shared by writers in other processes: reads carry a version per row, writes are
+    compare-and-set per row (docs/state-store.md, "A shared store").
+
+    - `fetch_versioned({kind: keys})` returns, per kind asked, the stored rows (as `fetch`) and
+      their versions, uint64 aligned with `rows.keys`; a key not held has version 0.
+    - `store_if_unchanged({kind: (rows, expected)})` writes each row whose stored version is still
+      `expected[i]` (0: the key must be absent), as version expected + 1, and leaves every other
+      row unwritten; it returns, per kind, the keys it did not write (empty arrays, or kinds left
+      out, when all were written). Each row is checked and written atomically; rows are
+      independent (the kernels update an entity's row from its own row and the transaction only),
+      so a batch whose rows were partly written is finished by recomputing only the others.
+    - Optionally `hold({kind: keys})`: blocks until no other writer can write those rows before
+      this one writes them next (or a lease runs out). The engine calls it for the rows a round
+      failed to write, before reading them again, so a hot row cannot be lost round after round
+      (optimistic first, a hold only on conflict).
+    """
+
+    def fetch_versioned(self, wanted: Mapping[str, np.ndarray], /) -> dict[str, tuple[StoredRows, np.ndarray]]:
+        ...
+
+    def store_if_unchanged(self, rows: Mapping[str, tuple[StoredRows, np.ndarray]], /) -> dict[str, np.ndarray]:
         ...
 
 

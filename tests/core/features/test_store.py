@@ -302,7 +302,7 @@ def test_an_engine_on_a_store_has_no_in_process_state() -> None:
         engine.state  # noqa: B018
     state = small_state()
     assert FeatureEngine(state).state is state
-    with pytest.raises(TypeError, match="EntityState or a StateStore"):
+    with pytest.raises(TypeError, match="EntityState, a StateStore or a VersionedStore"):
         FeatureEngine(object())  # type: ignore[arg-type]
 
 
