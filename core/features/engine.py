@@ -185,7 +185,8 @@ def _through_versioned_store(store: VersionedStore, batch_keys: Mapping[str, np.
         offered = {}
         for t in working.tables():
             if t.kind in pending:
-                rows = _only(StoredRows.of_table(t), pending[t.kind])
+                rows = StoredRows.of_table(t)  # the first round offers every row of the batch
+                rows = rows if pending is wanted else _only(rows, pending[t.kind])
                 offered[t.kind] = (rows, _versions_of(rows.keys, *fetched[t.kind]))
         left = {kind: np.unique(keys) for kind, keys in store.store_if_unchanged(offered).items() if len(keys)}
         if not left:
