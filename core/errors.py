@@ -92,3 +92,14 @@ class StateStoreError(FraudscoreError):
         self.kind = kind
         self.reason = reason
         super().__init__(f"{kind} state: {reason}")
+
+
+class StateStoreUnavailableError(FraudscoreError):
+    """The shared state store could not be reached, answered too late, or failed a command.
+
+    The batch's transactions are answered by the fallback rules (degraded, reason
+    `state_store_unavailable`) and do not enter the state; the next batch tries again."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"state store unavailable: {reason}")

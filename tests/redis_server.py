@@ -19,7 +19,7 @@ from tests.conftest import free_port
 class RedisServer:
     """One standalone redis-server process: no persistence, bound to 127.0.0.1."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("the shared-state tests need Debian's redis-server: `make test` installs it "
@@ -28,20 +28,24 @@ class RedisServer:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
 
     def start(self) -> RedisServer:
+        """Start (again, on the same port, after `stop`); returns once it answers PING."""
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115  # the process's own, closed with it
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--dir", str(self.workdir), "--protected-mode", "yes",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 10

@@ -8,6 +8,7 @@ FRAUDSCORE_MAX_CONCURRENT_RPCS are refused by gRPC itself, before any handler: R
     ├── StreamTooLongError ........... RESOURCE_EXHAUSTED (a stream past its message limit; open a new one)
     ├── DeadlineExpiredError ......... DEADLINE_EXCEEDED  (deadline passed before any work)
     ├── NotServingError .............. UNAVAILABLE        (starting or draining; retry elsewhere)
+    ├── StateStoreUnavailableError ... UNAVAILABLE        (an outcome report the shared store could not take; retry)
     └── anything else ................ INTERNAL           (text never sent: it may hold identifiers)
 """
 
@@ -15,7 +16,12 @@ from __future__ import annotations
 
 import grpc
 
-from core.errors import FraudscoreError, IdempotencyConflictError, InvalidInputError
+from core.errors import (
+    FraudscoreError,
+    IdempotencyConflictError,
+    InvalidInputError,
+    StateStoreUnavailableError,
+)
 
 
 class OverloadedError(FraudscoreError):
@@ -56,6 +62,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StreamTooLongError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotServingError, grpc.StatusCode.UNAVAILABLE),
+    (StateStoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(
             model_dir=args.model, rules_file=args.rules, host=args.host, port=args.port,
-            metrics_port=args.metrics_port, state_dir=args.state_dir,
+            metrics_port=args.metrics_port, state_dir=args.state_dir, state_url=args.state_url,
         )
     except ValueError as exc:
         print(f"fraudscore serve: {exc}", file=sys.stderr)
@@ -149,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="gRPC port (FRAUDSCORE_PORT, default 50051)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FRAUDSCORE_METRICS_PORT, default 9464; 0 = off)")
     s.add_argument("--state-dir", type=Path, help="state snapshot folder (FRAUDSCORE_STATE_DIR, default state)")
+    s.add_argument("--state-url", help="shared entity state, redis://[user:password@]host:port/db or rediss://… "
+                                       "(FRAUDSCORE_STATE_URL; default: in this process). Prefer the variable or "
+                                       "FRAUDSCORE_STATE_URL_FILE when the URL holds a password: flags show in ps")
     s.set_defaults(run=_serve)
 
     w = sub.add_parser("warm", help="compile the Numba kernels into the on-disk cache and exit")

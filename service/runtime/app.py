@@ -34,8 +34,8 @@ from service.runtime.restore import (
     SNAPSHOT_FILE,
     load_challenger,
     load_model,
+    open_state,
     restore_idempotency,
-    restore_state,
     write_snapshot,
 )
 from service.serving.batcher import MicroBatcher
@@ -75,8 +75,9 @@ class App:
         challenger_dir = settings.challenger_model_dir
         challenger_seen = model_stamp(challenger_dir) if challenger_dir is not None else None
         challenger = load_challenger(challenger_dir, self.hasher)
-        self.engine = FeatureEngine(restore_state(settings, self.hasher))
-        self.metrics = Metrics(state=lambda: self.engine.state)
+        self.engine = FeatureEngine(open_state(settings, self.hasher))
+        # A shared store's engine has no in-process tables: no table gauges (getattr's None).
+        self.metrics = Metrics(state=lambda: getattr(self.engine, "state", None))
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
                                  hasher=self.hasher, metrics=self.metrics,
                                  fault_injection=settings.fault_injection, fallback_reason=reason,
@@ -225,10 +226,12 @@ class App:
         finally:
             self._outcomes_applied.append(recorded)  # only kept here; settled and read on the loop
 
-    def _copy_between_batches(self) -> tuple[EntityState, list[asyncio.Future[Any]]]:
-        """Pipeline thread: a copy of state, and the futures of the work in it that may be unsettled."""
+    def _copy_between_batches(self) -> tuple[EntityState | None, list[asyncio.Future[Any]]]:
+        """Pipeline thread: a copy of state (None when a shared store holds it), and the futures of
+        the work in it that may be unsettled."""
         applied, self._outcomes_applied = self._outcomes_applied, []
-        return self.pipeline.snapshot_copy(), [item.future for item in self._last_batch] + applied
+        copy = self.pipeline.snapshot_copy() if self.settings.state_url is None else None
+        return copy, [item.future for item in self._last_batch] + applied
 
     async def snapshot(self, *, share: float = SNAPSHOT_SHARE) -> None:
         """Copy state between batches on the pipeline thread; write records, then state, from another thread.
@@ -273,7 +276,7 @@ class App:
             outcomes = await self.outcomes_seen.completed(share=share)
             write = functools.partial(write_snapshot, state_dir, copy, self.hasher, answers, outcomes, Pacer(share))
             await asyncio.shield(asyncio.to_thread(write))
-        return len(answers), len(outcomes), copy.card.occupancy()
+        return len(answers), len(outcomes), copy.card.occupancy() if copy is not None else 0
 
     async def _until_settled(self) -> None:
         pending = [f for f in self._undelivered if not f.done()]

@@ -50,6 +50,18 @@ class Settings:
     """Where entity state is snapshotted and restored. Unset: state lives in memory only."""
     snapshot_interval_s: float = 300.0
     """Seconds between periodic state snapshots (a final one is always taken at shutdown)."""
+    state_url: str | None = field(default=None, repr=False)
+    """Entity state shared by every process and pod pointed at it: a Redis URL,
+    redis://[user:password@]host:port/db (rediss:// for TLS). Unset: state lives in this process
+    (snapshotted to `state_dir`). Its password is never logged. docs/state-store.md."""
+    state_url_file: Path | None = None
+    """A file holding `state_url` instead (a mounted Secret, as the password is in it)."""
+    state_ttl_s: float = 35 * 24 * 3600.0
+    """With a shared store: an entity not seen for this long is forgotten (every write refreshes its TTL)."""
+    state_timeout_ms: float = 20.0
+    """With a shared store: the longest wait for one store command (a batch makes two). Past it, or
+    when the store is down, the batch is answered by the fallback rules (degraded, reason
+    state_store_unavailable) and does not enter the state; the next batch tries again."""
     budget_ms: float = 50.0
     """Service budget per pipeline call; a request still queued when it runs out is answered at
     once by the fallback rules (degraded). A ScoreBatch of k × max_batch gets k budgets."""
@@ -150,6 +162,10 @@ class Settings:
             if raw is not None:
                 values[f.name] = _parse(f.name, str(f.type), raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("state_url_file") is not None:
+            if "state_url" in values:
+                raise ValueError(f"{ENV_PREFIX}STATE_URL and {ENV_PREFIX}STATE_URL_FILE are both set: set one")
+            values["state_url"] = read_key_file(values["state_url_file"], "STATE_URL_FILE") or None
         if values.get("id_hash_key_file") is not None:
             if "id_hash_key" in values:
                 raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY and {ENV_PREFIX}ID_HASH_KEY_FILE are both set: set one "
@@ -197,6 +213,12 @@ class Settings:
         need(self.tls_reload_s >= 0, "tls_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         need(self.max_connection_age_s == 0 or self.max_connection_age_s >= 1, "max_connection_age_s",
              "must be 0 (connections never aged out) or ≥ 1 second")
+        need(self.state_ttl_s > 0, "state_ttl_s", "must be > 0")
+        need(self.state_timeout_ms > 0, "state_timeout_ms", "must be > 0")
+        if self.state_url is not None and not self.state_url.startswith(("redis://", "rediss://", "unix://")):
+            # Not the URL itself in the message: it may hold a password.
+            raise ValueError(f"{ENV_PREFIX}STATE_URL: expected redis://[user:password@]host:port/db, rediss://… or "
+                             "unix://…; it starts otherwise")
         need(self.auth_tokens_reload_s >= 0, "auth_tokens_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         if not self.id_hash_key:  # not through need(): its message would quote the key
             raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY is empty: a keyed hash needs a secret; set one of at least "
@@ -226,17 +248,18 @@ class Settings:
         return new
 
 
-def read_key_file(path: Path) -> str:
-    """The identifier key held in `path`: its UTF-8 text, less one trailing newline (as `echo` and
-    Kubernetes Secrets made from literals leave it). Raises ValueError, never quoting the content."""
+def read_key_file(path: Path, setting: str = "ID_HASH_KEY_FILE") -> str:
+    """The secret held in `path` (the identifier key, or `setting`'s): its UTF-8 text, less one trailing
+    newline (as `echo` and Kubernetes Secrets made from literals leave it). Raises ValueError, never
+    quoting the content."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+        raise ValueError(f"{ENV_PREFIX}{setting}: cannot read {path}: {exc.strerror}") from None
     try:
         text = raw.decode()
     except UnicodeDecodeError:
-        raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY_FILE: {path} is not UTF-8 text; store the key as text, e.g. "
+        raise ValueError(f"{ENV_PREFIX}{setting}: {path} is not UTF-8 text; store it as text, e.g. "
                          "a base64 or hex encoding of the random bytes") from None
     return text.removesuffix("\n").removesuffix("\r")
 

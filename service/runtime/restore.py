@@ -17,7 +17,7 @@ from typing import Any
 from core.encode import KEY_SCHEME, KeyHasher
 from core.errors import ModelLoadError
 from core.features import FEATURE_SET_VERSION, EntityState
-from core.features.store import load_snapshot, save_snapshot
+from core.features.store import VersionedStore, load_snapshot, save_snapshot
 from core.files import Pacer
 from core.model import LoadedModel, load_model_dir
 from service.runtime.config import Settings
@@ -179,10 +179,29 @@ def restore_idempotency(settings: Settings, answers: IdempotencyCache[bytes, byt
         "dropped_expired_or_over_bound": len(saved.answers) + len(saved.outcomes) - kept_answers - kept_outcomes})
 
 
-def write_snapshot(state_dir: Path, state: EntityState, hasher: KeyHasher, answers: Remembered[bytes],
+def open_state(settings: Settings, hasher: KeyHasher) -> EntityState | VersionedStore:
+    """The shared store at `state_url` when set (its rows namespaced by feature set and identifier
+    key), else this process's tables, restored from the last snapshot (`restore_state`)."""
+    if settings.state_url is None:
+        return restore_state(settings, hasher)
+    from service.state.redis_store import namespace_for, open_redis_store, redacted
+
+    timeout_s = settings.state_timeout_ms / 1000.0
+    store = open_redis_store(settings.state_url, namespace=namespace_for(FEATURE_SET_VERSION, hasher.fingerprint),
+                             ttl_s=settings.state_ttl_s, timeout_s=timeout_s, hold_wait_s=timeout_s)
+    log.info("entity state in a shared store", extra={"store": redacted(settings.state_url),
+                                                      "ttl_s": settings.state_ttl_s,
+                                                      "timeout_ms": settings.state_timeout_ms})
+    return store
+
+
+def write_snapshot(state_dir: Path, state: EntityState | None, hasher: KeyHasher, answers: Remembered[bytes],
                     outcomes: Remembered[bool], pacer: Pacer | None = None) -> None:
     """Records first, then state: if the records cannot be written, the state is not either.
-    With a `pacer`, both are encoded and written in slices with pauses between."""
+    With a `pacer`, both are encoded and written in slices with pauses between. `state` None:
+    a shared store holds it, only the records are this process's to keep."""
     save_records(state_dir / RECORDS_FILE, answers=answers, outcomes=outcomes, pacer=pacer)
+    if state is None:
+        return
     save_snapshot(state, state_dir / SNAPSHOT_FILE, feature_set_version=FEATURE_SET_VERSION, hasher=hasher,
                   pacer=pacer)

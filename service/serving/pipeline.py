@@ -20,6 +20,7 @@ import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import EncodedBatch, KeyHasher, amount_major
+from core.errors import StateStoreUnavailableError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.model import LoadedModel
 from core.rules.named_lists import identifier_keys
@@ -53,6 +54,7 @@ _MAX_UINT32 = 2**32 - 1
 FAULT_SLOW_S = 0.2  # the `model-slow` hook: each model call takes this much longer
 FAULT_STALL_S = 2.0  # the `pipeline-stall` hook: the first batch holds the pipeline thread this long
 CHALLENGER_ERROR_LOG_S = 60.0  # a failing challenger is logged at most once a minute
+STORE_ERROR_LOG_S = 60.0  # a shared store down is logged at most once a minute (counted in metrics throughout)
 
 
 class InjectedFault(RuntimeError):
@@ -106,6 +108,7 @@ class Pipeline:
         # Champion/challenger: a second model scored in shadow on the champion's batches, for metrics only.
         self.challenger = challenger
         self._challenger_logged_at = -math.inf
+        self._store_logged_at = -math.inf
         self._snapshot: EntityState | None = None  # snapshot_copy's arrays, reused
         # Answers are serialized where they are made: one writer per thread (its cache is not shared).
         self._writer, self._loop_writer = ResponseWriter(), ResponseWriter()
@@ -123,13 +126,13 @@ class Pipeline:
             keys = np.ascontiguousarray(keys[:, rows])
         clock = time.perf_counter_ns
         started = clock()
-        features = self._enter_state(batch)
+        features, failure = self._enter_state(batch)
         computed = clock()
         stages.append((FEATURES, computed - started))
         if features is None:
             scored = scorer.fallback(None, amount, keys=keys)
             stages.append((FALLBACK_RULES, clock() - computed))
-            return scored, "features_error", None
+            return scored, failure, None
         if rows is not None:
             features = features[rows]  # a C-contiguous copy of the rows to score
         try:
@@ -155,17 +158,28 @@ class Pipeline:
             stages.append((FALLBACK_RULES, clock() - failed))
             return scored, "model_error", features
 
-    def _enter_state(self, batch: EncodedBatch) -> np.ndarray | None:
-        """The batch's features, its transactions entered into the state in order; None when the
-        kernels or the state store failed: then they did not enter it (logged, and counted in
-        `fraudscore_state_errors_total`: the one way an answered transaction misses the state)."""
+    def _enter_state(self, batch: EncodedBatch) -> tuple[np.ndarray | None, str]:
+        """The batch's features, its transactions entered into the state in order; None and the
+        fallback reason when the kernels or the state store failed: then they did not enter it
+        (logged, and counted in `fraudscore_state_errors_total`: the one way an answered
+        transaction misses the state). A shared store's outage is logged at most once a minute
+        (every batch meets it), its reason `state_store_unavailable`."""
         try:
-            return self.engine.compute(batch)
+            return self.engine.compute(batch), ""
+        except StateStoreUnavailableError as exc:
+            self.metrics.state_errors.inc(len(batch))
+            now = time.monotonic()
+            if now - self._store_logged_at >= STORE_ERROR_LOG_S:
+                self._store_logged_at = now
+                log.error("state store unavailable: these transactions were answered by the fallback rules and did "
+                          "not enter the state (logged at most once a minute)", extra={
+                              "reason": "state_store_unavailable", "error": exc.reason, "batch_size": len(batch)})
+            return None, "state_store_unavailable"
         except Exception as exc:
             self.metrics.state_errors.inc(len(batch))
             log.error("features failed: these transactions did not enter the state", extra={
                 "reason": "features_error", "error": exc.__class__.__name__, "batch_size": len(batch)})
-            return None
+            return None, "features_error"
 
     def run(self, items: list[Item]) -> Answered:
         """Feed a batch into the state, in order, and score the items not `answered_by_fallback`

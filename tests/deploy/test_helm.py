@@ -218,11 +218,40 @@ def test_the_numba_cache_is_on_the_state_volume(chart: helm.Chart, mount_path: s
     assert env["FRAUDSCORE_STATE_DIR"].rstrip("/") == state_mount
 
 
+REDIS = {"enabled": True, "existingSecret": "fs-state-url", "secretKey": "url"}
+
+
 def test_state_on_a_claim_needs_a_single_replica(chart: helm.Chart) -> None:
     single = {"state": {"existingClaim": "fs-state"}, "replicaCount": 1, "autoscaling": {"enabled": False}}
     volumes = {v["name"]: v for v in pod_spec(render(chart, single))["volumes"]}
     assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "fs-state"}
-    assert "replicaCount 1" in render_error(chart, {"state": {"existingClaim": "fs-state"}})
+    assert "replicaCount 1" in render_error(chart, {"state": {"existingClaim": "fs-state", "redis": REDIS},
+                                                    "replicaCount": 2})
+
+
+@pytest.mark.parametrize("values", [{"replicaCount": 2}, {"autoscaling": {"enabled": True}}])
+def test_more_than_one_pod_needs_one_shared_state(chart: helm.Chart, values: dict[str, Any]) -> None:
+    """A split history must never happen by default: several pods each with its own state is refused."""
+    message = render_error(chart, values)
+    assert "split every card's history" in message and "state.redis.enabled" in message
+    docs = render(chart, values | {"state": {"redis": REDIS}})
+    assert config_env(docs)["FRAUDSCORE_STATE_URL_FILE"] == "/etc/fraudscore/state-url/url"
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == "state-url"]
+    assert volume["secret"]["secretName"] == "fs-state-url"
+    assert {"mountPath": "/etc/fraudscore/state-url", "name": "state-url", "readOnly": True} in (
+        container(docs)["volumeMounts"])
+    # A URL without a password may come through config instead; never both.
+    assert "FRAUDSCORE_STATE_URL" in config_env(render(chart, values | {
+        "config": {"FRAUDSCORE_STATE_URL": "redis://redis.payments:6379/0"}}))
+    assert "both name the shared store" in render_error(chart, values | {
+        "state": {"redis": REDIS}, "config": {"FRAUDSCORE_STATE_URL": "redis://redis.payments:6379/0"}})
+    assert "state.redis.existingSecret" in render_error(chart, {"state": {"redis": {"enabled": True}}})
+
+
+def test_one_pod_by_default() -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert values["replicaCount"] == 1 and values["autoscaling"]["enabled"] is False
+    assert values["state"]["redis"]["enabled"] is False
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -239,11 +268,11 @@ def test_secrets_come_from_the_named_existing_secrets(chart: helm.Chart) -> None
                                                "key": values["idHashKey"]["secretKey"]}
     secrets = {v["secret"]["secretName"] for v in pod_spec(docs)["volumes"] if "secret" in v}
     assert secrets == {values["tls"]["existingSecret"], values["tls"]["clientCA"]["existingSecret"],
-                       values["auth"]["existingSecret"]}
+                       values["auth"]["existingSecret"], values["state"]["redis"]["existingSecret"]}
     env = config_env(docs)
     mounted = {m["mountPath"] for m in container(docs)["volumeMounts"] if m.get("readOnly")}
     for name in ("FRAUDSCORE_TLS_CERT_FILE", "FRAUDSCORE_TLS_KEY_FILE", "FRAUDSCORE_TLS_CLIENT_CA_FILE",
-                 "FRAUDSCORE_AUTH_TOKENS_FILE"):
+                 "FRAUDSCORE_AUTH_TOKENS_FILE", "FRAUDSCORE_STATE_URL_FILE"):
         assert str(Path(env[name]).parent) in mounted, f"{name} points into a mounted Secret"
     assert "FRAUDSCORE_ID_HASH_KEY" not in config_env(render(chart)), "no key: the server's dev key, warned"
 
@@ -364,7 +393,8 @@ def test_an_unknown_setting_fails_rendering(chart: helm.Chart) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_termination_grace_outlasts_the_drain(chart: helm.Chart, variant: str) -> None:
     docs = render(chart, VARIANTS[variant]())
-    drain_s = Settings.load(config_env(docs) | {"FRAUDSCORE_HOST": "0.0.0.0"}).shutdown_grace_s
+    env = {k: v for k, v in config_env(docs).items() if k != "FRAUDSCORE_STATE_URL_FILE"}  # a Secret's mount
+    drain_s = Settings.load(env | {"FRAUDSCORE_HOST": "0.0.0.0"}).shutdown_grace_s
     pre_stop = container(docs)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     assert pod_spec(docs)["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain_s
@@ -520,11 +550,13 @@ def test_rules_extra_files_content_with_an_existing_config_map_fails_rendering(c
 
 def test_optional_resources_follow_their_switches(chart: helm.Chart) -> None:
     default = render(chart)
-    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds(default)
-    assert not {"ServiceMonitor", "NetworkPolicy"} & kinds(default)
-    assert "replicas" not in one(default, "Deployment")["spec"], "the HPA owns the replica count"
+    assert "PodDisruptionBudget" in kinds(default)
+    assert not {"ServiceMonitor", "NetworkPolicy", "HorizontalPodAutoscaler"} & kinds(default)
+    assert one(default, "Deployment")["spec"]["replicas"] == 1  # one pod, unless state is shared
+    scaled = render(chart, {"autoscaling": {"enabled": True}, "state": {"redis": REDIS}})
+    assert "replicas" not in one(scaled, "Deployment")["spec"], "the HPA owns the replica count"
     off = render(chart, {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"enabled": False},
-                         "serviceAccount": {"create": False}, "replicaCount": 3})
+                         "serviceAccount": {"create": False}, "replicaCount": 3, "state": {"redis": REDIS}})
     assert not {"HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceAccount"} & kinds(off)
     assert one(off, "Deployment")["spec"]["replicas"] == 3
     production = render(chart, production_values())

@@ -83,6 +83,33 @@ def test_the_id_hash_key_may_come_from_a_file_never_from_both(tmp_path: Path) ->
         Settings.load(env={"FRAUDSCORE_ID_HASH_KEY_FILE": str(key_file)})
 
 
+def test_the_state_url_is_a_redis_url_from_the_environment_or_a_file_and_never_shown(tmp_path: Path) -> None:
+    url = "redis://fraud:p4ssw0rd-part@redis.internal:6379/2"
+    s = Settings.load(env={"FRAUDSCORE_STATE_URL": url})
+    assert s.state_url == url and "p4ssw0rd" not in repr(s)
+    url_file = tmp_path / "state-url"
+    url_file.write_text(url + "\n")
+    assert Settings.load(env={"FRAUDSCORE_STATE_URL_FILE": str(url_file)}).state_url == url
+    with pytest.raises(ValueError, match="both set"):
+        Settings.load(env={"FRAUDSCORE_STATE_URL": url, "FRAUDSCORE_STATE_URL_FILE": str(url_file)})
+    with pytest.raises(ValueError, match="FRAUDSCORE_STATE_URL_FILE: cannot read"):
+        Settings.load(env={"FRAUDSCORE_STATE_URL_FILE": str(tmp_path / "absent")})
+    with pytest.raises(ValueError) as err:
+        Settings.load(env={"FRAUDSCORE_STATE_URL": "http://user:p4ssw0rd-part@host/"})
+    assert "FRAUDSCORE_STATE_URL: expected redis://" in str(err.value) and "p4ssw0rd" not in str(err.value)
+    for name in ("STATE_TTL_S", "STATE_TIMEOUT_MS"):
+        with pytest.raises(ValueError, match=f"FRAUDSCORE_{name}: must be > 0"):
+            Settings.load(env={f"FRAUDSCORE_{name}": "0"})
+
+
+def test_a_redis_url_is_shown_without_its_password() -> None:
+    from service.state.redis_store import redacted
+
+    assert redacted("redis://fraud:secret@host:6379/2") == "redis://fraud:***@host:6379/2"
+    assert redacted("rediss://:secret@host/0") == "rediss://:***@host/0"
+    assert redacted("redis://host:6379/0") == "redis://host:6379/0"
+
+
 def test_connection_age_maps_to_grpc_arguments() -> None:
     from service.runtime.server import server_options
 
