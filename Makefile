@@ -48,7 +48,7 @@ lint: $(PROTO_OUT)
 	$(BIN)/ruff check .
 	$(BIN)/mypy core service loadtest
 
-bench: model
+bench: model redis-server
 	$(BIN)/fraudscore bench --model $(MODEL_DIR)
 
 # Headless locust run against a server you started (`make serve`): loopback hosts only.

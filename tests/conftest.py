@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.history.simulate import simulate
 from core.history.table import History
+from service.bench.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,10 +128,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A standalone redis-server for the session (tests/redis_server.py); tests keep to namespaces of their own."""
-    from tests.redis_server import RedisServer
-
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A standalone redis-server for the session (service/bench/redis_server.py); tests keep to
+    namespaces of their own."""
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:
         yield server

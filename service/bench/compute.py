@@ -23,7 +23,7 @@ from core.model import MODEL_FILE, load_model_dir
 from core.offline.replay import encode_history, replay_features
 
 BATCH_SIZES = (1, 8, 64, 256, 1024)
-PARTS = ("features", "rules", "forest", "serve")
+PARTS = ("features", "rules", "forest", "store", "serve")
 # A random model as large as the issue asks for: 500 trees of up to 63 leaves over 30 features,
 # trained on 20,000 rows with 5% NaN.
 RANDOM_TREES, RANDOM_LEAVES, RANDOM_FEATURES, RANDOM_ROWS, RANDOM_NAN, RANDOM_SEED = 500, 63, 30, 20_000, 0.05, 11
@@ -288,6 +288,10 @@ def main(model_dir: Path, parts: Sequence[str] = PARTS, *, long_s: float = 0.0) 
         lines += bench_rules(history, X)
     if "forest" in parts:
         lines += bench_forest(model_dir, X)
+    if "store" in parts:
+        from service.bench.store import bench_store
+
+        lines += bench_store()
     if "serve" in parts:
         from service.bench.serve import bench_serve
 

@@ -181,8 +181,9 @@ def parser() -> argparse.ArgumentParser:
 
     offline.add_commands(sub)
 
-    b = sub.add_parser("bench", help="features, forest (against LightGBM) and serving (against bare gRPC), as ratios")
-    b.add_argument("part", nargs="?", choices=("features", "rules", "forest", "serve"),
+    b = sub.add_parser("bench", help="features, forest (against LightGBM), the shared store (against in-process "
+                                        "state) and serving (against bare gRPC), as ratios")
+    b.add_argument("part", nargs="?", choices=("features", "rules", "forest", "store", "serve"),
                    help="run only this part (default: all)")
     b.add_argument("--model", type=Path, default=Path("models/default"), help="model directory")
     b.add_argument("--long", type=float, default=0.0, metavar="SECONDS",

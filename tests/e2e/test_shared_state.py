@@ -14,9 +14,9 @@ import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
+from service.bench.redis_server import RedisServer
 from tests.conftest import REPO, ServerProcess, start_server
 from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, txn, uid, value
-from tests.redis_server import RedisServer
 
 PASSWORD = "s3cret-redis-password"
 

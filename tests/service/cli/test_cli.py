@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,16 @@ def test_bench_features_prints_its_table(model_dir: Path) -> None:
     assert out.returncode == 0, out.stderr
     for needle in ("online, batch    1:", "online, batch  256:", "kernels alone", "state bytes per entity: card"):
         assert needle in out.stdout
+
+
+def test_bench_store_compares_the_engine_on_its_own_redis_with_in_process_state(model_dir: Path) -> None:
+    out = fraudscore("bench", "store", "--model", str(model_dir))
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("  batch ")]
+    assert [line.split(":")[0] for line in lines] == ["  batch 1", "  batch 64"]
+    for line in lines:
+        added = float(re.search(r"added (-?[\d.]+) ms", line).group(1))  # type: ignore[union-attr]
+        assert 0 < added < 100, line  # two loopback round trips: more than nothing, far under the budget
 
 
 def test_rules_check_summarises_a_valid_file() -> None:

@@ -18,10 +18,10 @@ from core.errors import StateStoreError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.features.registry import FEATURE_NAMES
 from core.features.store import ROW_LAYOUT, StoredRows
+from service.bench.redis_server import RedisServer
 from service.state.redis_store import DEFAULT_TTL_S, RedisStore, namespace_for
 from tests.core.features.test_features import Report, Txn, encode, event_streams, run_engine
 from tests.core.features.test_store import KEYS, assert_bitwise_equal, small_state, table_rows
-from tests.redis_server import RedisServer
 
 Event = Txn | Report
 _namespaces = itertools.count()

@@ -1,19 +1,26 @@
-"""Debian's `redis-server`, started by the tests on a loopback port (never a system service).
+"""Debian's `redis-server`, started on a loopback port by the tests and `fraudscore bench store`
+(never a system service).
 
-`make test` installs the package where it is missing (tests/README or the Makefile say how);
-nothing here fakes a Redis: every test that claims shared-state behaviour talks to this one.
+`make test` and `make bench` install the package where it is missing (the Makefile's
+`redis-server` target); nothing fakes a Redis: every test that claims shared-state behaviour
+talks to one of these.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from tests.conftest import free_port
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -22,7 +29,7 @@ class RedisServer:
     def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("the shared-state tests need Debian's redis-server: `make test` installs it "
+            raise RuntimeError("this needs Debian's redis-server: `make test` and `make bench` install it "
                                "(apt-get install redis-server, as root)")
         self.binary = binary
         self.workdir = workdir

@@ -1,0 +1,81 @@
+"""`fraudscore bench store`: the feature engine on a shared Redis against the in-process tables.
+
+A redis-server of its own on a loopback port (service/bench/redis_server.py), both engines fed the
+same kind of traffic (200,000 cards, 5,000 merchants, new customers, devices and IPs), timed in
+alternating rounds in one run: what a batch's two round trips add, and this process's CPU per
+transaction, at batch 1 and 64. Redis's own CPU is on another core and not counted.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core.encode import EncodedBatch
+from core.features import EntityState, FeatureEngine
+from service.bench.redis_server import RedisServer
+from service.state.redis_store import RedisStore
+
+BATCHES = (1, 64)
+GOALS_MS = {1: 0.5, 64: 1.5}  # issue 16: added server time per batch against a loopback Redis
+ROUNDS, CALLS = 5, 200
+BASE_MS = 1_767_225_600_000
+
+
+def _traffic(rng: np.random.Generator, n: int, t_ms: int) -> EncodedBatch:
+    def fresh() -> np.ndarray:
+        return rng.integers(1, 2**63, n, dtype=np.uint64)
+
+    return EncodedBatch(card_key=rng.integers(1, 200_000, n).astype(np.uint64), customer_key=fresh(),
+                        merchant_key=rng.integers(1, 5_000, n).astype(np.uint64), device_key=fresh(), ip_key=fresh(),
+                        amount=rng.random(n) * 100, event_time_ms=np.full(n, t_ms, dtype=np.int64),
+                        channel=np.ones(n, dtype=np.int64), merchant_category=np.full(n, 5411, dtype=np.int64),
+                        country=np.full(n, 3, dtype=np.int64), latitude=np.full(n, np.nan),
+                        longitude=np.full(n, np.nan))
+
+
+def _round(engine: FeatureEngine, batches: list[EncodedBatch]) -> tuple[list[float], float]:
+    """Wall ms of each call, and this process's CPU µs per transaction over the round."""
+    took = []
+    cpu = time.process_time()
+    for batch in batches:
+        started = time.perf_counter()
+        engine.compute(batch)
+        took.append((time.perf_counter() - started) * 1e3)
+    return took, (time.process_time() - cpu) * 1e6 / sum(len(b) for b in batches)
+
+
+def bench_store() -> list[str]:
+    with tempfile.TemporaryDirectory() as workdir:
+        redis = RedisServer(Path(workdir)).start()
+        try:
+            rng = np.random.default_rng(0)
+            local = FeatureEngine(EntityState.empty())
+            shared = FeatureEngine(RedisStore(redis.client(), namespace=b"bench:"))
+            lines = ["", "store: the feature engine on a loopback Redis against the in-process tables "
+                         "(service/bench/store.py); two round trips a batch"]
+            clock = BASE_MS
+            for n in BATCHES:
+                times: dict[str, list[float]] = {"local": [], "redis": []}
+                cpus: dict[str, list[float]] = {"local": [], "redis": []}
+                for _ in range(ROUNDS):
+                    for name, engine in (("local", local), ("redis", shared)):
+                        batches = [_traffic(rng, n, clock + i) for i in range(CALLS)]
+                        clock += CALLS
+                        took, cpu_us = _round(engine, batches)
+                        times[name] += took
+                        cpus[name].append(cpu_us)
+                p50 = {name: float(np.percentile(t, 50)) for name, t in times.items()}
+                p99 = {name: float(np.percentile(t, 99)) for name, t in times.items()}
+                cpu = {name: float(np.median(c)) for name, c in cpus.items()}
+                added = p50["redis"] - p50["local"]
+                lines.append(f"  batch {n}: in process p50 {p50['local']:.3f} ms, Redis p50 {p50['redis']:.3f} ms "
+                             f"(p99 {p99['redis']:.2f}): added {added:.2f} ms (goal ≤ {GOALS_MS[n]} ms); "
+                             f"CPU of this process per transaction {cpu['local']:.1f} → {cpu['redis']:.1f} µs "
+                             f"({cpu['redis'] / cpu['local']:.1f}×)")
+            return lines
+        finally:
+            redis.stop()
