@@ -27,8 +27,10 @@ proto: $(PROTO_OUT)
 model: $(PROTO_OUT)
 	$(BIN)/fraudscore train --out $(MODEL_DIR) --if-stale
 
+# ARGS: more `fraudscore serve` flags, e.g. ARGS="--workers 2" (with FRAUDSCORE_STATE_URL set).
+ARGS ?=
 serve: model
-	$(BIN)/fraudscore serve --model $(MODEL_DIR)
+	$(BIN)/fraudscore serve --model $(MODEL_DIR) $(ARGS)
 
 # The whole suite: lint (ruff, mypy --strict), then every test. The shared-state tests start
 # Debian's redis-server themselves (tests/redis_server.py); it is installed here where missing.

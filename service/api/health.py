@@ -53,6 +53,6 @@ def health_port_server(settings: Settings, status: Health) -> grpc.aio.Server | 
     if settings.health_port == 0:
         return None
     server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_PORT_MAX_CONCURRENT_RPCS,
-                             options=[("grpc.so_reuseport", 0)])
+                             options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(CheckOnlyHealth(status.statuses), server)
     return server

@@ -25,12 +25,16 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(
             model_dir=args.model, rules_file=args.rules, host=args.host, port=args.port,
-            metrics_port=args.metrics_port, state_dir=args.state_dir, state_url=args.state_url,
+            metrics_port=args.metrics_port, state_dir=args.state_dir, state_url=args.state_url, workers=args.workers,
         )
     except ValueError as exc:
         print(f"fraudscore serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    if settings.workers > 1 and args.worker is None:
+        from service.runtime.workers import supervise
+
+        return supervise(settings, model_dir=args.model, rules_file=args.rules)
     try:
         uvloop.run(serve(settings))
     except FraudscoreError as exc:
@@ -149,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="gRPC port (FRAUDSCORE_PORT, default 50051)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (FRAUDSCORE_METRICS_PORT, default 9464; 0 = off)")
     s.add_argument("--state-dir", type=Path, help="state snapshot folder (FRAUDSCORE_STATE_DIR, default state)")
+    s.add_argument("--workers", type=int, help="serving processes on the port (FRAUDSCORE_WORKERS, default 1; "
+                                               "more needs a shared state, --state-url)")
+    s.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for each worker it starts
     s.add_argument("--state-url", help="shared entity state, redis://[user:password@]host:port/db or rediss://… "
                                        "(FRAUDSCORE_STATE_URL; default: in this process). Prefer the variable or "
                                        "FRAUDSCORE_STATE_URL_FILE when the URL holds a password: flags show in ps")

@@ -56,6 +56,10 @@ class Settings:
     (snapshotted to `state_dir`). Its password is never logged. docs/state-store.md."""
     state_url_file: Path | None = None
     """A file holding `state_url` instead (a mounted Secret, as the password is in it)."""
+    workers: int = 1
+    """Serving processes in this pod, all on one port (SO_REUSEPORT: the kernel spreads new
+    connections over them), under one supervising process that serves the pod's summed metrics
+    on `metrics_port`. More than 1 needs `state_url` (one shared state). docs/deploy.md."""
     state_ttl_s: float = 35 * 24 * 3600.0
     """With a shared store: an entity not seen for this long is forgotten (every write refreshes its TTL)."""
     state_timeout_ms: float = 20.0
@@ -213,6 +217,12 @@ class Settings:
         need(self.tls_reload_s >= 0, "tls_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         need(self.max_connection_age_s == 0 or self.max_connection_age_s >= 1, "max_connection_age_s",
              "must be 0 (connections never aged out) or ≥ 1 second")
+        need(self.workers >= 1, "workers", "must be ≥ 1")
+        if self.workers > 1 and self.state_url is None:
+            raise ValueError(f"{ENV_PREFIX}WORKERS={self.workers} needs {ENV_PREFIX}STATE_URL (a shared store): each "
+                             "worker would otherwise keep its own part of every card's history")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError(f"{ENV_PREFIX}WORKERS={self.workers} needs a fixed {ENV_PREFIX}PORT (the workers share it)")
         need(self.state_ttl_s > 0, "state_ttl_s", "must be > 0")
         need(self.state_timeout_ms > 0, "state_timeout_ms", "must be > 0")
         if self.state_url is not None and not self.state_url.startswith(("redis://", "rediss://", "unix://")):

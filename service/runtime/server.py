@@ -61,7 +61,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off, so that a second server on the port fails loudly; on for the workers of one pod,
+        # which share the port (the kernel spreads new connections over them).
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         # gRPC's queue of calls waiting for one of the max_concurrent_rpcs slots, before any handler:
         # random early drops from half of max_pending_rpcs, every new call past it. Measured under 3×
         # overload (docs/design.md, "Overload"): with gRPC's defaults (1,000 and 3,000) calls waited
@@ -101,10 +103,19 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = _bind(server, f"{settings.host}:{settings.port}", security.server_credentials(), "gRPC port")
     health_server = health_port_server(settings, health)
-    if health_server is not None:
-        _bind(health_server, f"{settings.host}:{settings.health_port}", None, "health port")
+    # One process binds at once and says NOT_SERVING while it warms up. A worker of several binds
+    # only once warm: the kernel hands a bound worker its share of new connections, and one still
+    # warming up would refuse them all UNAVAILABLE while the pod's probe reached a ready one.
+    late_bind = settings.workers > 1
+
+    def bind() -> int:
+        bound = _bind(server, f"{settings.host}:{settings.port}", security.server_credentials(), "gRPC port")
+        if health_server is not None:
+            _bind(health_server, f"{settings.host}:{settings.health_port}", None, "health port")
+        return bound
+
+    port = 0 if late_bind else bind()
     log.info("security", extra={
         "transport": security.transport, "auth": "bearer" if security.tokens is not None else "off",
         "auth_tokens": len(security.tokens.digests) if security.tokens is not None else 0,
@@ -112,9 +123,10 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     if security.tokens is not None and security.tls is None:
         log.warning("bearer tokens over plaintext: anyone on the network path can read them; set "
                     "FRAUDSCORE_TLS_CERT_FILE and FRAUDSCORE_TLS_KEY_FILE")
-    await server.start()
-    if health_server is not None:
-        await health_server.start()
+    if not late_bind:
+        await server.start()
+        if health_server is not None:
+            await health_server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,6 +146,11 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         _tune_gc()
         for name in ("", SERVICE_NAME):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if late_bind:
+            port = bind()
+            await server.start()
+            if health_server is not None:
+                await health_server.start()
         log.info("serving", extra={"port": port, "metrics_port": app.metrics_port, "health_port": settings.health_port,
                                    "transport": security.transport, "model_version": app.model_version,
                                    "ruleset_version": app.ruleset_version, "feature_set_version": app.feature_set_version})

@@ -246,6 +246,9 @@ def test_more_than_one_pod_needs_one_shared_state(chart: helm.Chart, values: dic
     assert "both name the shared store" in render_error(chart, values | {
         "state": {"redis": REDIS}, "config": {"FRAUDSCORE_STATE_URL": "redis://redis.payments:6379/0"}})
     assert "state.redis.existingSecret" in render_error(chart, {"state": {"redis": {"enabled": True}}})
+    workers = {"config": {"FRAUDSCORE_WORKERS": "2"}}
+    assert "FRAUDSCORE_WORKERS above 1 needs a shared state" in render_error(chart, workers)
+    assert config_env(render(chart, workers | {"state": {"redis": REDIS}}))["FRAUDSCORE_WORKERS"] == "2"
 
 
 def test_one_pod_by_default() -> None:
@@ -356,8 +359,10 @@ def set_by_the_chart(chart: helm.Chart) -> set[str]:
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_the_chart_knows_every_setting(chart: helm.Chart, set_by_the_chart: set[str], name: str) -> None:
     """Each setting is either passed through from `config` or owned (and set) by a chart value."""
+    # Several workers need the shared store (checked by its own test above).
+    shared = {"state": {"redis": REDIS}} if name == "FRAUDSCORE_WORKERS" else {}
     try:
-        env = config_env(render(chart, {"config": {name: "7"}}))
+        env = config_env(render(chart, {"config": {name: "7"}} | shared))
     except helm.HelmRenderError as error:
         assert "the chart sets this one itself" in str(error)
         assert name in set_by_the_chart

@@ -44,7 +44,7 @@ keeps this list equal to the Settings fields), and the ones the chart sets itsel
   "FRAUDSCORE_MODEL_DIR" "FRAUDSCORE_CHALLENGER_MODEL_DIR" "FRAUDSCORE_RULES_FILE"
   "FRAUDSCORE_RULES_RELOAD_S" "FRAUDSCORE_MODEL_RELOAD_S" "FRAUDSCORE_STATE_DIR"
   "FRAUDSCORE_SNAPSHOT_INTERVAL_S" "FRAUDSCORE_STATE_URL" "FRAUDSCORE_STATE_URL_FILE" "FRAUDSCORE_STATE_TTL_S"
-  "FRAUDSCORE_STATE_TIMEOUT_MS" "FRAUDSCORE_BUDGET_MS" "FRAUDSCORE_MAX_BATCH"
+  "FRAUDSCORE_STATE_TIMEOUT_MS" "FRAUDSCORE_WORKERS" "FRAUDSCORE_BUDGET_MS" "FRAUDSCORE_MAX_BATCH"
   "FRAUDSCORE_MAX_WAIT_US" "FRAUDSCORE_MAX_QUEUE" "FRAUDSCORE_SHED_MODE"
   "FRAUDSCORE_MAX_BATCH_REQUEST" "FRAUDSCORE_MAX_STREAM_MESSAGES" "FRAUDSCORE_MAX_MESSAGE_BYTES"
   "FRAUDSCORE_MAX_CONCURRENT_RPCS" "FRAUDSCORE_MAX_PENDING_RPCS" "FRAUDSCORE_MAX_CLOCK_SKEW_S" "FRAUDSCORE_SHUTDOWN_GRACE_S"
@@ -193,6 +193,9 @@ directory (list files, docs/rules.md), inside it and not rules.json itself. */}}
 {{- fail "config.FRAUDSCORE_STATE_URL and state.redis.enabled both name the shared store: keep state.redis (the URL stays in its Secret)" }}
 {{- end }}
 {{- $shared := or .Values.state.redis.enabled (hasKey .Values.config "FRAUDSCORE_STATE_URL") }}
+{{- if and (not $shared) (gt (index .Values.config "FRAUDSCORE_WORKERS" | default 1 | int) 1) }}
+{{- fail "config.FRAUDSCORE_WORKERS above 1 needs a shared state (state.redis.enabled with state.redis.existingSecret): each worker would keep its own part of every card's history" }}
+{{- end }}
 {{- if and (not $shared) (or .Values.autoscaling.enabled (gt (.Values.replicaCount | int) 1)) }}
 {{- fail (printf "replicaCount %v / autoscaling.enabled %v with state in each pod would split every card's history between pods (each scores on its own part, silently): set state.redis.enabled with state.redis.existingSecret (one shared state), or replicaCount 1 and autoscaling.enabled false" .Values.replicaCount .Values.autoscaling.enabled) }}
 {{- end }}
