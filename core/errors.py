@@ -85,6 +85,16 @@ class IdempotencyConflictError(FraudscoreError):
         )
 
 
+class InFlightElsewhereError(FraudscoreError):
+    """The transaction_id's first call is still being answered by another server (a shared store)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "transaction_id is being scored by another server right now; retry in a moment "
+            "(the retry gets that first answer)"
+        )
+
+
 class StateStoreError(FraudscoreError):
     """A state store returned rows the engine cannot use, or a batch's entities cannot be worked on."""
 

@@ -4,6 +4,7 @@ FRAUDSCORE_MAX_CONCURRENT_RPCS are refused by gRPC itself, before any handler: R
     FraudscoreError (core.errors)
     ├── InvalidInputError ............ INVALID_ARGUMENT   (bad request; nothing changed)
     ├── IdempotencyConflictError ..... FAILED_PRECONDITION (same id, different payload)
+    ├── InFlightElsewhereError ....... ABORTED            (same id, first call still in flight on another server; retry)
     ├── OverloadedError .............. RESOURCE_EXHAUSTED (shed: queue full; retry with backoff)
     ├── StreamTooLongError ........... RESOURCE_EXHAUSTED (a stream past its message limit; open a new one)
     ├── DeadlineExpiredError ......... DEADLINE_EXCEEDED  (deadline passed before any work)
@@ -19,6 +20,7 @@ import grpc
 from core.errors import (
     FraudscoreError,
     IdempotencyConflictError,
+    InFlightElsewhereError,
     InvalidInputError,
     StateStoreUnavailableError,
 )
@@ -58,6 +60,7 @@ class NotServingError(FraudscoreError):
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (IdempotencyConflictError, grpc.StatusCode.FAILED_PRECONDITION),
+    (InFlightElsewhereError, grpc.StatusCode.ABORTED),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StreamTooLongError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),

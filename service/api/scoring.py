@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-import xxhash
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.errors import IdempotencyConflictError, InvalidInputError
@@ -32,16 +31,10 @@ from service.api.validation import decoded, in_batch, lenient, validate_outcome,
 from service.runtime.app import App
 from service.serving.items import Item
 from service.serving.responses import batch_response
+from service.serving.shared_records import fingerprint
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FraudScoring"].full_name
 STREAM_WINDOW = 64  # messages of one ScoreStream in flight at once
-
-
-def _fingerprint(txn: pb.Transaction) -> int:
-    # Not `deterministic=True`: that only orders map entries, and Transaction has no map (a test
-    # checks both give the same bytes: fingerprints kept in the records file must not change);
-    # 0.26 µs against 0.45 a transaction.
-    return xxhash.xxh64_intdigest(txn.SerializeToString())
 
 
 def _client_deadline(context: grpc.aio.ServicerContext, now: float) -> float:
@@ -82,7 +75,7 @@ class FraudScoringService:
         fresh: dict[str, tuple[int, asyncio.Future[Any], Item]] = {}
         items: list[Item] = []
         for txn in txns:
-            fp = _fingerprint(txn)
+            fp = fingerprint(txn)
             future = app.idempotency.lookup(txn.transaction_id, fp)
             if future is None and txn.transaction_id in fresh:
                 first_fp, future, _ = fresh[txn.transaction_id]

@@ -75,13 +75,16 @@ class App:
         challenger_dir = settings.challenger_model_dir
         challenger_seen = model_stamp(challenger_dir) if challenger_dir is not None else None
         challenger = load_challenger(challenger_dir, self.hasher)
-        self.engine = FeatureEngine(open_state(settings, self.hasher))
+        state = open_state(settings, self.hasher)
+        self.engine = FeatureEngine(state)
+        # With a shared store, idempotency records are shared too (service/serving/shared_records.py).
+        records = state.records(ttl_s=settings.idempotency_ttl_s) if hasattr(state, "records") else None
         # A shared store's engine has no in-process tables: no table gauges (getattr's None).
         self.metrics = Metrics(state=lambda: getattr(self.engine, "state", None))
         self.pipeline = Pipeline(engine=self.engine, scorer=Scorer(model, ruleset, reasons_method=settings.reasons_method),
                                  hasher=self.hasher, metrics=self.metrics,
                                  fault_injection=settings.fault_injection, fallback_reason=reason,
-                                 challenger=challenger)
+                                 challenger=challenger, records=records)
         # The challenger's directory is watched like the champion's, on the same reload task.
         extra = {} if challenger_dir is None else {"challenger": (settings.model_reload_s, ChallengerReload(
             challenger_dir, challenger_seen, pipeline=self.pipeline, metrics=self.metrics).check)}

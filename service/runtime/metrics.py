@@ -279,6 +279,10 @@ class Metrics:
             "fraudscore_features_only",
             "Transactions fed into the state without scoring (features only), having been answered by the "
             "fallback while queued", registry=r)
+        self.records_unsaved = Counter(
+            "fraudscore_shared_records_unsaved",
+            "Answers that could not be recorded in the shared store (it failed after the batch entered the "
+            "state): a retry of these on another server is scored and counted again", registry=r)
         self.snapshots = Counter("fraudscore_state_snapshots",
                                  "State snapshots (state.npz and idempotency.bin) taken, by result (ok, failed)",
                                  ["result"], registry=r)

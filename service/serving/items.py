@@ -70,7 +70,10 @@ def resolve(items: list[Item], results: Sequence[Any]) -> list[bool] | None:
     delivered: list[bool] | None = None
     for k, (item, result) in enumerate(zip(items, results, strict=True)):
         if not item.future.done():
-            item.future.set_result(result)
+            if isinstance(result, BaseException):  # this item's own refusal (a shared store's verdict)
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
         else:  # a pipeline answer that came too late: dropped, and not counted as sent
             if delivered is None:
                 delivered = [True] * len(items)

@@ -42,6 +42,7 @@ from service.serving.challenger import record_challenger
 from service.serving.encode import encode_transactions
 from service.serving.items import Answered, Item
 from service.serving.responses import ResponseWriter
+from service.serving.shared_records import SharedRecords, fingerprint, verdict
 
 log = logging.getLogger("fraudscore.pipeline")
 
@@ -96,7 +97,8 @@ class Pipeline:
     """Everything the pipeline thread does. Not thread-safe by design: one thread calls it."""
 
     def __init__(self, *, engine: FeatureEngine, scorer: Scorer, hasher: KeyHasher, metrics: Metrics,
-                 fault_injection: str = "", fallback_reason: str = "", challenger: LoadedModel | None = None) -> None:
+                 fault_injection: str = "", fallback_reason: str = "", challenger: LoadedModel | None = None,
+                 records: SharedRecords | None = None) -> None:
         self.engine = engine
         self.scorer = scorer
         self.hasher = hasher
@@ -109,6 +111,9 @@ class Pipeline:
         self.challenger = challenger
         self._challenger_logged_at = -math.inf
         self._store_logged_at = -math.inf
+        # Idempotency records shared with other servers (a shared store), or None.
+        self.records = records
+        self._claims_failed = False
         self._snapshot: EntityState | None = None  # snapshot_copy's arrays, reused
         # Answers are serialized where they are made: one writer per thread (its cache is not shared).
         self._writer, self._loop_writer = ResponseWriter(), ResponseWriter()
@@ -164,16 +169,14 @@ class Pipeline:
         (logged, and counted in `fraudscore_state_errors_total`: the one way an answered
         transaction misses the state). A shared store's outage is logged at most once a minute
         (every batch meets it), its reason `state_store_unavailable`."""
+        if self._claims_failed:  # the shared records could not be claimed: nothing enters unclaimed
+            self.metrics.state_errors.inc(len(batch))
+            return None, "state_store_unavailable"
         try:
             return self.engine.compute(batch), ""
         except StateStoreUnavailableError as exc:
             self.metrics.state_errors.inc(len(batch))
-            now = time.monotonic()
-            if now - self._store_logged_at >= STORE_ERROR_LOG_S:
-                self._store_logged_at = now
-                log.error("state store unavailable: these transactions were answered by the fallback rules and did "
-                          "not enter the state (logged at most once a minute)", extra={
-                              "reason": "state_store_unavailable", "error": exc.reason, "batch_size": len(batch)})
+            self._store_unavailable(exc, len(batch))
             return None, "state_store_unavailable"
         except Exception as exc:
             self.metrics.state_errors.inc(len(batch))
@@ -182,6 +185,78 @@ class Pipeline:
             return None, "features_error"
 
     def run(self, items: list[Item]) -> Answered:
+        """`_run`, with the batch's transactions claimed first in the shared records when there are
+        any (service/serving/shared_records.py): only the fresh ones enter the state and are scored;
+        the others get the first answer or their refusal (an exception, which the batcher raises in
+        their calls). Their answers are recorded there after."""
+        records = self.records
+        if records is None:
+            return self._run(items)
+        txns = [item.payload for item in items]
+        keys = [self.hasher.record_key(t.transaction_id) for t in txns]
+        prints = [fingerprint(t) for t in txns]
+        try:
+            found = records.claim(keys, prints)
+        except StateStoreUnavailableError as exc:
+            # Nothing enters the state unclaimed (a retry elsewhere would count it again): the
+            # whole batch is answered by the fallback rules, as when the state itself is down.
+            self._store_unavailable(exc, len(items))
+            self._claims_failed = True
+            try:
+                return self._run(items)
+            finally:
+                self._claims_failed = False
+        verdicts = [verdict(f, p, records.owner) for f, p in zip(found, prints, strict=True)]
+        fresh = [k for k, v in enumerate(verdicts) if v is None]
+        answered = self._run(items if len(fresh) == len(items) else [items[k] for k in fresh])
+        ours = iter(answered.answers)
+        results: list[Any] = []  # one per item not answered by the fallback, as the batcher expects
+        fresh_live: list[int] = []  # positions in `results` of the pipeline's own answers
+        record: list[tuple[bytes, int, bytes]] = []
+        replays = 0
+        for k, item in enumerate(items):
+            v = verdicts[k]
+            if item.answered_by_fallback:
+                f = item.future  # done before the batch was handed over: read, never changed, here
+                if v is None and f.done() and not f.cancelled() and f.exception() is None:
+                    record.append((keys[k], prints[k], f.result()))
+                continue
+            if v is None:
+                answer = next(ours)
+                fresh_live.append(len(results))
+                results.append(answer)
+                record.append((keys[k], prints[k], answer))
+            else:
+                replays += isinstance(v, bytes)
+                results.append(v)
+        if record:
+            try:
+                records.record(*map(list, zip(*record, strict=True)))
+            except StateStoreUnavailableError as exc:
+                # Answered and in the state, but unrecorded: a retry on another server is scored again.
+                self.metrics.records_unsaved.inc(len(record))
+                self._store_unavailable(exc, len(record))
+        if replays:
+            self.metrics.idempotent_replays.inc(replays)
+        if len(fresh_live) == len(results):
+            return answered
+        inner = answered.delivered
+
+        def delivered(mask: list[bool] | None) -> None:
+            inner(None if mask is None else [mask[j] for j in fresh_live])
+
+        return Answered(results, delivered)
+
+    def _store_unavailable(self, exc: StateStoreUnavailableError, n: int) -> None:
+        """Logged at most once a minute: every batch meets an outage (its metrics count each)."""
+        now = time.monotonic()
+        if now - self._store_logged_at >= STORE_ERROR_LOG_S:
+            self._store_logged_at = now
+            log.error("state store unavailable: these transactions were answered by the fallback rules and did "
+                      "not enter the state (logged at most once a minute)", extra={
+                          "reason": "state_store_unavailable", "error": exc.reason, "batch_size": n})
+
+    def _run(self, items: list[Item]) -> Answered:
         """Feed a batch into the state, in order, and score the items not `answered_by_fallback`
         (those only enter the state: features, no model). One serialized ScoreResponse per scored item, in
         order; never raises for a model failure. Metrics of the answers are counted by

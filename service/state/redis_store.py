@@ -154,6 +154,10 @@ class RedisStore:
         self._owner = os.urandom(8)  # this writer, in the holds it takes
         self._random = random.Random()
 
+    def records(self, *, ttl_s: float) -> RedisRecords:
+        """The idempotency records of the same Redis and namespace, on the same connections."""
+        return RedisRecords(self._client, namespace=self._namespace, ttl_s=ttl_s)
+
     @staticmethod
     def _call(command: Any, *args: Any) -> Any:
         """`command(*args)` (a script: keys, args), with Redis's failures as StateStoreUnavailableError
@@ -241,3 +245,54 @@ class RedisStore:
                 if mine.size:
                     out[kind] = flat_keys[mine].astype(np.uint64)
         return out
+
+
+# Idempotency records shared by every server (service/serving/shared_records.py says how they are
+# used). A record is b"C" (claimed: being answered) or b"A" (answered), the payload fingerprint
+# (8 bytes), the owner (8 bytes), and after b"A" the serialized answer. Per key: an existing
+# record is returned as it is; a missing one becomes this owner's claim for ARGV[2] ms and ''
+# is returned. One call for a batch.
+CLAIM_SCRIPT = """#!lua flags=allow-cross-slot-keys
+local owner, lease, fingerprints = ARGV[1], ARGV[2], ARGV[3]
+local found = redis.call('MGET', unpack(KEYS))
+local out = {}
+for i = 1, #KEYS do
+  if found[i] then
+    out[i] = found[i]
+  else
+    redis.call('SET', KEYS[i], 'C' .. string.sub(fingerprints, 8 * i - 7, 8 * i) .. owner, 'PX', lease)
+    out[i] = ''
+  end
+end
+return out
+"""
+CLAIM_LEASE_MS = 2_000  # a claim whose server died is taken over this long after it was made
+RECORD_TTL_S = 24 * 3600.0
+
+
+class RedisRecords:
+    """Idempotency records in Redis: claim a batch's transactions, record their answers."""
+
+    def __init__(self, client: redis.Redis, *, namespace: bytes, ttl_s: float = RECORD_TTL_S,
+                 lease_ms: int = CLAIM_LEASE_MS) -> None:
+        self._client = client
+        self._prefix = namespace + b"t"
+        self._ttl_ms = int(ttl_s * 1000)
+        self._lease_ms = lease_ms
+        self._claim = client.register_script(CLAIM_SCRIPT)
+        self.owner = os.urandom(8)
+
+    def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
+        """The record found for each key (b"" where there was none: claimed now by this owner)."""
+        names = [self._prefix + key for key in keys]
+        packed = np.asarray(fingerprints, dtype="<u8").tobytes()
+        found: list[bytes] = RedisStore._call(self._claim, names, [self.owner, self._lease_ms, packed])
+        return found
+
+    def record(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> None:
+        """Each transaction's answer, kept RECORD_TTL_S: one pipelined round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        for key, fingerprint, answer in zip(keys, fingerprints, answers, strict=True):
+            pipe.set(self._prefix + key, b"A" + fingerprint.to_bytes(8, "little") + self.owner + answer,
+                     px=self._ttl_ms)
+        RedisStore._call(pipe.execute)

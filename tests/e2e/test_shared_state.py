@@ -4,6 +4,7 @@ error and recovered from without a restart, and the URL's password kept out of e
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +32,10 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 SEEN_BEFORE = "R_TEST_CARD_SEEN_BEFORE"
+SEEN_TWICE = "R_TEST_CARD_SEEN_TWICE"
 
 
-def shared(tmp_path: Path, model_dir: Path, url: str, name: str) -> ServerProcess:
+def shared(tmp_path: Path, model_dir: Path, url: str, name: str, **env: str) -> ServerProcess:
     """A server on the shared store, with the packaged rules plus one that fires on a card's second
     transaction: whether a server saw the card's first one shows in the reasons."""
     (tmp_path / name).mkdir()
@@ -41,10 +43,13 @@ def shared(tmp_path: Path, model_dir: Path, url: str, name: str) -> ServerProces
     rules["rules"].append({"name": "test_card_seen_before", "when": [
         {"field": "card_txn_count_total", "op": ">=", "value": 0.5}], "action": "REVIEW",
         "reason_code": SEEN_BEFORE, "description": "an earlier transaction", "priority": 50})
+    rules["rules"].append({"name": "test_card_seen_twice", "when": [
+        {"field": "card_txn_count_total", "op": ">=", "value": 1.5}], "action": "REVIEW",
+        "reason_code": SEEN_TWICE, "description": "two earlier transactions", "priority": 51})
     (tmp_path / name / "rules.json").write_bytes(orjson.dumps(rules))
     return start_server(tmp_path / name, model_dir=model_dir, state_dir=tmp_path / name / "state",
                         extra_env={"FRAUDSCORE_STATE_URL": url,
-                                   "FRAUDSCORE_RULES_FILE": str(tmp_path / name / "rules.json")})
+                                   "FRAUDSCORE_RULES_FILE": str(tmp_path / name / "rules.json"), **env})
 
 
 def score(srv: ServerProcess, t: pb.Transaction) -> pb.ScoreResponse:
@@ -107,3 +112,109 @@ def test_an_outage_of_the_store_is_answered_by_the_fallback_and_recovered_from(t
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert log.count("state store unavailable") == 1  # logged once a minute, not per batch
     assert PASSWORD not in log
+
+
+def codes(r: pb.ScoreResponse) -> set[str]:
+    return {reason.code for reason in r.reasons}
+
+
+def test_a_retry_on_another_server_gets_the_first_answer_and_counts_once(tmp_path: Path, model_dir: Path,
+                                                                          redis_with_password: RedisServer) -> None:
+    card, other = uid("card"), uid("card")
+    a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
+    b = txn(card_id=card, amount_minor=2_000, event_time_ms=BASE_TIME_MS + 60_000)
+    c = txn(card_id=uid("card"), event_time_ms=BASE_TIME_MS)
+    changed = pb.Transaction()
+    changed.CopyFrom(a)
+    changed.amount_minor = 1_001
+    one = shared(tmp_path, model_dir, redis_with_password.url, "one")
+    two = shared(tmp_path, model_dir, redis_with_password.url, "two")
+    try:
+        first = score(one, a)
+        retry = score(two, a)  # another server: answered from the shared record
+        with grpc.insecure_channel(two.target) as ch:
+            batch = pb_grpc.FraudScoringStub(ch).ScoreBatch(pb.ScoreBatchRequest(transactions=[a, c]), timeout=10)
+            with pytest.raises(grpc.RpcError) as conflict:
+                pb_grpc.FraudScoringStub(ch).Score(pb.ScoreRequest(transaction=changed), timeout=10)
+        later = score(one, b)
+        for i in range(2):  # control: a card with two transactions does fire the twice-rule
+            score(two, txn(card_id=other, event_time_ms=BASE_TIME_MS + i))
+        control = score(one, txn(card_id=other, event_time_ms=BASE_TIME_MS + 5))
+        s = scrape(two)
+    finally:
+        assert one.stop() == 0 and two.stop() == 0
+    assert retry == first  # the identical answer, server_latency_us included
+    assert batch.results[0] == first and batch.results[1].transaction_id == c.transaction_id
+    assert conflict.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert SEEN_BEFORE in codes(later) and SEEN_TWICE not in codes(later)  # a counted once, not three times
+    assert SEEN_TWICE in codes(control)
+    assert value(s, "fraudscore_idempotent_replays_total") == 2
+    assert value(s, "fraudscore_shared_records_unsaved_total") == 0
+
+
+def test_a_retry_while_the_first_is_in_flight_elsewhere_is_told_to_retry(tmp_path: Path, model_dir: Path,
+                                                                          redis_with_password: RedisServer) -> None:
+    a = txn()
+    slow = shared(tmp_path, model_dir, redis_with_password.url, "slow", FRAUDSCORE_FAULT_INJECTION="model-slow")
+    two = shared(tmp_path, model_dir, redis_with_password.url, "two")
+    try:
+        with grpc.insecure_channel(slow.target) as ch:
+            pending = pb_grpc.FraudScoringStub(ch).Score.future(pb.ScoreRequest(transaction=a), timeout=10)
+            time.sleep(0.1)  # the model takes 200 ms more there: claimed, not yet answered
+            with pytest.raises(grpc.RpcError) as busy:
+                score(two, a)
+            first = pending.result()
+        retry = score(two, a)
+    finally:
+        assert slow.stop() == 0 and two.stop() == 0
+    assert busy.value.code() == grpc.StatusCode.ABORTED and "retry" in (busy.value.details() or "")
+    assert retry == first
+
+
+def test_three_servers_on_one_redis_answer_as_one_embedded_server(tmp_path: Path, model_dir: Path,
+                                                                  redis_with_password: RedisServer) -> None:
+    """A seeded stream in random chunks (unary and ScoreBatch, outcome reports between) sent one call
+    at a time to any of three servers on Redis, and the same calls to one server with its state in
+    process: every answer the same bit for bit (the server's latency aside), and so every feature."""
+    rng = random.Random(16)
+    cards, merchants = [uid("card") for _ in range(4)], [uid("m") for _ in range(3)]
+    stream = [txn(card_id=rng.choice(cards), merchant_id=rng.choice(merchants),
+                  amount_minor=rng.randint(100, 200_000), event_time_ms=BASE_TIME_MS + 7_000 * i) for i in range(60)]
+    calls: list[tuple[str, list[pb.Transaction]]] = []
+    at = 0
+    while at < len(stream):
+        n = rng.randint(1, 4)
+        calls.append(("batch" if n > 1 or rng.random() < 0.3 else "score", stream[at:at + n]))
+        at += n
+        if rng.random() < 0.2:
+            calls.append(("report", [rng.choice(stream[:at])]))
+    servers = [shared(tmp_path, model_dir, redis_with_password.url, f"s{k}") for k in range(3)]
+    (tmp_path / "alone").mkdir()
+    alone = start_server(tmp_path / "alone", model_dir=model_dir, state_dir=tmp_path / "alone" / "state",
+                         extra_env={"FRAUDSCORE_RULES_FILE": str(tmp_path / "s0" / "rules.json")})
+
+    def send(srv: ServerProcess, kind: str, txns: list[pb.Transaction]) -> list[pb.ScoreResponse]:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.FraudScoringStub(ch)
+            if kind == "score":
+                return [stub.Score(pb.ScoreRequest(transaction=txns[0]), timeout=10)]
+            if kind == "batch":
+                return list(stub.ScoreBatch(pb.ScoreBatchRequest(transactions=txns), timeout=10).results)
+            t = txns[0]
+            stub.ReportOutcome(pb.ReportOutcomeRequest(
+                transaction_id=t.transaction_id, card_id=t.card_id, merchant_id=t.merchant_id,
+                outcome=pb.CONFIRMED_FRAUD, reported_time_ms=t.event_time_ms + 1_000), timeout=10)
+            return []
+
+    try:
+        pairs = []
+        for kind, txns in calls:
+            pairs += zip(send(rng.choice(servers), kind, txns), send(alone, kind, txns), strict=True)
+    finally:
+        for srv in (*servers, alone):
+            assert srv.stop() == 0
+    assert len(pairs) == len(stream)
+    for ours, reference in pairs:
+        assert not ours.degraded
+        ours.server_latency_us = reference.server_latency_us = 0
+        assert ours == reference  # fraud_probability bit for bit, decision, reasons, versions

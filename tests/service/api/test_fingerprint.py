@@ -7,7 +7,7 @@ from fraudscore.v1 import fraudscore_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.api.scoring import _fingerprint
+from service.serving.shared_records import fingerprint as _fingerprint
 
 TEXT = st.text(max_size=20)
 transactions = st.builds(

@@ -1,0 +1,64 @@
+"""Idempotency across servers that share a store: every transaction of a batch is claimed there
+before it enters the state, and its answer recorded there after.
+
+Each server keeps its own records too (service/serving/idempotency.py): a retry on the same
+server never leaves it. What the shared records add is the retry that lands on another server
+(another worker, another pod). Before a batch enters the state, one call claims all of its
+transaction ids (`SharedRecords.claim`; keyed hashes, never the ids in clear); the record found
+decides each transaction (`verdict`):
+
+- none: claimed now by this server — it is scored and enters the state;
+- answered with the same payload: that first answer, as it was (the retry counts nothing);
+- another payload (answered or in flight): refused FAILED_PRECONDITION, as on one server;
+- claimed by another server with the same payload, not yet answered: refused ABORTED ("retry in
+  a moment") — waiting for it would hold this server's pipeline; the retry gets the answer.
+
+After the batch, one pipelined call records every answer of its fresh transactions (the
+pipeline's, or the fallback's for those answered while queued), kept 24 h. A claim whose server
+died runs out after `CLAIM_LEASE_MS` (2 s, well past any batch) and the next retry takes it over.
+What this does not cover yet: a server that dies after its batch's rows are written and before
+its answers are recorded — the model, the rules and the answers' encoding lie between, about a
+millisecond a batch — leaves transactions that count in the state and whose retry, two seconds
+on, is scored and counted again. Closing it means writing the rows and the records together,
+after scoring (docs/state-store.md, "Idempotency across servers").
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import xxhash
+from fraudscore.v1 import fraudscore_pb2 as pb
+
+from core.errors import IdempotencyConflictError, InFlightElsewhereError
+
+
+class SharedRecords(Protocol):
+    owner: bytes
+
+    def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
+        ...
+
+    def record(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> None:
+        ...
+
+
+def fingerprint(txn: pb.Transaction) -> int:
+    """A transaction's payload fingerprint: xxh64 of its serialization. Not `deterministic=True`:
+    that only orders map entries, and Transaction has no map (a test checks both give the same
+    bytes: fingerprints kept in the records files must not change); 0.26 µs against 0.45."""
+    return xxhash.xxh64_intdigest(txn.SerializeToString())
+
+
+def verdict(found: bytes, fingerprint: int, owner: bytes) -> bytes | BaseException | None:
+    """What the record found for a transaction means: None (fresh: score it), the first answer's
+    bytes (a replay), or the error to answer with."""
+    if not found:
+        return None
+    if int.from_bytes(found[1:9], "little") != fingerprint:
+        return IdempotencyConflictError()
+    if found[:1] == b"A":
+        return found[17:]
+    if found[9:17] == owner:  # this server's own claim (a batch that ran again)
+        return None
+    return InFlightElsewhereError()
