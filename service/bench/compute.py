@@ -291,7 +291,7 @@ def main(model_dir: Path, parts: Sequence[str] = PARTS, *, long_s: float = 0.0) 
     if "store" in parts:
         from service.bench.store import bench_store
 
-        lines += bench_store()
+        lines += bench_store(model_dir)
     if "serve" in parts:
         from service.bench.serve import bench_serve
 

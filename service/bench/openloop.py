@@ -234,13 +234,15 @@ class Generators:
         return calls, (probed.result() if probed is not None else Calls.merge([])), start_at
 
     def batches(self, target: str, requests: Sequence[bytes], *, size: int, in_flight: int, seconds: float,
-                lead_s: float = 0.5) -> Throughput:
-        """ScoreBatch requests (of `size` transactions), `in_flight` per bulk process, for `seconds`."""
+                lead_s: float = 0.5, connections: int = 1) -> Throughput:
+        """ScoreBatch requests (of `size` transactions), `in_flight` per bulk process, for `seconds`;
+        each process over `connections` connections of its own (several workers on one port are
+        handed connections, not calls)."""
         check_loopback(target)
         start_at = time.monotonic() + lead_s
         return Throughput.merge([f.result() for f in [
             self._bulk.submit(_in_worker, _batches, target, list(requests[k::self.processes]), size, in_flight, start_at,
-                              seconds) for k in range(self.processes)]])
+                              seconds, connections) for k in range(self.processes)]])
 
     def streams(self, target: str, streams: Sequence[list[bytes]], *, in_flight: int,
                 lead_s: float = 0.5) -> Throughput:
@@ -305,19 +307,23 @@ class Throughput:
 
 
 async def _batches(target: str, requests: list[bytes], size: int, in_flight: int, start_at: float,
-                   seconds: float) -> Throughput:
-    """ScoreBatch requests of `size` transactions, `in_flight` at a time, for `seconds`."""
+                   seconds: float, connections: int = 1) -> Throughput:
+    """ScoreBatch requests of `size` transactions, `in_flight` at a time over `connections`
+    connections (a subchannel pool of each channel's own), for `seconds`."""
     answered = degraded = errors = 0
     latencies: list[int] = []
     queue = iter(requests)
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(SCORE_BATCH, request_serializer=None,
-                                   response_deserializer=pb.ScoreBatchResponse.FromString)
-        await channel.channel_ready()
+    options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+    try:
+        calls = [channel.unary_unary(SCORE_BATCH, request_serializer=None,
+                                     response_deserializer=pb.ScoreBatchResponse.FromString) for channel in channels]
+        for channel in channels:
+            await channel.channel_ready()
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         end = start_at + seconds
 
-        async def worker() -> None:
+        async def worker(call: Any) -> None:
             nonlocal answered, degraded, errors
             for request in queue:
                 if time.monotonic() >= end:
@@ -332,8 +338,11 @@ async def _batches(target: str, requests: list[bytes], size: int, in_flight: int
                 answered += len(reply.results)
                 degraded += sum(1 for r in reply.results if r.degraded)
 
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        await asyncio.gather(*(worker(calls[k % connections]) for k in range(in_flight)))
         took = time.monotonic() - start_at
+    finally:
+        for channel in channels:
+            await channel.close()
     return Throughput(answered, degraded, errors, took, np.array(latencies, dtype=np.int64))
 
 

@@ -133,6 +133,8 @@ def test_bench_store_compares_the_engine_on_its_own_redis_with_in_process_state(
     for line in lines:
         added = float(re.search(r"added (-?[\d.]+) ms", line).group(1))  # type: ignore[union-attr]
         assert 0 < added < 100, line  # two loopback round trips: more than nothing, far under the budget
+    (workers,) = [line for line in out.stdout.splitlines() if "1 worker" in line]
+    assert re.search(r"1 worker [\d,]+ txn/s, 2 workers [\d,]+ txn/s \(ratio [\d.]+\); degraded 0 and 0", workers), workers
 
 
 def test_rules_check_summarises_a_valid_file() -> None:
