@@ -8,9 +8,9 @@ back (docs/state-store.md), so both give the same features.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import fields
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -147,6 +147,26 @@ class FeatureEngine:
         self._through(keys, lambda working: FeatureEngine(working).apply_outcomes(
             card_key, merchant_key, reported_time_ms, fraud_weight))
 
+    @property
+    def deferrable(self) -> bool:
+        """Whether `compute_deferred` applies: the state is in a shared (versioned) store."""
+        return self._versioned is not None
+
+    def compute_deferred(self, batch: EncodedBatch) -> tuple[np.ndarray, Callable[[Sequence[tuple[bytes, bytes]]],
+                                                                                 np.ndarray]]:
+        """Features as `compute` gives them, and the function that then writes the batch into the
+        shared store together with `extra` (key, value) entries of the caller's (its answers'
+        records), in one call when no other writer got in between (`_commit`); it returns the
+        features of the round that wrote (those of the first, unless another writer got in)."""
+        store = self._versioned
+        if store is None:
+            raise TypeError("compute_deferred needs a shared (versioned) store; use compute")
+        keys = {"card": batch.card_key, "merchant": batch.merchant_key, "customer": batch.customer_key,
+                "device": batch.device_key, "ip": batch.ip_key}
+        prepared = _prepare(store, keys, lambda working: FeatureEngine(working).compute(batch), self._working_headroom)
+        conflicts = self._conflicts
+        return prepared.result, lambda extra: _commit(store, prepared, conflicts=conflicts, extra=extra)
+
     def _through(self, keys: Mapping[str, np.ndarray], run: Callable[[EntityState], _T]) -> _T:
         if self._versioned is not None:
             return _through_versioned_store(self._versioned, keys, run, headroom=self._working_headroom,
@@ -170,25 +190,52 @@ def _through_versioned_store(store: VersionedStore, batch_keys: Mapping[str, np.
                              run: Callable[[EntityState], _T], *, headroom: int, conflicts: list[int]) -> _T:
     """As `_through_store`, with compare-and-set: rows another writer changed since they were read
     are read again and the batch recomputed, and only those rows written, until none is left.
+    (`_prepare`, then `_commit`: a caller may do its own work in between, `compute_deferred`.)"""
+    return _commit(store, _prepare(store, batch_keys, run, headroom), conflicts=conflicts)
+
+
+@dataclass(slots=True)
+class _Prepared(Generic[_T]):
+    """A batch read and computed on a working copy, nothing written yet."""
+
+    wanted: dict[str, np.ndarray]
+    fetched: dict[str, tuple[StoredRows, np.ndarray]]
+    run: Callable[[EntityState], _T]
+    headroom: int
+    working: EntityState
+    result: _T
+
+
+def _prepare(store: VersionedStore, batch_keys: Mapping[str, np.ndarray], run: Callable[[EntityState], _T],
+             headroom: int) -> _Prepared[_T]:
+    wanted = _wanted(batch_keys)
+    fetched = _checked_versioned(store.fetch_versioned(wanted), wanted)
+    working, result = _run_working(wanted, {kind: rows for kind, (rows, _) in fetched.items()}, run, headroom)
+    return _Prepared(wanted, fetched, run, headroom, working, result)
+
+
+def _commit(store: VersionedStore, prepared: _Prepared[_T], *, conflicts: list[int],
+            extra: Sequence[tuple[bytes, bytes]] = ()) -> _T:
+    """Write a prepared batch's rows by compare-and-set, with `extra` (key, value) entries written
+    in the same call as the round that leaves no row unwritten.
 
     Each round writes every row whose version still matches; the others' new values were computed
     from stale rows, so they are fetched afresh, the kernels run on the batch again (the rows
     already written go in as they were read, and come out as they were written: each row depends
-    only on itself and the batch), and only those are offered again. The answer's features are
-    the last round's. `conflicts[0]` counts the rows that had to be recomputed.
+    only on itself and the batch), and only those are offered again. The result is the last
+    round's. `conflicts[0]` counts the rows that had to be recomputed.
     """
-    wanted = _wanted(batch_keys)
-    fetched = _checked_versioned(store.fetch_versioned(wanted), wanted)
+    wanted, fetched, working, result = prepared.wanted, prepared.fetched, prepared.working, prepared.result
     pending = wanted
     for _ in range(CONFLICT_ROUNDS):
-        working, result = _run_working(wanted, {kind: rows for kind, (rows, _) in fetched.items()}, run, headroom)
         offered = {}
         for t in working.tables():
             if t.kind in pending:
                 rows = StoredRows.of_table(t)  # the first round offers every row of the batch
                 rows = rows if pending is wanted else _only(rows, pending[t.kind])
                 offered[t.kind] = (rows, _versions_of(rows.keys, *fetched[t.kind]))
-        left = {kind: np.unique(keys) for kind, keys in store.store_if_unchanged(offered).items() if len(keys)}
+        written = store.store_if_unchanged(offered, extra) if extra else store.store_if_unchanged(offered)
+        left = {kind: np.unique(keys) for kind, keys in written.items() if len(keys)}
         if not left:
             return result
         conflicts[0] += sum(len(keys) for keys in left.values())
@@ -199,6 +246,8 @@ def _through_versioned_store(store: VersionedStore, batch_keys: Mapping[str, np.
         for kind, keys in left.items():
             fetched[kind] = _merged(fetched[kind], keys, fresh[kind])
         pending = left
+        working, result = _run_working(wanted, {kind: rows for kind, (rows, _) in fetched.items()}, prepared.run,
+                                       prepared.headroom)
     raise StateStoreError(", ".join(pending), f"rows kept changing under this batch through {CONFLICT_ROUNDS} "
                           "rounds of compare-and-set; is one entity far hotter than the rest?")
 

@@ -16,7 +16,7 @@ fingerprint of the `KeyHasher` that made its keys, so state keyed otherwise is r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -146,7 +146,10 @@ class VersionedStore(Protocol):
     def fetch_versioned(self, wanted: Mapping[str, np.ndarray], /) -> dict[str, tuple[StoredRows, np.ndarray]]:
         ...
 
-    def store_if_unchanged(self, rows: Mapping[str, tuple[StoredRows, np.ndarray]], /) -> dict[str, np.ndarray]:
+    def store_if_unchanged(self, rows: Mapping[str, tuple[StoredRows, np.ndarray]],
+                           extra: Sequence[tuple[bytes, bytes]] = (), /) -> dict[str, np.ndarray]:
+        """`extra` (key, value) entries, the caller's, are written in the same atomic step only when
+        every row of this call was: with the last round of a batch."""
         ...
 
 

@@ -281,8 +281,8 @@ class Metrics:
             "fallback while queued", registry=r)
         self.records_unsaved = Counter(
             "fraudscore_shared_records_unsaved",
-            "Answers that could not be recorded in the shared store (it failed after the batch entered the "
-            "state): a retry of these on another server is scored and counted again", registry=r)
+            "Answers sent whose batch the shared store then failed to write (neither the state nor the "
+            "records: a retry is scored afresh and counts once)", registry=r)
         self.snapshots = Counter("fraudscore_state_snapshots",
                                  "State snapshots (state.npz and idempotency.bin) taken, by result (ok, failed)",
                                  ["result"], registry=r)

@@ -13,6 +13,7 @@ import math
 import mmap
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from fraudscore.v1 import fraudscore_pb2 as pb
 
 from core.encode import EncodedBatch, KeyHasher, amount_major
-from core.errors import StateStoreUnavailableError
+from core.errors import StateStoreError, StateStoreUnavailableError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.model import LoadedModel
 from core.rules.named_lists import identifier_keys
@@ -111,9 +112,14 @@ class Pipeline:
         self.challenger = challenger
         self._challenger_logged_at = -math.inf
         self._store_logged_at = -math.inf
-        # Idempotency records shared with other servers (a shared store), or None.
+        # Idempotency records shared with other servers (a shared store), or None. They are written
+        # with the batch's rows, so they need an engine on that shared store.
+        if records is not None and not engine.deferrable:
+            raise ValueError("shared idempotency records need the engine's state in the same shared store")
         self.records = records
         self._claims_failed = False
+        self._defer = False  # `run` with shared records: `_enter_state` defers the write to it
+        self._commit: Callable[[Sequence[tuple[bytes, bytes]]], Any] | None = None
         self._snapshot: EntityState | None = None  # snapshot_copy's arrays, reused
         # Answers are serialized where they are made: one writer per thread (its cache is not shared).
         self._writer, self._loop_writer = ResponseWriter(), ResponseWriter()
@@ -173,6 +179,9 @@ class Pipeline:
             self.metrics.state_errors.inc(len(batch))
             return None, "state_store_unavailable"
         try:
+            if self._defer:  # read and computed now, written by `run` with the answers' records
+                features, self._commit = self.engine.compute_deferred(batch)
+                return features, ""
             return self.engine.compute(batch), ""
         except StateStoreUnavailableError as exc:
             self.metrics.state_errors.inc(len(batch))
@@ -208,7 +217,14 @@ class Pipeline:
                 self._claims_failed = False
         verdicts = [verdict(f, p, records.owner) for f, p in zip(found, prints, strict=True)]
         fresh = [k for k, v in enumerate(verdicts) if v is None]
-        answered = self._run(items if len(fresh) == len(items) else [items[k] for k in fresh])
+        # The batch's rows are written after its answers are made, with their records, in one step
+        # (`FeatureEngine.compute_deferred`): a server that dies in between wrote neither.
+        self._defer = True
+        try:
+            answered = self._run(items if len(fresh) == len(items) else [items[k] for k in fresh])
+            commit, self._commit = self._commit, None
+        finally:
+            self._defer, self._commit = False, None
         ours = iter(answered.answers)
         results: list[Any] = []  # one per item not answered by the fallback, as the batcher expects
         fresh_live: list[int] = []  # positions in `results` of the pipeline's own answers
@@ -229,13 +245,20 @@ class Pipeline:
             else:
                 replays += isinstance(v, bytes)
                 results.append(v)
-        if record:
+        columns: list[list[Any]] = [list(c) for c in zip(*record, strict=True)] if record else [[], [], []]
+        if commit is not None:
             try:
-                records.record(*map(list, zip(*record, strict=True)))
-            except StateStoreUnavailableError as exc:
-                # Answered and in the state, but unrecorded: a retry on another server is scored again.
+                commit(records.entries(*columns))
+            except (StateStoreUnavailableError, StateStoreError) as exc:
+                # Answered from the features read, but neither in the state nor recorded: a retry is
+                # scored afresh, and counts once.
+                self.metrics.state_errors.inc(len(record))
                 self.metrics.records_unsaved.inc(len(record))
-                self._store_unavailable(exc, len(record))
+                if isinstance(exc, StateStoreUnavailableError):
+                    self._store_unavailable(exc, len(record))
+                else:
+                    log.error("features failed: these transactions did not enter the state", extra={
+                        "reason": "features_error", "error": exc.__class__.__name__, "batch_size": len(record)})
         if replays:
             self.metrics.idempotent_replays.inc(replays)
         if len(fresh_live) == len(results):

@@ -13,14 +13,13 @@ decides each transaction (`verdict`):
 - claimed by another server with the same payload, not yet answered: refused ABORTED ("retry in
   a moment") — waiting for it would hold this server's pipeline; the retry gets the answer.
 
-After the batch, one pipelined call records every answer of its fresh transactions (the
-pipeline's, or the fallback's for those answered while queued), kept 24 h. A claim whose server
-died runs out after `CLAIM_LEASE_MS` (2 s, well past any batch) and the next retry takes it over.
-What this does not cover yet: a server that dies after its batch's rows are written and before
-its answers are recorded — the model, the rules and the answers' encoding lie between, about a
-millisecond a batch — leaves transactions that count in the state and whose retry, two seconds
-on, is scored and counted again. Closing it means writing the rows and the records together,
-after scoring (docs/state-store.md, "Idempotency across servers").
+The batch is computed on a working copy first, scored, and only then written: its rows and the
+records of its answers (the pipeline's, or the fallback's for those answered while queued; kept
+24 h) in one script call (`FeatureEngine.compute_deferred`), so a server that dies before it
+wrote neither, and one that dies after wrote both. A claim whose server died runs out after
+`CLAIM_LEASE_MS` (2 s, well past any batch) and the next retry takes it over. The one window
+left: when another writer changed some of the batch's rows meanwhile, the rows written in the
+first round and the rest with the records in a later one are two steps (docs/state-store.md).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ class SharedRecords(Protocol):
     def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
         ...
 
-    def record(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> None:
+    def entries(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> list[tuple[bytes, bytes]]:
         ...
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,7 +47,9 @@ CAS_SCRIPT = """#!lua flags=allow-cross-slot-keys
 local ttl, owner, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local versions, rows = ARGV[4], ARGV[5]
 local absent = string.rep('\\0', 8)
-local n = #KEYS
+-- The last `extras` keys are the caller's entries (ARGV[9…]), written only if every row is.
+local extras, extra_ttl = tonumber(ARGV[7]), ARGV[8]
+local n = #KEYS - extras
 -- Every row and every hold read first, a few MGETs rather than two GETs a row.
 local current, holders = {}, {}
 for first = 1, n, 1000 do
@@ -80,6 +82,11 @@ for count, size in string.gmatch(ARGV[6], '(%d+):(%d+),') do
       changed[#changed + 1] = i
     end
     at = at + size
+  end
+end
+if #changed == 0 then
+  for e = 1, extras do
+    redis.call('SET', KEYS[n + e], ARGV[8 + e], 'PX', extra_ttl)
   end
 end
 return changed
@@ -145,6 +152,7 @@ class RedisStore:
         if ttl_s <= 0:
             raise ValueError(f"the state TTL must be positive seconds, got {ttl_s}")
         self._hold_wait_s = hold_wait_s
+        self.extra_ttl_ms = int(RECORD_TTL_S * 1000)  # `records` sets the records' TTL
         self._client = client
         self._namespace = namespace
         self._ttl_ms = int(ttl_s * 1000)
@@ -156,6 +164,7 @@ class RedisStore:
 
     def records(self, *, ttl_s: float) -> RedisRecords:
         """The idempotency records of the same Redis and namespace, on the same connections."""
+        self.extra_ttl_ms = int(ttl_s * 1000)
         return RedisRecords(self._client, namespace=self._namespace, ttl_s=ttl_s)
 
     @staticmethod
@@ -211,8 +220,10 @@ class RedisStore:
                          rows["version"].astype(np.uint64))
         return out
 
-    def store_if_unchanged(self, rows: Mapping[str, tuple[StoredRows, np.ndarray]], /) -> dict[str, np.ndarray]:
-        """One script call for every kind's rows; returns the keys whose version had changed."""
+    def store_if_unchanged(self, rows: Mapping[str, tuple[StoredRows, np.ndarray]],
+                           extra: Sequence[tuple[bytes, bytes]] = (), /) -> dict[str, np.ndarray]:
+        """One script call for every kind's rows (and `extra` entries, written with them when every row
+        is, kept `extra_ttl_s`); returns the keys whose version had changed."""
         names: list[bytes] = []
         versions: list[bytes] = []
         packed_rows: list[bytes] = []
@@ -231,10 +242,12 @@ class RedisStore:
             groups.append(f"{len(stored)}:{packed.dtype.itemsize},")
             names += self.keys_of(kind, stored.keys)
             owners.append((kind, stored.keys))
-        if not names:
+        if not names and not extra:
             return {}
-        changed = self._call(self._cas, names, [self._ttl_ms, self._owner, len(self._namespace),
-                                                b"".join(versions), b"".join(packed_rows), "".join(groups)])
+        changed = self._call(self._cas, names + [key for key, _ in extra],
+                             [self._ttl_ms, self._owner, len(self._namespace), b"".join(versions),
+                              b"".join(packed_rows), "".join(groups), len(extra), self.extra_ttl_ms,
+                              *(value for _, value in extra)])
         out: dict[str, np.ndarray] = {}
         if changed:
             flat_kinds = np.concatenate([np.full(len(keys), k, dtype=np.int64) for k, (_, keys) in enumerate(owners)])
@@ -289,10 +302,7 @@ class RedisRecords:
         found: list[bytes] = RedisStore._call(self._claim, names, [self.owner, self._lease_ms, packed])
         return found
 
-    def record(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> None:
-        """Each transaction's answer, kept RECORD_TTL_S: one pipelined round trip."""
-        pipe = self._client.pipeline(transaction=False)
-        for key, fingerprint, answer in zip(keys, fingerprints, answers, strict=True):
-            pipe.set(self._prefix + key, b"A" + fingerprint.to_bytes(8, "little") + self.owner + answer,
-                     px=self._ttl_ms)
-        RedisStore._call(pipe.execute)
+    def entries(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The (key, value) of each transaction's answered record, to be written with the batch's rows."""
+        return [(self._prefix + key, b"A" + fingerprint.to_bytes(8, "little") + self.owner + answer)
+                for key, fingerprint, answer in zip(keys, fingerprints, answers, strict=True)]

@@ -218,3 +218,31 @@ def test_three_servers_on_one_redis_answer_as_one_embedded_server(tmp_path: Path
         assert not ours.degraded
         ours.server_latency_us = reference.server_latency_us = 0
         assert ours == reference  # fraud_probability bit for bit, decision, reasons, versions
+
+
+def test_a_server_killed_mid_batch_wrote_nothing_and_its_claim_is_taken_over(tmp_path: Path, model_dir: Path,
+                                                                           redis_with_password: RedisServer) -> None:
+    card = uid("card")
+    a = txn(card_id=card, event_time_ms=BASE_TIME_MS)
+    b = txn(card_id=card, event_time_ms=BASE_TIME_MS + 60_000)
+    slow = shared(tmp_path, model_dir, redis_with_password.url, "slow", FRAUDSCORE_FAULT_INJECTION="model-slow")
+    two = shared(tmp_path, model_dir, redis_with_password.url, "two")
+    try:
+        with grpc.insecure_channel(slow.target) as ch:
+            pending = pb_grpc.FraudScoringStub(ch).Score.future(pb.ScoreRequest(transaction=a), timeout=10)
+            time.sleep(0.1)  # claimed and computed, its model 200 ms from done: nothing written yet
+            slow.proc.kill()
+            slow.proc.wait(timeout=10)
+            with pytest.raises(grpc.RpcError):
+                pending.result()
+        with pytest.raises(grpc.RpcError) as held:
+            score(two, a)  # the dead server's claim, until it runs out
+        time.sleep(2.2)
+        retry = score(two, a)
+        later = score(two, b)
+    finally:
+        slow.stop()
+        assert two.stop() == 0
+    assert held.value.code() == grpc.StatusCode.ABORTED
+    assert not retry.degraded
+    assert SEEN_BEFORE in codes(later) and SEEN_TWICE not in codes(later)  # a counted once, by the retry

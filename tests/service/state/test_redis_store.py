@@ -79,6 +79,18 @@ def test_a_row_changed_since_it_was_read_is_not_written_and_the_others_are(redis
                                                   np.zeros(1, dtype=np.uint64))})["merchant"].tolist() == [5]
 
 
+def test_extra_entries_are_written_with_the_rows_only_when_every_row_is(redis_server: RedisServer) -> None:
+    store = fresh_store(redis_server)
+    client = redis_server.client()
+    zero = np.zeros(1, dtype=np.uint64)
+    assert store.store_if_unchanged({"card": (rows_of("card", [1], 1), zero)}, [(b"test-extra:a", b"A1")]) == {}
+    assert client.get(b"test-extra:a") == b"A1" and 0 < client.pttl(b"test-extra:a") <= store.extra_ttl_ms
+    # Card 1 is at version 1 now: offered as new (0) it is refused, and the extra entry not written.
+    refused = store.store_if_unchanged({"card": (rows_of("card", [1, 2], 2), np.zeros(2, dtype=np.uint64))},
+                                       [(b"test-extra:b", b"B1")])
+    assert refused["card"].tolist() == [1] and client.get(b"test-extra:b") is None
+
+
 def test_every_row_expires_after_the_ttl_from_its_last_write(redis_server: RedisServer) -> None:
     store = fresh_store(redis_server, ttl_s=3600.0)
     store.store_if_unchanged({"card": (rows_of("card", [1, 2], 1), np.zeros(2, dtype=np.uint64))})
