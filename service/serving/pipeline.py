@@ -197,7 +197,7 @@ class Pipeline:
         """`_run`, with the batch's transactions claimed first in the shared records when there are
         any (service/serving/shared_records.py): only the fresh ones enter the state and are scored;
         the others get the first answer or their refusal (an exception, which the batcher raises in
-        their calls). Their answers are recorded there after."""
+        their calls). The fresh ones' rows are written after scoring, with their answers' records."""
         records = self.records
         if records is None:
             return self._run(items)
@@ -252,13 +252,13 @@ class Pipeline:
             except (StateStoreUnavailableError, StateStoreError) as exc:
                 # Answered from the features read, but neither in the state nor recorded: a retry is
                 # scored afresh, and counts once.
-                self.metrics.state_errors.inc(len(record))
+                self.metrics.state_errors.inc(len(fresh))
                 self.metrics.records_unsaved.inc(len(record))
                 if isinstance(exc, StateStoreUnavailableError):
-                    self._store_unavailable(exc, len(record))
+                    self._store_unavailable(exc, len(fresh))
                 else:
                     log.error("features failed: these transactions did not enter the state", extra={
-                        "reason": "features_error", "error": exc.__class__.__name__, "batch_size": len(record)})
+                        "reason": "features_error", "error": exc.__class__.__name__, "batch_size": len(fresh)})
         if replays:
             self.metrics.idempotent_replays.inc(replays)
         if len(fresh_live) == len(results):

@@ -59,6 +59,13 @@ def codes(r: pb.ScoreResponse) -> set[str]:
     return {reason.code for reason in r.reasons}
 
 
+def two_of_one_card() -> tuple[str, pb.Transaction, pb.Transaction]:
+    """A card and two of its transactions, a small one and a large one 30 s later."""
+    card = uid("card")
+    return (card, txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS),
+            txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000))
+
+
 def restart(srv: ServerProcess, tmp_path: Path, model_dir: Path, state_dir: Path,
             env: dict[str, str]) -> ServerProcess:
     """SIGTERM (a clean exit, final snapshot), then a new process on the same state directory."""
@@ -71,9 +78,7 @@ def restart(srv: ServerProcess, tmp_path: Path, model_dir: Path, state_dir: Path
 def test_a_retry_after_a_restart_gets_the_first_answer_and_counts_once(
         tmp_path: Path, model_dir: Path, env: dict[str, str]) -> None:
     state_dir = tmp_path / "state"
-    card = uid("card")
-    a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
-    b = txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000)
+    card, a, b = two_of_one_card()
     srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir, extra_env=env)
     try:
         first = score(srv, a)
@@ -107,9 +112,7 @@ def test_a_periodic_snapshot_alone_carries_state_and_answers_across_a_crash(
     # The periodic snapshots are the paced ones (the final one at SIGTERM is not): SIGKILL after
     # one was written leaves only them to restore from.
     state_dir = tmp_path / "state"
-    card = uid("card")
-    a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
-    b = txn(card_id=card, amount_minor=90_000, event_time_ms=BASE_TIME_MS + 30_000)
+    _, a, b = two_of_one_card()
     periodic = env | {"FRAUDSCORE_SNAPSHOT_INTERVAL_S": "0.3"}
     srv = start_server(tmp_path, model_dir=model_dir, state_dir=state_dir, extra_env=periodic)
     try:
