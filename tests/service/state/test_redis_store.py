@@ -140,6 +140,29 @@ def test_the_engine_on_redis_gives_the_local_paths_features_and_rows(redis_serve
                 for i, k in enumerate(stored.keys)} == rows
 
 
+def test_every_key_a_stream_of_new_entities_leaves_expires(redis_server: RedisServer) -> None:
+    """Memory stays bounded: rows, their records and holds all carry a TTL, so a stream of cards
+    never seen again leaves nothing behind for good."""
+    store = fresh_store(redis_server, ttl_s=3600.0)
+    records = store.records(ttl_s=600.0)
+    engine = FeatureEngine(store)
+    rng = np.random.default_rng(3)
+    for i in range(20):
+        batch = [Txn(int(rng.integers(1, 2**63)), int(rng.integers(1, 2**63)), BASE_MS + i, customer=int(rng.integers(1, 2**63)),
+                     device=int(rng.integers(1, 2**63)), ip=int(rng.integers(1, 2**63))) for _ in range(8)]
+        keys = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in batch]
+        assert all(v == b"" for v in records.claim(keys, list(range(8))))
+        _, commit = engine.compute_deferred(encode(batch))
+        commit(records.entries(keys, list(range(8)), [b"answer"] * 8))
+    client = redis_server.client()
+    names = list(client.scan_iter(match=store.keys_of("card", np.array([1], dtype=np.uint64))[0][:-9] + b"*",
+                                  count=1000))
+    assert len(names) == 20 * 8 * 6  # five rows and one record per transaction, nothing else
+    ttls = [client.pttl(name) for name in names]
+    assert all(0 < t <= 3_600_000 for t in ttls), sorted(set(ttls))[:5]
+    assert sum(t <= 600_000 for t in ttls) == 20 * 8  # the records: 10 minutes
+
+
 class RacedStore(RedisStore):
     """Before each of its first `races` writes, another engine scores `rival` on the same Redis."""
 
