@@ -7,6 +7,7 @@ rules (degraded, source RULES_FALLBACK) and the next batch tries the model again
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -246,9 +247,11 @@ class Pipeline:
                 replays += isinstance(v, bytes)
                 results.append(v)
         columns: list[list[Any]] = [list(c) for c in zip(*record, strict=True)] if record else [[], [], []]
+        entered = False
         if commit is not None:
             try:
                 commit(records.entries(*columns))
+                entered = True
             except (StateStoreUnavailableError, StateStoreError) as exc:
                 # Answered from the features read, but neither in the state nor recorded: a retry is
                 # scored afresh, and counts once.
@@ -259,6 +262,9 @@ class Pipeline:
                 else:
                     log.error("features failed: these transactions did not enter the state", extra={
                         "reason": "features_error", "error": exc.__class__.__name__, "batch_size": len(fresh)})
+        if fresh and not entered:  # nothing of the batch was written: its claims go now, not in 2 s
+            with contextlib.suppress(StateStoreUnavailableError):
+                records.release([keys[k] for k in fresh])
         if replays:
             self.metrics.idempotent_replays.inc(replays)
         if len(fresh_live) == len(results):

@@ -41,6 +41,9 @@ class SharedRecords(Protocol):
     def entries(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> list[tuple[bytes, bytes]]:
         ...
 
+    def release(self, keys: list[bytes]) -> None:
+        ...
+
 
 def fingerprint(txn: pb.Transaction) -> int:
     """A transaction's payload fingerprint: xxh64 of its serialization. Not `deterministic=True`:

@@ -279,6 +279,16 @@ for i = 1, #KEYS do
 end
 return out
 """
+# Drop this owner's claims (those still claims: an answered record stays).
+RELEASE_SCRIPT = """#!lua flags=allow-cross-slot-keys
+local found = redis.call('MGET', unpack(KEYS))
+for i = 1, #KEYS do
+  if found[i] and string.sub(found[i], 1, 1) == 'C' and string.sub(found[i], 10, 17) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 0
+"""
 CLAIM_LEASE_MS = 2_000  # a claim whose server died is taken over this long after it was made
 RECORD_TTL_S = 24 * 3600.0
 
@@ -293,6 +303,7 @@ class RedisRecords:
         self._ttl_ms = int(ttl_s * 1000)
         self._lease_ms = lease_ms
         self._claim = client.register_script(CLAIM_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
         self.owner = os.urandom(8)
 
     def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
@@ -301,6 +312,12 @@ class RedisRecords:
         packed = np.asarray(fingerprints, dtype="<u8").tobytes()
         found: list[bytes] = RedisStore._call(self._claim, names, [self.owner, self._lease_ms, packed])
         return found
+
+    def release(self, keys: list[bytes]) -> None:
+        """Give up this owner's claims on `keys` (a batch that entered nothing): a retry elsewhere is
+        scored at once instead of after the lease."""
+        if keys:
+            RedisStore._call(self._release, [self._prefix + key for key in keys], [self.owner])
 
     def entries(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> list[tuple[bytes, bytes]]:
         """The (key, value) of each transaction's answered record, to be written with the batch's rows."""

@@ -17,7 +17,7 @@ from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
 from service.bench.redis_server import RedisServer
 from tests.conftest import REPO, ServerProcess, start_server
-from tests.e2e.helpers import BASE_TIME_MS, offline_probabilities, scrape, txn, uid, value
+from tests.e2e.helpers import BASE_TIME_MS, BackgroundLoad, offline_probabilities, scrape, txn, uid, value
 
 PASSWORD = "s3cret-redis-password"
 
@@ -246,3 +246,31 @@ def test_a_server_killed_mid_batch_wrote_nothing_and_its_claim_is_taken_over(tmp
     assert held.value.code() == grpc.StatusCode.ABORTED
     assert not retry.degraded
     assert SEEN_BEFORE in codes(later) and SEEN_TWICE not in codes(later)  # a counted once, by the retry
+
+
+def test_redis_stopped_and_restarted_under_load_costs_no_call(tmp_path: Path, model_dir: Path,
+                                                              redis_with_password: RedisServer) -> None:
+    """Calls keep coming (unary and batches in flight) while Redis goes away for a second and comes
+    back: every call is answered, by the fallback rules while it is gone, by the model again after."""
+    srv = shared(tmp_path, model_dir, redis_with_password.url, "srv")
+    try:
+        with BackgroundLoad(srv.target) as load:
+            time.sleep(1.0)
+            before = len(load.answers)
+            redis_with_password.stop()
+            time.sleep(1.0)
+            during = len(load.answers)
+            redis_with_password.start()
+            time.sleep(2.0)
+            settled = len(load.answers)
+            time.sleep(1.0)
+        s = scrape(srv)
+    finally:
+        assert srv.stop() == 0
+    assert load.failures == []  # never a gRPC error
+    assert before > 20 and during > before and len(load.answers) > settled
+    outage = load.answers[before:during]
+    assert any(a.degraded for a in outage), "nothing was degraded while Redis was down"
+    assert all(a.source == pb.RULES_FALLBACK for a in outage if a.degraded)
+    assert not any(a.degraded for a in load.answers[settled:]), "still degraded after Redis came back"
+    assert value(s, "fraudscore_fallbacks_total", reason="state_store_unavailable") > 0

@@ -163,6 +163,20 @@ def test_every_key_a_stream_of_new_entities_leaves_expires(redis_server: RedisSe
     assert sum(t <= 600_000 for t in ttls) == 20 * 8  # the records: 10 minutes
 
 
+def test_a_released_claim_is_free_at_once_and_release_touches_nothing_else(redis_server: RedisServer) -> None:
+    store = fresh_store(redis_server)
+    ours, theirs = store.records(ttl_s=600.0), store.records(ttl_s=600.0)
+    k1, k2, k3 = b"k1".ljust(16, b"."), b"k2".ljust(16, b"."), b"k3".ljust(16, b".")
+    assert ours.claim([k1, k2], [1, 2]) == [b"", b""]
+    assert theirs.claim([k3], [3]) == [b""]
+    store.store_if_unchanged({}, ours.entries([k2], [2], [b"answer"]))  # k2 answered, k1 still a claim
+    ours.release([k1, k2, k3])
+    again = theirs.claim([k1, k2, k3], [1, 2, 3])
+    assert again[0] == b""  # released: free at once, not after the lease
+    assert again[1].startswith(b"A") and again[1].endswith(b"answer")  # an answer is never released
+    assert again[2][:1] == b"C" and again[2][9:17] == theirs.owner  # another owner's claim is left alone
+
+
 class RacedStore(RedisStore):
     """Before each of its first `races` writes, another engine scores `rival` on the same Redis."""
 
