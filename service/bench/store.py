@@ -60,7 +60,7 @@ def _round(engine: FeatureEngine, batches: list[EncodedBatch]) -> tuple[list[flo
     return took, (time.process_time() - cpu) * 1e6 / sum(len(b) for b in batches)
 
 
-def _server_throughput(model_dir: Path, redis_url: str, workers: int, traffic: _Traffic, gen: Generators,
+def _server_throughput(model_dir: Path, redis_url: str, workers: int, requests: list[bytes], gen: Generators,
                        seconds: float) -> tuple[float, int]:
     """ScoreBatch transactions per second of `fraudscore serve --workers N` on the Redis, and how many
     answers were degraded."""
@@ -74,8 +74,7 @@ def _server_throughput(model_dir: Path, redis_url: str, workers: int, traffic: _
         try:
             _wait_serving(target, proc, health=True)
             time.sleep(WORKERS_SETTLE_S)  # every worker warm and bound, not only the first
-            result = gen.batches(target, batch_requests(traffic.txns(int(40_000 * seconds)), WORKERS_BATCH),
-                                 size=WORKERS_BATCH, in_flight=WORKERS_IN_FLIGHT, seconds=seconds,
+            result = gen.batches(target, requests, size=WORKERS_BATCH, in_flight=WORKERS_IN_FLIGHT, seconds=seconds,
                                  connections=WORKERS_IN_FLIGHT)
         finally:
             _stop(proc)
@@ -111,10 +110,13 @@ def bench_store(model_dir: Path | None = None, *, seconds: float = 5.0) -> list[
                              f"CPU of this process per transaction {cpu['local']:.1f} → {cpu['redis']:.1f} µs "
                              f"({cpu['redis'] / cpu['local']:.1f}×)")
             if model_dir is not None:
+                # Built before any server starts (the simulated month takes seconds of CPU): the runs
+                # measure the servers, not this process building requests beside them.
                 traffic = _Traffic()
+                requests = [batch_requests(traffic.txns(int(40_000 * seconds)), WORKERS_BATCH) for _ in range(2)]
                 with Generators(2) as gen:
-                    one, one_bad = _server_throughput(model_dir, redis.url, 1, traffic, gen, seconds)
-                    two, two_bad = _server_throughput(model_dir, redis.url, 2, traffic, gen, seconds)
+                    one, one_bad = _server_throughput(model_dir, redis.url, 1, requests[0], gen, seconds)
+                    two, two_bad = _server_throughput(model_dir, redis.url, 2, requests[1], gen, seconds)
                 lines.append(f"  ScoreBatch of {WORKERS_BATCH} on Redis, 2 generator processes × {WORKERS_IN_FLIGHT} "
                              f"connections, one request in flight on each, on the same 2 cores: 1 worker {one:,.0f} "
                              f"txn/s, 2 workers {two:,.0f} txn/s (ratio {two / one:.2f}); degraded {one_bad} and "
