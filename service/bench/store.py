@@ -32,9 +32,10 @@ GOALS_MS = {1: 0.5, 64: 1.5}  # issue 16: added server time per batch against a 
 ROUNDS, CALLS = 5, 200
 BASE_MS = 1_767_225_600_000
 WORKERS_SETTLE_S = 5.0
-# 2 processes × 2 × 64 = 256 transactions outstanding: ~25 ms of work at 10,000/s, inside the
-# budget, so the throughput is the servers' and no answer is the budget's fallback.
-WORKERS_BATCH, WORKERS_IN_FLIGHT = 64, 2
+# 2 processes × 2 × 32 = 128 transactions outstanding: ~13 ms of work at 10,000/s, well inside
+# the budget even on a host half as fast, so the throughput is the servers' and no answer is the
+# budget's fallback (at 64 a request, a fresh clone's cold start came near it).
+WORKERS_BATCH, WORKERS_IN_FLIGHT = 32, 2
 
 
 def _traffic(rng: np.random.Generator, n: int, t_ms: int) -> EncodedBatch:
