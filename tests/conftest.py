@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.history.simulate import simulate
 from core.history.table import History
-from service.bench.redis_server import RedisServer
+from service.bench.redis_server import RedisCluster, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,3 +136,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster for the session (redis-cli --cluster create); tests keep to
+    namespaces of their own, and one that moves slots or restarts a node leaves it serving."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

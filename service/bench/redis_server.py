@@ -8,10 +8,13 @@ talks to one of these.
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -21,7 +24,8 @@ from service.bench.serve import _free_port as free_port
 class RedisServer:
     """One standalone redis-server process: no persistence, bound to 127.0.0.1."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None, port: int | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("this needs Debian's redis-server: `make test` and `make bench` install it "
@@ -29,8 +33,9 @@ class RedisServer:
         self.binary = binary
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.password = password
+        self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,7 +52,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--protected-mode", "yes",
-             *(["--requirepass", self.password] if self.password else [])],
+             *(["--requirepass", self.password] if self.password else []), *self.extra],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 10
@@ -65,3 +70,84 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+def _admin(node: RedisServer) -> Any:
+    """A client for commands redis-py leaves untyped (CLUSTER …)."""
+    return node.client()
+
+
+def _cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = random.randrange(20_000, 30_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node in 20000–40000")
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` redis-server processes (no replicas) on loopback ports, made
+    with `redis-cli --cluster create`, as the issue asks; each node a RedisServer to stop and start."""
+
+    def __init__(self, workdir: Path, *, masters: int = 3) -> None:
+        self.nodes = [RedisServer(workdir / f"node{k}", port=_cluster_port(),
+                                  extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                         "--cluster-node-timeout", "15000"))
+                      for k in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> RedisCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # no node left running behind a failed start
+            raise
+
+    def _start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("this needs Debian's redis-tools (redis-cli), installed with redis-server")
+        made = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                               "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {made.stdout[-2000:]}{made.stderr[-2000:]}")
+        self.wait_ok()
+        return self
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every node reports cluster_state:ok and knows every node's slots."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if all(_admin(node).execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                       for node in self.nodes):
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def node_of(self, key: bytes) -> RedisServer:
+        """The node serving `key`'s slot now."""
+        admin = _admin(self.nodes[0])
+        slot = admin.execute_command("CLUSTER KEYSLOT", key)
+        for first, last, master, *_ in admin.execute_command("CLUSTER SLOTS"):
+            if first <= slot <= last:
+                return next(node for node in self.nodes if node.port == int(master[1]))
+        raise RuntimeError(f"slot {slot} is not served")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

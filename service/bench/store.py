@@ -23,9 +23,9 @@ import numpy as np
 from core.encode import EncodedBatch
 from core.features import EntityState, FeatureEngine
 from service.bench.openloop import Generators, batch_requests
-from service.bench.redis_server import RedisServer
+from service.bench.redis_server import RedisCluster, RedisServer
 from service.bench.serve import _free_port, _scrape, _stop, _Traffic, _wait_serving
-from service.state.redis_store import RedisStore
+from service.state.redis_store import RedisStore, open_redis_store
 
 BATCHES = (1, 64)
 GOALS_MS = {1: 0.5, 64: 1.5}  # issue 16: added server time per batch against a loopback Redis
@@ -88,19 +88,22 @@ def _server_throughput(model_dir: Path, redis_url: str, workers: int, requests: 
 
 def bench_store(model_dir: Path | None = None, *, seconds: float = 5.0) -> list[str]:
     with tempfile.TemporaryDirectory() as workdir:
-        redis = RedisServer(Path(workdir)).start()
+        redis = RedisServer(Path(workdir) / "standalone").start()
+        cluster = RedisCluster(Path(workdir) / "cluster").start()
         try:
             rng = np.random.default_rng(0)
-            local = FeatureEngine(EntityState.empty())
-            shared = FeatureEngine(RedisStore(redis.client(), namespace=b"bench:"))
+            engines = {"local": FeatureEngine(EntityState.empty()),
+                       "redis": FeatureEngine(RedisStore(redis.client(), namespace=b"bench:")),
+                       "cluster": FeatureEngine(open_redis_store(cluster.url, namespace=b"bench:", timeout_s=5.0,
+                                                                 hold_wait_s=5.0))}
             lines = ["", "store: the feature engine on a loopback Redis against the in-process tables "
-                         "(service/bench/store.py); two round trips a batch"]
+                         "(service/bench/store.py); two round trips a batch (a 3-master Cluster: two to each master)"]
             clock = BASE_MS
             for n in BATCHES:
-                times: dict[str, list[float]] = {"local": [], "redis": []}
-                cpus: dict[str, list[float]] = {"local": [], "redis": []}
+                times: dict[str, list[float]] = {name: [] for name in engines}
+                cpus: dict[str, list[float]] = {name: [] for name in engines}
                 for _ in range(ROUNDS):
-                    for name, engine in (("local", local), ("redis", shared)):
+                    for name, engine in engines.items():
                         batches = [_traffic(rng, n, clock + i) for i in range(CALLS)]
                         clock += CALLS
                         took, cpu_us = _round(engine, batches)
@@ -114,6 +117,9 @@ def bench_store(model_dir: Path | None = None, *, seconds: float = 5.0) -> list[
                              f"(p99 {p99['redis']:.2f}): added {added:.2f} ms (goal ≤ {GOALS_MS[n]} ms); "
                              f"CPU of this process per transaction {cpu['local']:.1f} → {cpu['redis']:.1f} µs "
                              f"({cpu['redis'] / cpu['local']:.1f}×)")
+                lines.append(f"  batch {n} on a 3-master Cluster: p50 {p50['cluster']:.3f} ms (p99 "
+                             f"{p99['cluster']:.2f}): added {p50['cluster'] - p50['local']:.2f} ms; CPU of this "
+                             f"process per transaction {cpu['cluster']:.1f} µs ({cpu['cluster'] / cpu['local']:.1f}×)")
             if model_dir is not None:
                 # Built before any server starts (the simulated month takes seconds of CPU): the runs
                 # measure the servers, not this process building requests beside them.
@@ -130,3 +136,4 @@ def bench_store(model_dir: Path | None = None, *, seconds: float = 5.0) -> list[
             return lines
         finally:
             redis.stop()
+            cluster.stop()

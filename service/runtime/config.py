@@ -14,6 +14,8 @@ from typing import Any
 from core.features.state import DEFAULT_CARD_CAPACITY, DEFAULT_ENTITY_CAPACITY
 
 ENV_PREFIX = "FRAUDSCORE_"
+STATE_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://", "redis+sentinel://",
+                     "rediss+sentinel://")
 DEFAULT_ID_HASH_KEY = "fraudscore-default-key"  # development only: the server warns when it is in use
 
 
@@ -52,8 +54,10 @@ class Settings:
     """Seconds between periodic state snapshots (a final one is always taken at shutdown)."""
     state_url: str | None = field(default=None, repr=False)
     """Entity state shared by every process and pod pointed at it: a Redis URL,
-    redis://[user:password@]host:port/db (rediss:// for TLS). Unset: state lives in this process
-    (snapshotted to `state_dir`). Its password is never logged. docs/state-store.md."""
+    redis://[user:password@]host:port/db (rediss:// for TLS), a Cluster's
+    redis+cluster://[user:password@]host:port[,host:port…] or Sentinel's
+    redis+sentinel://[user:password@]host:port[,host:port…]/master-name[/db]. Unset: state lives
+    in this process (snapshotted to `state_dir`). Its password is never logged. docs/state-store.md."""
     state_url_file: Path | None = None
     """A file holding `state_url` instead (a mounted Secret, as the password is in it)."""
     workers: int = 1
@@ -225,10 +229,10 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}WORKERS={self.workers} needs a fixed {ENV_PREFIX}PORT (the workers share it)")
         need(self.state_ttl_s > 0, "state_ttl_s", "must be > 0")
         need(self.state_timeout_ms > 0, "state_timeout_ms", "must be > 0")
-        if self.state_url is not None and not self.state_url.startswith(("redis://", "rediss://", "unix://")):
+        if self.state_url is not None and not self.state_url.startswith(STATE_URL_SCHEMES):
             # Not the URL itself in the message: it may hold a password.
-            raise ValueError(f"{ENV_PREFIX}STATE_URL: expected redis://[user:password@]host:port/db, rediss://… or "
-                             "unix://…; it starts otherwise")
+            raise ValueError(f"{ENV_PREFIX}STATE_URL: expected one of {', '.join(STATE_URL_SCHEMES)} (redis://[user:"
+                             "password@]host:port/db; docs/state-store.md has every form); it starts otherwise")
         need(self.auth_tokens_reload_s >= 0, "auth_tokens_reload_s", "must be ≥ 0 (0: reload only on SIGHUP)")
         if not self.id_hash_key:  # not through need(): its message would quote the key
             raise ValueError(f"{ENV_PREFIX}ID_HASH_KEY is empty: a keyed hash needs a secret; set one of at least "

@@ -21,17 +21,18 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 import redis
 import xxhash
 from redis.backoff import NoBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from core.errors import StateStoreError, StateStoreUnavailableError
 from core.features.store import ROW_LAYOUT, StoredRows
+from service.state.redis_nodes import Cluster, Standalone
 
 KIND_LETTERS = {"card": b"c", "merchant": b"m", "customer": b"u", "device": b"d", "ip": b"i"}
 DEFAULT_TTL_S = 35 * 24 * 3600.0  # the longest feature window (30 days) and some margin
@@ -105,6 +106,15 @@ for i = 1, #KEYS do
 end
 return 1
 """
+# Drop the holds among KEYS that ARGV[1] has (a Cluster's writer that got only part of its holds).
+UNHOLD_SCRIPT = """#!lua flags=allow-cross-slot-keys
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+  end
+end
+return 0
+"""
 HOLD_MS = 500  # a hold outlives a writer that died holding it by this much, at most
 HOLD_WAIT_S = 2.0  # how long a writer waits for rows another holds before giving the batch up
 
@@ -114,28 +124,75 @@ def namespace_for(feature_set_version: str, key_fingerprint: str) -> bytes:
     return b"fs:" + xxhash.xxh64_hexdigest(f"{feature_set_version}\0{key_fingerprint}".encode()).encode() + b":"
 
 
+URL_FORMS = ("redis://[user:password@]host:port/db, rediss://… (TLS), unix:///path.sock, "
+             "redis+cluster://[user:password@]host:port[,host:port…] (rediss+cluster:// for TLS) or "
+             "redis+sentinel://[user:password@]host:port[,host:port…]/master-name[/db] (rediss+sentinel://)")
+# TLS settings a Cluster or Sentinel URL may carry as query parameters (?ssl_ca_certs=/path…);
+# redis:// and rediss:// take redis-py's own query parameters.
+TLS_PARAMETERS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+
+
 def redacted(url: str) -> str:
     """`url` without its password (for logs and errors): redis://user:***@host:port/db."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
+
+
+def _hosts(url: str) -> tuple[str | None, str | None, list[tuple[str, int]], str, dict[str, str]]:
+    """user, password, [(host, port)…], path and query of a multi-host URL."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    nodes = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r}: {item!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r} names no host:port")
+    query = dict(parse_qsl(parts.query))
+    unknown = sorted(set(query) - set(TLS_PARAMETERS))
+    if unknown:
+        raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r}: unknown parameter {unknown[0]!r}; expected "
+                         f"{', '.join(TLS_PARAMETERS)}")
+    return unquote(user) or None, unquote(password) or None, nodes, parts.path, query
 
 
 def open_redis_store(url: str, *, namespace: bytes, ttl_s: float = DEFAULT_TTL_S, timeout_s: float,
                      hold_wait_s: float) -> RedisStore:
-    """A store on the Redis at `url` (redis://, rediss:// for TLS, unix://; user and password in the
-    URL). Each command waits at most `timeout_s` (connecting included) and is not retried: a batch
-    that cannot be served in time is answered by the fallback rules, and the next batch reconnects."""
+    """A store on the Redis at `url` (URL_FORMS; user and password in the URL). Each command waits
+    at most `timeout_s` (connecting included) and is not retried: a batch that cannot be served in
+    time is answered by the fallback rules, and the next batch reconnects (in a Cluster, reads the
+    slot map again; behind Sentinel, asks the sentinels for the master again)."""
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+    scheme = url.partition("://")[0]
+    if scheme in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
+        user, password, nodes, path, tls = _hosts(url)
+        auth = {"username": user, "password": password}
+        secure = {"ssl": True, **tls} if scheme.startswith("rediss") else {}
+        if scheme.endswith("cluster"):
+            return RedisStore(Cluster(nodes, **auth, **secure, **timeouts), namespace=namespace, ttl_s=ttl_s,
+                              hold_wait_s=hold_wait_s)
+        name, _, db = path.strip("/").partition("/")
+        if not name or (db and not db.isdigit()):
+            raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r}: a Sentinel URL ends /master-name[/db], "
+                             f"as in redis+sentinel://sentinel-1:26379,sentinel-2:26379/mymaster/0")
+        # The sentinels are asked with the same credentials and TLS (a Sentinel set up with
+        # requirepass, as managed ones are); the master they name is then connected to.
+        sentinels: Any = Sentinel(nodes,  # type: ignore[no-untyped-call]
+                                   sentinel_kwargs={**auth, **secure, **timeouts}, **auth, **secure, **timeouts)
+        return RedisStore(Standalone(sentinels.master_for(name, db=int(db or 0))), namespace=namespace, ttl_s=ttl_s,
+                          hold_wait_s=hold_wait_s)
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                      retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        client = redis.Redis.from_url(url, **timeouts)
     except ValueError as exc:  # the URL's scheme or form; its text may hold the password
         raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r} is not a Redis URL: expected "
-                         f"redis://[user:password@]host:port/db or rediss://… ({exc.__class__.__name__})") from None
+                         f"{URL_FORMS} ({exc.__class__.__name__})") from None
     return RedisStore(client, namespace=namespace, ttl_s=ttl_s, hold_wait_s=hold_wait_s)
 
 
@@ -145,64 +202,71 @@ def row_dtype(num_values: int, num_tags: int) -> np.dtype:
 
 
 class RedisStore:
-    """A `VersionedStore` on one Redis (standalone or behind a proxy that keeps scripts whole)."""
+    """A `VersionedStore` on one Redis (standalone, a Sentinel's master) or a Redis Cluster."""
 
-    def __init__(self, client: redis.Redis, *, namespace: bytes, ttl_s: float = DEFAULT_TTL_S,
+    def __init__(self, nodes: redis.Redis | Standalone | Cluster, *, namespace: bytes, ttl_s: float = DEFAULT_TTL_S,
                  hold_wait_s: float = HOLD_WAIT_S) -> None:
         if ttl_s <= 0:
             raise ValueError(f"the state TTL must be positive seconds, got {ttl_s}")
+        self._nodes = Standalone(nodes) if isinstance(nodes, redis.Redis) else nodes
         self._hold_wait_s = hold_wait_s
         self.extra_ttl_ms = int(RECORD_TTL_S * 1000)  # `records` sets the records' TTL
-        self._client = client
         self._namespace = namespace
         self._ttl_ms = int(ttl_s * 1000)
         self._dtypes = {kind: row_dtype(*layout) for kind, layout in ROW_LAYOUT.items()}
-        self._cas = client.register_script(CAS_SCRIPT)
-        self._hold = client.register_script(HOLD_SCRIPT)
+        self._cas = self._nodes.register(CAS_SCRIPT)
+        self._hold = self._nodes.register(HOLD_SCRIPT)
+        self._unhold = self._nodes.register(UNHOLD_SCRIPT)
         self._owner = os.urandom(8)  # this writer, in the holds it takes
         self._random = random.Random()
+
+    @property
+    def nodes(self) -> Standalone | Cluster:
+        return self._nodes
+
+    @property
+    def namespace(self) -> bytes:
+        return self._namespace
 
     def records(self, *, ttl_s: float) -> RedisRecords:
         """The idempotency records of the same Redis and namespace, on the same connections."""
         self.extra_ttl_ms = int(ttl_s * 1000)
-        return RedisRecords(self._client, namespace=self._namespace, ttl_s=ttl_s)
-
-    @staticmethod
-    def _call(command: Any, *args: Any) -> Any:
-        """`command(*args)` (a script: keys, args), with Redis's failures as StateStoreUnavailableError
-        naming the class only (a server's error text may quote a key)."""
-        try:
-            if isinstance(command, Script):
-                return command(keys=args[0], args=args[1])
-            return command(*args)
-        except redis.RedisError as exc:
-            raise StateStoreUnavailableError(f"Redis {exc.__class__.__name__}") from exc
+        return RedisRecords(self._nodes, namespace=self._namespace, ttl_s=ttl_s)
 
     def keys_of(self, kind: str, keys: np.ndarray, *, lock: bool = False) -> list[bytes]:
-        prefix = self._namespace + (b"L" if lock else b"") + KIND_LETTERS[kind]
-        raw = np.ascontiguousarray(keys, dtype="<u8").tobytes()
-        return [prefix + raw[i:i + 8] for i in range(0, len(raw), 8)]
+        """`<namespace>[L]{<kind letter><16 hex digits>}`: the braces are a Cluster hash tag, so a row and
+        its hold share a slot (hex, because raw key bytes could hold a brace)."""
+        prefix = self._namespace + (b"L{" if lock else b"{") + KIND_LETTERS[kind]
+        digits = np.ascontiguousarray(keys, dtype="<u8").tobytes().hex().encode()
+        return [prefix + digits[i:i + 16] + b"}" for i in range(0, len(digits), 16)]
 
     def hold(self, keys: Mapping[str, np.ndarray], /) -> None:
         """Wait until this writer holds all of `keys` (for HOLD_MS, or until it writes each row):
         no other writer's compare-and-set succeeds on them meanwhile, so the next round's does.
-        All or none at a time, so two writers never hold half of each other's rows; waits with
-        jittered sleeps of under a millisecond, at most HOLD_WAIT_S."""
+        All or none at a time, so two writers never hold half of each other's rows (in a Cluster,
+        where holds are taken per slot, the part taken is given back when any is refused); waits
+        with jittered sleeps of under a millisecond, at most HOLD_WAIT_S."""
         names = [name for kind, kind_keys in keys.items() for name in self.keys_of(kind, kind_keys, lock=True)]
         if not names:
             return
         deadline = time.monotonic() + self._hold_wait_s
-        while not self._call(self._hold, names, [self._owner, HOLD_MS]):
+        while True:
+            replies = self._nodes.script(self._hold, names, lambda _: [self._owner, HOLD_MS])
+            if all(got for _, got in replies):
+                return
+            taken = [names[i] for idx, got in replies if got for i in idx]
+            if taken:
+                self._nodes.script(self._unhold, taken, lambda _: [self._owner])
             if time.monotonic() > deadline:
                 raise StateStoreUnavailableError(f"{len(names)} rows stayed held by other writers for "
                                                  f"{self._hold_wait_s} s")
             time.sleep(self._random.uniform(0.0002, 0.001))
 
     def fetch_versioned(self, wanted: Mapping[str, np.ndarray], /) -> dict[str, tuple[StoredRows, np.ndarray]]:
-        """One MGET for every kind's keys."""
+        """One MGET for every kind's keys (a Cluster: one pipeline of GETs per master)."""
         names = {kind: self.keys_of(kind, keys) for kind, keys in wanted.items()}
         flat = [name for kind_names in names.values() for name in kind_names]
-        got = self._call(self._client.mget, flat) if flat else []
+        got = self._nodes.get(flat)
         out: dict[str, tuple[StoredRows, np.ndarray]] = {}
         at = 0
         for kind, keys in wanted.items():
@@ -210,7 +274,7 @@ class RedisStore:
             at += len(keys)
             dtype = self._dtypes[kind]
             held = [i for i, v in enumerate(values) if v is not None]
-            raw = b"".join(values[i] for i in held)
+            raw = b"".join(values[i] for i in held)  # type: ignore[misc]
             if len(raw) != dtype.itemsize * len(held):
                 raise StateStoreError(kind, f"rows in Redis are not {dtype.itemsize} bytes each: another "
                                             "feature set's, or not written by fraudscore")
@@ -222,12 +286,13 @@ class RedisStore:
 
     def store_if_unchanged(self, rows: Mapping[str, tuple[StoredRows, np.ndarray]],
                            extra: Sequence[tuple[bytes, bytes]] = (), /) -> dict[str, np.ndarray]:
-        """One script call for every kind's rows (and `extra` entries, written with them when every row
-        is, kept `extra_ttl_s`); returns the keys whose version had changed."""
+        """Every kind's rows by compare-and-set, and `extra` entries (kept `extra_ttl_s`) written when
+        every row is; returns the keys whose version had changed. One script call on one Redis, rows
+        and entries together; in a Cluster one per hash slot, and the entries after every row."""
         names: list[bytes] = []
         versions: list[bytes] = []
         packed_rows: list[bytes] = []
-        groups: list[str] = []
+        sizes: list[int] = []
         owners: list[tuple[str, np.ndarray]] = []
         for kind, (stored, expected) in rows.items():
             if not len(stored):
@@ -239,15 +304,30 @@ class RedisStore:
             packed["tags"] = stored.tags
             packed_rows.append(packed.tobytes())
             versions.append(np.ascontiguousarray(expected, dtype="<u8").tobytes())
-            groups.append(f"{len(stored)}:{packed.dtype.itemsize},")
+            sizes += [packed.dtype.itemsize] * len(stored)
             names += self.keys_of(kind, stored.keys)
             owners.append((kind, stored.keys))
         if not names and not extra:
             return {}
-        changed = self._call(self._cas, names + [key for key, _ in extra],
-                             [self._ttl_ms, self._owner, len(self._namespace), b"".join(versions),
-                              b"".join(packed_rows), "".join(groups), len(extra), self.extra_ttl_ms,
-                              *(value for _, value in extra)])
+        all_versions, all_rows = b"".join(versions), b"".join(packed_rows)
+        if self._nodes.atomic:
+            groups = "".join(f"{len(keys)}:{self._dtypes[kind].itemsize}," for kind, keys in owners)
+            replies = self._nodes.script(self._cas, names + [key for key, _ in extra], lambda _: [
+                self._ttl_ms, self._owner, len(self._namespace), all_versions, all_rows, groups, len(extra),
+                self.extra_ttl_ms, *(value for _, value in extra)])
+        else:
+            starts = np.concatenate([[0], np.cumsum(sizes)]).tolist() if sizes else [0]
+
+            def args_for(idx: Sequence[int]) -> list[Any]:
+                groups = "".join(f"1:{sizes[i]}," for i in idx)
+                return [self._ttl_ms, self._owner, len(self._namespace),
+                        b"".join(all_versions[8 * i:8 * i + 8] for i in idx),
+                        b"".join(all_rows[starts[i]:starts[i + 1]] for i in idx), groups, 0, 0]
+
+            replies = self._nodes.script(self._cas, names, args_for) if names else []
+        changed = [idx[j - 1] + 1 for idx, reply in replies for j in reply]
+        if not changed and extra and not self._nodes.atomic:
+            self._nodes.set(extra, self.extra_ttl_ms)
         out: dict[str, np.ndarray] = {}
         if changed:
             flat_kinds = np.concatenate([np.full(len(keys), k, dtype=np.int64) for k, (_, keys) in enumerate(owners)])
@@ -296,28 +376,34 @@ RECORD_TTL_S = 24 * 3600.0
 class RedisRecords:
     """Idempotency records in Redis: claim a batch's transactions, record their answers."""
 
-    def __init__(self, client: redis.Redis, *, namespace: bytes, ttl_s: float = RECORD_TTL_S,
+    def __init__(self, nodes: redis.Redis | Standalone | Cluster, *, namespace: bytes, ttl_s: float = RECORD_TTL_S,
                  lease_ms: int = CLAIM_LEASE_MS) -> None:
-        self._client = client
+        self._nodes = Standalone(nodes) if isinstance(nodes, redis.Redis) else nodes
         self._prefix = namespace + b"t"
         self._ttl_ms = int(ttl_s * 1000)
         self._lease_ms = lease_ms
-        self._claim = client.register_script(CLAIM_SCRIPT)
-        self._release = client.register_script(RELEASE_SCRIPT)
+        self._claim = self._nodes.register(CLAIM_SCRIPT)
+        self._release = self._nodes.register(RELEASE_SCRIPT)
         self.owner = os.urandom(8)
 
     def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
         """The record found for each key (b"" where there was none: claimed now by this owner)."""
         names = [self._prefix + key for key in keys]
         packed = np.asarray(fingerprints, dtype="<u8").tobytes()
-        found: list[bytes] = RedisStore._call(self._claim, names, [self.owner, self._lease_ms, packed])
+        found: list[bytes] = [b""] * len(keys)
+        replies = self._nodes.script(self._claim, names, lambda idx: [
+            self.owner, self._lease_ms,
+            packed if len(idx) == len(keys) else b"".join(packed[8 * i:8 * i + 8] for i in idx)])
+        for idx, reply in replies:
+            for i, record in zip(idx, reply, strict=True):
+                found[i] = record
         return found
 
     def release(self, keys: list[bytes]) -> None:
         """Give up this owner's claims on `keys` (a batch that entered nothing): a retry elsewhere is
         scored at once instead of after the lease."""
         if keys:
-            RedisStore._call(self._release, [self._prefix + key for key in keys], [self.owner])
+            self._nodes.script(self._release, [self._prefix + key for key in keys], lambda _: [self.owner])
 
     def entries(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> list[tuple[bytes, bytes]]:
         """The (key, value) of each transaction's answered record, to be written with the batch's rows."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +15,7 @@ import pytest
 from fraudscore.v1 import fraudscore_pb2 as pb
 from fraudscore.v1 import fraudscore_pb2_grpc as pb_grpc
 
-from service.bench.redis_server import RedisServer
+from service.bench.redis_server import RedisCluster, RedisServer
 from tests.conftest import REPO, ServerProcess, start_server
 from tests.e2e.helpers import BASE_TIME_MS, BackgroundLoad, offline_probabilities, scrape, txn, uid, value
 
@@ -29,6 +29,17 @@ def redis_with_password(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a password-protected redis-server of the test's own, or of the session's 3-master
+    Cluster (redis+cluster://)."""
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_with_password")
+    return server.url
 
 
 SEEN_BEFORE = "R_TEST_CARD_SEEN_BEFORE"
@@ -119,7 +130,7 @@ def codes(r: pb.ScoreResponse) -> set[str]:
 
 
 def test_a_retry_on_another_server_gets_the_first_answer_and_counts_once(tmp_path: Path, model_dir: Path,
-                                                                          redis_with_password: RedisServer) -> None:
+                                                                          store_url: str) -> None:
     card, other = uid("card"), uid("card")
     a = txn(card_id=card, amount_minor=1_000, event_time_ms=BASE_TIME_MS)
     b = txn(card_id=card, amount_minor=2_000, event_time_ms=BASE_TIME_MS + 60_000)
@@ -127,8 +138,8 @@ def test_a_retry_on_another_server_gets_the_first_answer_and_counts_once(tmp_pat
     changed = pb.Transaction()
     changed.CopyFrom(a)
     changed.amount_minor = 1_001
-    one = shared(tmp_path, model_dir, redis_with_password.url, "one")
-    two = shared(tmp_path, model_dir, redis_with_password.url, "two")
+    one = shared(tmp_path, model_dir, store_url, "one")
+    two = shared(tmp_path, model_dir, store_url, "two")
     try:
         first = score(one, a)
         retry = score(two, a)  # another server: answered from the shared record
@@ -172,7 +183,7 @@ def test_a_retry_while_the_first_is_in_flight_elsewhere_is_told_to_retry(tmp_pat
 
 
 def test_three_servers_on_one_redis_answer_as_one_embedded_server(tmp_path: Path, model_dir: Path,
-                                                                  redis_with_password: RedisServer) -> None:
+                                                                  store_url: str) -> None:
     """A seeded stream in random chunks (unary and ScoreBatch, outcome reports between) sent one call
     at a time to any of three servers on Redis, and the same calls to one server with its state in
     process: every answer the same bit for bit (the server's latency aside), and so every feature."""
@@ -188,7 +199,7 @@ def test_three_servers_on_one_redis_answer_as_one_embedded_server(tmp_path: Path
         at += n
         if rng.random() < 0.2:
             calls.append(("report", [rng.choice(stream[:at])]))
-    servers = [shared(tmp_path, model_dir, redis_with_password.url, f"s{k}") for k in range(3)]
+    servers = [shared(tmp_path, model_dir, store_url, f"s{k}") for k in range(3)]
     (tmp_path / "alone").mkdir()
     alone = start_server(tmp_path / "alone", model_dir=model_dir, state_dir=tmp_path / "alone" / "state",
                          extra_env={"FRAUDSCORE_RULES_FILE": str(tmp_path / "s0" / "rules.json")})
@@ -252,15 +263,28 @@ def test_redis_stopped_and_restarted_under_load_costs_no_call(tmp_path: Path, mo
                                                               redis_with_password: RedisServer) -> None:
     """Calls keep coming (unary and batches in flight) while Redis goes away for a second and comes
     back: every call is answered, by the fallback rules while it is gone, by the model again after."""
-    srv = shared(tmp_path, model_dir, redis_with_password.url, "srv")
+    outage_under_load(tmp_path, model_dir, redis_with_password.url, redis_with_password)
+
+
+def test_a_cluster_master_restarted_under_load_costs_no_call(tmp_path: Path, model_dir: Path,
+                                                             redis_cluster: RedisCluster) -> None:
+    """The same with one master of three restarted (its script cache and, without persistence, its
+    rows lost): the slot map read again, the scripts loaded again, no restart of the server."""
+    outage_under_load(tmp_path, model_dir, redis_cluster.url, redis_cluster.nodes[2], after=redis_cluster.wait_ok)
+
+
+def outage_under_load(tmp_path: Path, model_dir: Path, url: str, redis: RedisServer,
+                      after: Callable[[], None] = lambda: None) -> None:
+    srv = shared(tmp_path, model_dir, url, "srv")
     try:
         with BackgroundLoad(srv.target) as load:
             time.sleep(1.0)
             before = len(load.answers)
-            redis_with_password.stop()
+            redis.stop()
             time.sleep(1.0)
             during = len(load.answers)
-            redis_with_password.start()
+            redis.start()
+            after()
             time.sleep(2.0)
             settled = len(load.answers)
             time.sleep(1.0)

@@ -129,7 +129,8 @@ def test_bench_store_compares_the_engine_on_its_own_redis_with_in_process_state(
     out = fraudscore("bench", "store", "--model", str(model_dir))
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("  batch ")]
-    assert [line.split(":")[0] for line in lines] == ["  batch 1", "  batch 64"]
+    assert [line.split(":")[0] for line in lines] == ["  batch 1", "  batch 1 on a 3-master Cluster", "  batch 64",
+                                                      "  batch 64 on a 3-master Cluster"]
     for line in lines:
         added = float(re.search(r"added (-?[\d.]+) ms", line).group(1))  # type: ignore[union-attr]
         assert 0 < added < 100, line  # two loopback round trips: more than nothing, far under the budget

@@ -96,7 +96,7 @@ def test_the_state_url_is_a_redis_url_from_the_environment_or_a_file_and_never_s
         Settings.load(env={"FRAUDSCORE_STATE_URL_FILE": str(tmp_path / "absent")})
     with pytest.raises(ValueError) as err:
         Settings.load(env={"FRAUDSCORE_STATE_URL": "http://user:p4ssw0rd-part@host/"})
-    assert "FRAUDSCORE_STATE_URL: expected redis://" in str(err.value) and "p4ssw0rd" not in str(err.value)
+    assert "FRAUDSCORE_STATE_URL: expected one of redis://, rediss://" in str(err.value) and "p4ssw0rd" not in str(err.value)
     for name in ("STATE_TTL_S", "STATE_TIMEOUT_MS"):
         with pytest.raises(ValueError, match=f"FRAUDSCORE_{name}: must be > 0"):
             Settings.load(env={f"FRAUDSCORE_{name}": "0"})

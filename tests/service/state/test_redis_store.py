@@ -18,8 +18,9 @@ from core.errors import StateStoreError
 from core.features import FEATURE_SET_VERSION, EntityState, FeatureEngine
 from core.features.registry import FEATURE_NAMES
 from core.features.store import ROW_LAYOUT, StoredRows
-from service.bench.redis_server import RedisServer
-from service.state.redis_store import DEFAULT_TTL_S, RedisStore, namespace_for
+from service.bench.redis_server import RedisCluster, RedisServer
+from service.state.redis_nodes import Cluster, Standalone
+from service.state.redis_store import DEFAULT_TTL_S, RedisStore, namespace_for, open_redis_store
 from tests.core.features.test_features import Report, Txn, encode, event_streams, run_engine
 from tests.core.features.test_store import KEYS, assert_bitwise_equal, small_state, table_rows
 
@@ -28,9 +29,36 @@ _namespaces = itertools.count()
 BASE_MS = 1_767_225_600_000
 
 
-def fresh_store(server: RedisServer, **kw: float) -> RedisStore:
+class Backend:
+    """One standalone redis-server or the 3-master Cluster, as the tests below see either."""
+
+    def __init__(self, server: RedisServer | RedisCluster) -> None:
+        self.server = server
+        self.url = server.url
+
+    def nodes(self) -> Standalone | Cluster:
+        if isinstance(self.server, RedisServer):
+            return Standalone(self.server.client())
+        return Cluster([("127.0.0.1", node.port) for node in self.server.nodes], socket_timeout=5)
+
+    def client_for(self, key: bytes) -> redis.Redis:
+        """A client of the node holding `key`."""
+        return self.server.client() if isinstance(self.server, RedisServer) else self.server.node_of(key).client()
+
+    def clients(self) -> list[redis.Redis]:
+        return [self.server.client()] if isinstance(self.server, RedisServer) else [
+            node.client() for node in self.server.nodes]
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return Backend(request.getfixturevalue("redis_server" if request.param == "standalone" else "redis_cluster"))
+
+
+def fresh_store(server: RedisServer | Backend, **kw: float) -> RedisStore:
     """A store in a namespace no other test uses."""
-    return RedisStore(server.client(), namespace=f"test{next(_namespaces)}:".encode(), **kw)
+    nodes = server.nodes() if isinstance(server, Backend) else Standalone(server.client())
+    return RedisStore(nodes, namespace=f"test{next(_namespaces)}:".encode(), **kw)
 
 
 def rows_of(kind: str, keys: Sequence[int], seed: int) -> StoredRows:
@@ -42,8 +70,8 @@ def rows_of(kind: str, keys: Sequence[int], seed: int) -> StoredRows:
                       values, rng.integers(0, 2**64 - 1, (len(keys), t), dtype=np.uint64, endpoint=True))
 
 
-def test_rows_round_trip_bit_for_bit_and_count_versions(redis_server: RedisServer) -> None:
-    store = fresh_store(redis_server)
+def test_rows_round_trip_bit_for_bit_and_count_versions(backend: Backend) -> None:
+    store = fresh_store(backend)
     cards, merchants = rows_of("card", [11, 12, 13], 1), rows_of("merchant", [21], 2)
     zero = np.zeros(3, dtype=np.uint64)
     assert store.store_if_unchanged({"card": (cards, zero), "merchant": (merchants, zero[:1])}) == {}
@@ -59,8 +87,8 @@ def test_rows_round_trip_bit_for_bit_and_count_versions(redis_server: RedisServe
     assert store.fetch_versioned({"card": np.array([12], dtype=np.uint64)})["card"][1].tolist() == [2]
 
 
-def test_a_row_changed_since_it_was_read_is_not_written_and_the_others_are(redis_server: RedisServer) -> None:
-    store = fresh_store(redis_server)
+def test_a_row_changed_since_it_was_read_is_not_written_and_the_others_are(backend: Backend) -> None:
+    store = fresh_store(backend)
     keys = np.array([1, 2, 3], dtype=np.uint64)
     store.store_if_unchanged({"card": (rows_of("card", [1, 2, 3], 1), np.zeros(3, dtype=np.uint64))})
     _, read = store.fetch_versioned({"card": keys})["card"]
@@ -79,27 +107,26 @@ def test_a_row_changed_since_it_was_read_is_not_written_and_the_others_are(redis
                                                   np.zeros(1, dtype=np.uint64))})["merchant"].tolist() == [5]
 
 
-def test_extra_entries_are_written_with_the_rows_only_when_every_row_is(redis_server: RedisServer) -> None:
-    store = fresh_store(redis_server)
-    client = redis_server.client()
+def test_extra_entries_are_written_with_the_rows_only_when_every_row_is(backend: Backend) -> None:
+    store = fresh_store(backend)
     zero = np.zeros(1, dtype=np.uint64)
     assert store.store_if_unchanged({"card": (rows_of("card", [1], 1), zero)}, [(b"test-extra:a", b"A1")]) == {}
+    client = backend.client_for(b"test-extra:a")
     assert client.get(b"test-extra:a") == b"A1" and 0 < client.pttl(b"test-extra:a") <= store.extra_ttl_ms
     # Card 1 is at version 1 now: offered as new (0) it is refused, and the extra entry not written.
     refused = store.store_if_unchanged({"card": (rows_of("card", [1, 2], 2), np.zeros(2, dtype=np.uint64))},
                                        [(b"test-extra:b", b"B1")])
-    assert refused["card"].tolist() == [1] and client.get(b"test-extra:b") is None
+    assert refused["card"].tolist() == [1] and backend.client_for(b"test-extra:b").get(b"test-extra:b") is None
 
 
-def test_every_row_expires_after_the_ttl_from_its_last_write(redis_server: RedisServer) -> None:
-    store = fresh_store(redis_server, ttl_s=3600.0)
+def test_every_row_expires_after_the_ttl_from_its_last_write(backend: Backend) -> None:
+    store = fresh_store(backend, ttl_s=3600.0)
     store.store_if_unchanged({"card": (rows_of("card", [1, 2], 1), np.zeros(2, dtype=np.uint64))})
-    client = redis_server.client()
-    ttls = [client.pttl(name) for name in store.keys_of("card", np.array([1, 2], dtype=np.uint64))]
+    ttls = [backend.client_for(name).pttl(name) for name in store.keys_of("card", np.array([1, 2], dtype=np.uint64))]
     assert all(3_590_000 < t <= 3_600_000 for t in ttls), ttls
     assert DEFAULT_TTL_S >= 30 * 24 * 3600  # beyond the longest feature window
     with pytest.raises(ValueError, match="positive"):
-        fresh_store(redis_server, ttl_s=0)
+        fresh_store(backend, ttl_s=0)
 
 
 def test_another_feature_set_or_identifier_key_reads_nothing(redis_server: RedisServer) -> None:
@@ -124,11 +151,11 @@ def test_rows_of_another_size_are_refused(redis_server: RedisServer) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events=event_streams(), seed=st.integers(0, 2**16))
-def test_the_engine_on_redis_gives_the_local_paths_features_and_rows(redis_server: RedisServer,
+def test_the_engine_on_redis_gives_the_local_paths_features_and_rows(backend: Backend,
                                                                      events: list[Event], seed: int) -> None:
     expected, local = run_engine(events, seed=seed)
     assert all(t.evictions == 0 for t in local.state.tables())
-    store = fresh_store(redis_server)
+    store = fresh_store(backend)
     actual, engine = run_engine(events, seed=seed, engine=FeatureEngine(store))
     assert_bitwise_equal(actual, expected)
     assert engine.store_conflicts == 0
@@ -140,10 +167,10 @@ def test_the_engine_on_redis_gives_the_local_paths_features_and_rows(redis_serve
                 for i, k in enumerate(stored.keys)} == rows
 
 
-def test_every_key_a_stream_of_new_entities_leaves_expires(redis_server: RedisServer) -> None:
+def test_every_key_a_stream_of_new_entities_leaves_expires(backend: Backend) -> None:
     """Memory stays bounded: rows, their records and holds all carry a TTL, so a stream of cards
     never seen again leaves nothing behind for good."""
-    store = fresh_store(redis_server, ttl_s=3600.0)
+    store = fresh_store(backend, ttl_s=3600.0)
     records = store.records(ttl_s=600.0)
     engine = FeatureEngine(store)
     rng = np.random.default_rng(3)
@@ -154,17 +181,15 @@ def test_every_key_a_stream_of_new_entities_leaves_expires(redis_server: RedisSe
         assert all(v == b"" for v in records.claim(keys, list(range(8))))
         _, commit = engine.compute_deferred(encode(batch))
         commit(records.entries(keys, list(range(8)), [b"answer"] * 8))
-    client = redis_server.client()
-    names = list(client.scan_iter(match=store.keys_of("card", np.array([1], dtype=np.uint64))[0][:-9] + b"*",
-                                  count=1000))
-    assert len(names) == 20 * 8 * 6  # five rows and one record per transaction, nothing else
-    ttls = [client.pttl(name) for name in names]
+    ttls = [client.pttl(name) for client in backend.clients()
+            for name in client.scan_iter(match=store.namespace + b"*", count=1000)]
+    assert len(ttls) == 20 * 8 * 6  # five rows and one record per transaction, nothing else
     assert all(0 < t <= 3_600_000 for t in ttls), sorted(set(ttls))[:5]
     assert sum(t <= 600_000 for t in ttls) == 20 * 8  # the records: 10 minutes
 
 
-def test_a_released_claim_is_free_at_once_and_release_touches_nothing_else(redis_server: RedisServer) -> None:
-    store = fresh_store(redis_server)
+def test_a_released_claim_is_free_at_once_and_release_touches_nothing_else(backend: Backend) -> None:
+    store = fresh_store(backend)
     ours, theirs = store.records(ttl_s=600.0), store.records(ttl_s=600.0)
     k1, k2, k3 = b"k1".ljust(16, b"."), b"k2".ljust(16, b"."), b"k3".ljust(16, b".")
     assert ours.claim([k1, k2], [1, 2]) == [b"", b""]
@@ -180,9 +205,9 @@ def test_a_released_claim_is_free_at_once_and_release_touches_nothing_else(redis
 class RacedStore(RedisStore):
     """Before each of its first `races` writes, another engine scores `rival` on the same Redis."""
 
-    def __init__(self, client: redis.Redis, namespace: bytes, rival: list[Txn], races: int) -> None:
-        super().__init__(client, namespace=namespace)
-        self.rival_engine = FeatureEngine(RedisStore(client, namespace=namespace))
+    def __init__(self, backend: Backend, namespace: bytes, rival: list[Txn], races: int) -> None:
+        super().__init__(backend.nodes(), namespace=namespace)
+        self.rival_engine = FeatureEngine(RedisStore(backend.nodes(), namespace=namespace))
         self.rival, self.races = rival, races
 
     def store_if_unchanged(self, rows: object, /) -> dict[str, np.ndarray]:  # type: ignore[override]
@@ -192,11 +217,11 @@ class RacedStore(RedisStore):
         return super().store_if_unchanged(rows)  # type: ignore[arg-type]
 
 
-def test_rows_another_writer_changed_meanwhile_are_recomputed_and_nothing_is_lost(redis_server: RedisServer) -> None:
+def test_rows_another_writer_changed_meanwhile_are_recomputed_and_nothing_is_lost(backend: Backend) -> None:
     card, merchant, other = KEYS["card"][0], KEYS["merchant"][0], KEYS["card"][1]
     ours = [Txn(card, merchant, BASE_MS + 1_000, amount=25.0), Txn(other, 0, BASE_MS + 1_500)]
     rival = [Txn(card, merchant, BASE_MS, amount=700.0)]
-    store = RacedStore(redis_server.client(), f"test{next(_namespaces)}:".encode(), rival, races=2)
+    store = RacedStore(backend, f"test{next(_namespaces)}:".encode(), rival, races=2)
     features = FeatureEngine(store).compute(encode(ours))
     # The rival wrote twice (before our first and second rounds), then we: the state is the history
     # rival, rival, ours; our answer's features saw both of the rival's (the last round's).
@@ -218,7 +243,7 @@ HOT_CARD, HOT_MERCHANT = KEYS["card"][2], KEYS["merchant"][2]
 
 
 def _hammer(url: str, namespace: bytes, txns: list[Txn], batch: int, conflicts: object, start_line: object) -> None:
-    engine = FeatureEngine(RedisStore(redis.Redis.from_url(url), namespace=namespace))
+    engine = FeatureEngine(open_redis_store(url, namespace=namespace, timeout_s=5.0, hold_wait_s=5.0))
     engine.compute(encode([Txn(1, 1, BASE_MS)]))  # compiled and connected before the start
     start_line.wait()  # type: ignore[attr-defined]  # all four at once
     for start in range(0, len(txns), batch):
@@ -226,7 +251,7 @@ def _hammer(url: str, namespace: bytes, txns: list[Txn], batch: int, conflicts: 
     conflicts.put(engine.store_conflicts)  # type: ignore[attr-defined]
 
 
-def test_four_processes_on_one_card_and_merchant_lose_no_update(redis_server: RedisServer) -> None:
+def test_four_processes_on_one_card_and_merchant_lose_no_update(backend: Backend) -> None:
     # Every transaction has the same event time, so the order they are applied in changes no decay:
     # counts must come out exact and sums equal to rounding.
     rng = np.random.default_rng(5)
@@ -236,7 +261,7 @@ def test_four_processes_on_one_card_and_merchant_lose_no_update(redis_server: Re
     namespace = f"test{next(_namespaces)}:".encode()
     ctx = multiprocessing.get_context("spawn")
     conflicts, start_line = ctx.Queue(), ctx.Barrier(4)
-    workers = [ctx.Process(target=_hammer, args=(redis_server.url, namespace, txns[k::4], 8, conflicts, start_line))
+    workers = [ctx.Process(target=_hammer, args=(backend.url, namespace, txns[k::4], 8, conflicts, start_line))
                for k in range(4)]
     for w in workers:
         w.start()
@@ -245,7 +270,7 @@ def test_four_processes_on_one_card_and_merchant_lose_no_update(redis_server: Re
         assert w.exitcode == 0
     recomputed = sum(conflicts.get(timeout=5) for _ in workers)
     probe = [Txn(HOT_CARD, HOT_MERCHANT, BASE_MS, amount=1.0)]
-    shared = FeatureEngine(RedisStore(redis_server.client(), namespace=namespace)).compute(encode(probe))[0]
+    shared = FeatureEngine(RedisStore(backend.nodes(), namespace=namespace)).compute(encode(probe))[0]
     alone = FeatureEngine(EntityState.empty(card_capacity=4096, merchant_capacity=4096, customer_capacity=16,
                                             device_capacity=16, ip_capacity=16))
     alone.compute(encode([Txn(1, 1, BASE_MS)] * 4))  # the workers' warm-up transactions
