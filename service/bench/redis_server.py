@@ -151,3 +151,73 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinelSet:
+    """A master, one replica of it and one Sentinel watching them (quorum 1), on loopback ports:
+    enough to fail over by `SENTINEL FAILOVER` and see a store follow the new master."""
+
+    MASTER_NAME = "fraudscore"
+
+    def __init__(self, workdir: Path) -> None:
+        self.master = RedisServer(workdir / "master")
+        self.replica = RedisServer(workdir / "replica", extra=("--replicaof", "127.0.0.1", str(self.master.port)))
+        self.workdir = workdir / "sentinel"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.MASTER_NAME}/0"
+
+    def sentinel(self) -> Any:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def master_port(self) -> int:
+        host_port = self.sentinel().execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME)
+        return int(host_port[1])
+
+    def start(self) -> RedisSentinelSet:
+        try:
+            self.master.start()
+            self.replica.start()
+            conf = self.workdir / "sentinel.conf"  # Sentinel rewrites its own file: one of its own
+            conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                            f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 1\n"
+                            f"sentinel down-after-milliseconds {self.MASTER_NAME} 1000\n"
+                            f"sentinel failover-timeout {self.MASTER_NAME} 5000\n")
+            log = open(self.workdir / "sentinel.log", "ab")  # noqa: SIM115  # the process's own
+            self.proc = subprocess.Popen([self.master.binary, str(conf), "--sentinel"], stdout=log,
+                                         stderr=subprocess.STDOUT)
+            log.close()
+            deadline = time.monotonic() + 20
+            while True:  # until it answers and has found the replica (needed to fail over)
+                try:
+                    replicas = self.sentinel().execute_command("SENTINEL REPLICAS", self.MASTER_NAME)
+                    if replicas and self.replica.client().info("replication").get("master_link_status") == "up":
+                        return self
+                except redis.RedisError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis sentinel did not start: {(self.workdir / 'sentinel.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def fail_over(self, timeout_s: float = 20.0) -> None:
+        """Promote the replica (SENTINEL FAILOVER); returns once Sentinel names it master."""
+        self.sentinel().execute_command("SENTINEL FAILOVER", self.MASTER_NAME)
+        deadline = time.monotonic() + timeout_s
+        while self.master_port() != self.replica.port:
+            if time.monotonic() > deadline:
+                raise RuntimeError("Sentinel did not promote the replica")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.replica.stop()
+        self.master.stop()

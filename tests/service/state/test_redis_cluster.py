@@ -1,17 +1,19 @@
 """service.state.redis_nodes.Cluster against a real 3-master Redis Cluster: a slot migrated under
 the store (ASK while it moves, MOVED once it has), a master that lost its scripts, a master
-restarted, and the URL forms."""
+restarted, and the URL forms; and a store behind a real Sentinel through a failover."""
 
 from __future__ import annotations
 
 import itertools
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from redis.exceptions import AskError
 
 from core.errors import StateStoreUnavailableError
-from service.bench.redis_server import RedisCluster, RedisServer
+from service.bench.redis_server import RedisCluster, RedisSentinelSet, RedisServer
 from service.state.redis_nodes import Cluster
 from service.state.redis_store import RedisStore, open_redis_store, redacted
 from tests.service.state.test_redis_store import rows_of
@@ -118,3 +120,35 @@ def test_cluster_and_sentinel_urls_parse_and_hide_their_password(redis_cluster: 
         with pytest.raises(ValueError, match=message) as caught:
             open_redis_store(bad, namespace=b"url:", timeout_s=1.0, hold_wait_s=1.0)
         assert "pw@" not in str(caught.value)
+
+
+def test_a_store_behind_sentinel_follows_a_failover(tmp_path: Path) -> None:
+    """redis+sentinel://: the master Sentinel names; after SENTINEL FAILOVER, calls to the old
+    master fail (the batch's fallback) until the client asks Sentinel again, then the promoted
+    replica serves the rows it replicated."""
+    sentinels = RedisSentinelSet(tmp_path).start()
+    try:
+        store = open_redis_store(sentinels.url, namespace=b"sentinel:", timeout_s=0.5, hold_wait_s=0.5)
+        keys = np.arange(1, 20, dtype=np.uint64)
+        assert store.store_if_unchanged({"card": (rows_of("card", keys.tolist(), 1),
+                                                  np.zeros(len(keys), dtype=np.uint64))}) == {}
+        sentinels.master.client().execute_command("WAIT", 1, 5000)  # replicated before the failover
+        sentinels.fail_over()
+        failed = 0
+        for _ in range(100):
+            try:
+                _, versions = store.fetch_versioned({"card": keys})["card"]
+                if store.store_if_unchanged({"card": (rows_of("card", keys.tolist(), 2), versions)}) == {}:
+                    break
+            except StateStoreUnavailableError:
+                failed += 1
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the store never wrote to the promoted master")
+        assert failed <= 20, failed
+        assert versions.tolist() == [1] * len(keys)  # the rows written before the failover, replicated
+        (name,) = store.keys_of("card", keys[:1])
+        assert sentinels.replica.client().get(name) is not None  # on the promoted replica, now master
+        assert sentinels.replica.client().info("replication")["role"] == "master"
+    finally:
+        sentinels.stop()
