@@ -53,7 +53,8 @@ lint: $(PROTO_OUT)
 bench: model redis-server
 	$(BIN)/fraudscore bench --model $(MODEL_DIR)
 
-# Headless locust run against a server you started (`make serve`): loopback hosts only.
+# Headless locust run against a server you started (`make serve`): loopback hosts only;
+# HOST=127.0.0.1:50051,127.0.0.1:50052 deals the users to several processes on one Redis.
 # Latency percentiles and failures in loadtest/results/<name>_stats.csv (and _stats_history.csv,
 # _failures.csv, _exceptions.csv); answers by traffic kind and decision in <name>_decisions.csv.
 HOST       ?= 127.0.0.1:50051

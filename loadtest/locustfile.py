@@ -23,6 +23,12 @@ locust's own `--tls-cert`/`--tls-key` are its web UI's) and bearer
 tokens (`--token-file`: the first token of a file in the server's format, one a line, blank and
 `#` lines skipped), every call goes over TLS and carries `authorization: Bearer <token>`.
 
+Several serving processes (`fraudscore serve` on one shared Redis, each on its own port): give
+`--host` a comma-separated list, `--host 127.0.0.1:50051,127.0.0.1:50052`; users are dealt to
+them in turn, each keeping its own connection (as switches each hold one to a pod), and outcome
+reports go wherever their user's calls go. (`--workers N` behind one port needs no list: the
+kernel spreads the users' connections over the workers.)
+
 Load is only ever sent to this machine: a host that is not a loopback address is refused.
 """
 
@@ -115,12 +121,25 @@ def _host(environment: Environment) -> str:
     return environment.host or DEFAULT_HOST
 
 
+def _targets(host: str) -> list[str]:
+    """`--host`'s addresses (one, or several comma-separated), each checked to be loopback."""
+    targets = [item.strip() for item in host.split(",") if item.strip()]
+    if not targets:
+        raise ValueError("no address given")
+    for target in targets:
+        check_loopback(target)
+    return targets
+
+
+_users = itertools.count()  # deals users to the --host addresses in turn
+
+
 @events.init.add_listener  # type: ignore[untyped-decorator]
 def _start(environment: Environment, **_: Any) -> None:
     """Refuse a remote host; build the simulated history once per process, before any user calls."""
     global _traffic
     try:
-        check_loopback(_host(environment))
+        _targets(_host(environment))
     except ValueError as exc:
         raise SystemExit(f"loadtest: refused --host {_host(environment)!r}: {exc}. Run the server on this "
                          "machine and point the load test at 127.0.0.1:PORT.") from None
@@ -158,18 +177,20 @@ def _next(n: int) -> tuple[list[pb.Transaction], list[Label]]:
 
 
 class PaymentSwitch(User):
-    """One switch connection. Host is `address:port` of the gRPC server (loopback only)."""
+    """One switch connection. Host is `address:port` of the gRPC server, or several comma-separated
+    (loopback only): this user's is one of them, dealt in turn."""
 
     host = DEFAULT_HOST
     wait_time = between(0.005, 0.02)
 
     def on_start(self) -> None:
-        check_loopback(self.host)  # also guards users started without the init check
+        targets = _targets(self.host)  # also guards users started without the init check
+        self.target = targets[next(_users) % len(targets)]
         opts = self.environment.parsed_options
         self.deadline_s = opts.deadline_ms / 1000 if opts else DEADLINE_S
         self.rng = random.Random()
-        self.channel = (grpc.insecure_channel(self.host) if _credentials is None
-                        else grpc.secure_channel(self.host, _credentials, options=_channel_options))
+        self.channel = (grpc.insecure_channel(self.target) if _credentials is None
+                        else grpc.secure_channel(self.target, _credentials, options=_channel_options))
         self.stub = pb_grpc.FraudScoringStub(self.channel)
         self.legitimate: list[pb.Transaction] = []  # recent answered ones, for CONFIRMED_LEGITIMATE reports
 

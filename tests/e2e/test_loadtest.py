@@ -14,8 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from service.bench.redis_server import RedisServer
 from tests.certs import CertificateAuthority, Issued
 from tests.conftest import REPO, ServerProcess, start_server
+from tests.e2e.helpers import scrape, value
 
 LOCUST = Path(sys.executable).with_name("locust")
 
@@ -111,3 +113,28 @@ def test_locustfile_refuses_incomplete_tls_options(tmp_path: Path) -> None:
     assert "--grpc-tls-cert and --grpc-tls-key go together" in result.stdout + result.stderr
     result = _locust("127.0.0.1:1", tmp_path, "-u", "1", "-r", "1", "-t", "1s", "--token-file", str(tmp_path / "none"))
     assert result.returncode != 0 and "cannot read" in result.stdout + result.stderr
+
+
+def test_locustfile_spreads_its_users_over_several_servers_on_one_redis(tmp_path: Path, model_dir: Path,
+                                                                      redis_server: RedisServer) -> None:
+    """`--host a,b`: users dealt to two serving processes that share their state through Redis;
+    both serve calls, none fails, none is degraded."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    servers = [start_server(tmp_path / name, model_dir=model_dir, state_dir=tmp_path / name / "state",
+                            extra_env={"FRAUDSCORE_STATE_URL": redis_server.url}) for name in ("a", "b")]
+    try:
+        result = _locust(",".join(srv.target for srv in servers), tmp_path, "-u", "4", "-r", "4", "-t", "4s",
+                         "--csv", str(tmp_path / "run"), "--deadline-ms", "2000", "--exit-code-on-error", "1",
+                         "--sim-days", "2", "--sim-cards", "500")
+        samples = [scrape(srv) for srv in servers]
+    finally:
+        for srv in servers:
+            assert srv.stop() == 0
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = _rows(tmp_path / "run_stats.csv", "Name")
+    assert int(stats["Aggregated"]["Failure Count"]) == 0
+    for s in samples:
+        assert value(s, "fraudscore_requests_total", method="Score") > 10  # each server got its users' calls
+    decisions = _rows(tmp_path / "run_decisions.csv", "Traffic")
+    assert sum(int(row["degraded"]) for row in decisions.values()) == 0
