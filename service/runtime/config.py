@@ -60,6 +60,9 @@ class Settings:
     in this process (snapshotted to `state_dir`). Its password is never logged. docs/state-store.md."""
     state_url_file: Path | None = None
     """A file holding `state_url` instead (a mounted Secret, as the password is in it)."""
+    state_ca_file: Path | None = None
+    """PEM CA bundle that signed the Redis's TLS certificate (a private CA), for the rediss://…
+    forms of `state_url`; unset: the system's trusted CAs."""
     workers: int = 1
     """Serving processes in this pod, all on one port (SO_REUSEPORT: the kernel spreads new
     connections over them), under one supervising process that serves the pod's summed metrics
@@ -67,7 +70,8 @@ class Settings:
     state_ttl_s: float = 35 * 24 * 3600.0
     """With a shared store: an entity not seen for this long is forgotten (every write refreshes its TTL)."""
     state_timeout_ms: float = 20.0
-    """With a shared store: the longest wait for one store command (a batch makes two). Past it, or
+    """With a shared store: the longest wait for one store command (a batch makes three: claim, read,
+    write; in a Cluster each is one pipeline per master, sent at once). Past it, or
     when the store is down, the batch is answered by the fallback rules (degraded, reason
     state_store_unavailable) and does not enter the state; the next batch tries again."""
     budget_ms: float = 50.0
@@ -229,6 +233,9 @@ class Settings:
             raise ValueError(f"{ENV_PREFIX}WORKERS={self.workers} needs a fixed {ENV_PREFIX}PORT (the workers share it)")
         need(self.state_ttl_s > 0, "state_ttl_s", "must be > 0")
         need(self.state_timeout_ms > 0, "state_timeout_ms", "must be > 0")
+        if self.state_ca_file is not None and not (self.state_url or "").startswith("rediss"):
+            raise ValueError(f"{ENV_PREFIX}STATE_CA_FILE is set but {ENV_PREFIX}STATE_URL is not a TLS form "
+                             "(rediss://, rediss+cluster://, rediss+sentinel://): a CA verifies a TLS server only")
         if self.state_url is not None and not self.state_url.startswith(STATE_URL_SCHEMES):
             # Not the URL itself in the message: it may hold a password.
             raise ValueError(f"{ENV_PREFIX}STATE_URL: expected one of {', '.join(STATE_URL_SCHEMES)} (redis://[user:"

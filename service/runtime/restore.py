@@ -188,7 +188,8 @@ def open_state(settings: Settings, hasher: KeyHasher) -> EntityState | Versioned
 
     timeout_s = settings.state_timeout_ms / 1000.0
     store = open_redis_store(settings.state_url, namespace=namespace_for(FEATURE_SET_VERSION, hasher.fingerprint),
-                             ttl_s=settings.state_ttl_s, timeout_s=timeout_s, hold_wait_s=timeout_s)
+                             ttl_s=settings.state_ttl_s, timeout_s=timeout_s, hold_wait_s=timeout_s,
+                             ca_file=settings.state_ca_file)
     log.info("entity state in a shared store", extra={"store": redacted(settings.state_url),
                                                       "ttl_s": settings.state_ttl_s,
                                                       "timeout_ms": settings.state_timeout_ms})

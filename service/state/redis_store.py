@@ -20,6 +20,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -163,33 +164,34 @@ def _hosts(url: str) -> tuple[str | None, str | None, list[tuple[str, int]], str
 
 
 def open_redis_store(url: str, *, namespace: bytes, ttl_s: float = DEFAULT_TTL_S, timeout_s: float,
-                     hold_wait_s: float) -> RedisStore:
+                     hold_wait_s: float, ca_file: Path | None = None) -> RedisStore:
     """A store on the Redis at `url` (URL_FORMS; user and password in the URL). Each command waits
     at most `timeout_s` (connecting included) and is not retried: a batch that cannot be served in
     time is answered by the fallback rules, and the next batch reconnects (in a Cluster, reads the
-    slot map again; behind Sentinel, asks the sentinels for the master again)."""
+    slot map again; behind Sentinel, asks the sentinels for the master again). `ca_file`: the CA
+    that signed a TLS Redis's certificate."""
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
                                 "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
     scheme = url.partition("://")[0]
+    ca = {"ssl_ca_certs": str(ca_file)} if ca_file is not None and scheme.startswith("rediss") else {}
     if scheme in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
         user, password, nodes, path, tls = _hosts(url)
-        auth = {"username": user, "password": password}
-        secure = {"ssl": True, **tls} if scheme.startswith("rediss") else {}
+        # The URL's own ?ssl_ca_certs= wins over FRAUDSCORE_STATE_CA_FILE.
+        connection = {**timeouts, "username": user, "password": password,
+                      **({"ssl": True, **ca, **tls} if scheme.startswith("rediss") else {})}
         if scheme.endswith("cluster"):
-            return RedisStore(Cluster(nodes, **auth, **secure, **timeouts), namespace=namespace, ttl_s=ttl_s,
-                              hold_wait_s=hold_wait_s)
+            return RedisStore(Cluster(nodes, **connection), namespace=namespace, ttl_s=ttl_s, hold_wait_s=hold_wait_s)
         name, _, db = path.strip("/").partition("/")
         if not name or (db and not db.isdigit()):
             raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r}: a Sentinel URL ends /master-name[/db], "
                              f"as in redis+sentinel://sentinel-1:26379,sentinel-2:26379/mymaster/0")
         # The sentinels are asked with the same credentials and TLS (a Sentinel set up with
         # requirepass, as managed ones are); the master they name is then connected to.
-        sentinels: Any = Sentinel(nodes,  # type: ignore[no-untyped-call]
-                                   sentinel_kwargs={**auth, **secure, **timeouts}, **auth, **secure, **timeouts)
+        sentinels: Any = Sentinel(nodes, sentinel_kwargs=connection, **connection)  # type: ignore[no-untyped-call]
         return RedisStore(Standalone(sentinels.master_for(name, db=int(db or 0))), namespace=namespace, ttl_s=ttl_s,
                           hold_wait_s=hold_wait_s)
     try:
-        client = redis.Redis.from_url(url, **timeouts)
+        client = redis.Redis.from_url(url, **timeouts, **ca)
     except ValueError as exc:  # the URL's scheme or form; its text may hold the password
         raise ValueError(f"FRAUDSCORE_STATE_URL {redacted(url)!r} is not a Redis URL: expected "
                          f"{URL_FORMS} ({exc.__class__.__name__})") from None

@@ -109,6 +109,9 @@ VARIANTS = {
     "production": production_values,
     "tls-only": lambda: TLS_ONLY,
     "auth-only": lambda: AUTH_ONLY,
+    # Several pods on a shared Redis over TLS with a private CA.
+    "shared-state": lambda: {"replicaCount": 3, "state": {"redis": {
+        "enabled": True, "existingSecret": "fs-state-url", "tls": {"caSecret": "fs-redis-ca"}}}},
 }
 
 
@@ -249,6 +252,20 @@ def test_more_than_one_pod_needs_one_shared_state(chart: helm.Chart, values: dic
     workers = {"config": {"FRAUDSCORE_WORKERS": "2"}}
     assert "FRAUDSCORE_WORKERS above 1 needs a shared state" in render_error(chart, workers)
     assert config_env(render(chart, workers | {"state": {"redis": REDIS}}))["FRAUDSCORE_WORKERS"] == "2"
+
+
+def test_a_private_ca_for_a_tls_redis_is_mounted_from_its_secret(chart: helm.Chart) -> None:
+    tls = {"state": {"redis": REDIS | {"tls": {"caSecret": "fs-redis-ca", "caKey": "ca.pem"}}}, "replicaCount": 3}
+    docs = render(chart, tls)
+    assert config_env(docs)["FRAUDSCORE_STATE_CA_FILE"] == "/etc/fraudscore/state-ca/ca.pem"
+    (volume,) = [v for v in pod_spec(docs)["volumes"] if v["name"] == "state-ca"]
+    assert volume["secret"]["secretName"] == "fs-redis-ca" and volume["secret"]["items"] == [
+        {"key": "ca.pem", "path": "ca.pem"}]
+    assert {"mountPath": "/etc/fraudscore/state-ca", "name": "state-ca", "readOnly": True} in (
+        container(docs)["volumeMounts"])
+    assert "FRAUDSCORE_STATE_CA_FILE" not in config_env(render(chart, {"state": {"redis": REDIS}}))
+    assert "state.redis.tls.caSecret is set but state.redis.enabled is not" in render_error(
+        chart, {"state": {"redis": {"tls": {"caSecret": "fs-redis-ca"}}}})
 
 
 def test_one_pod_by_default() -> None:
@@ -398,7 +415,8 @@ def test_an_unknown_setting_fails_rendering(chart: helm.Chart) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_termination_grace_outlasts_the_drain(chart: helm.Chart, variant: str) -> None:
     docs = render(chart, VARIANTS[variant]())
-    env = {k: v for k, v in config_env(docs).items() if k != "FRAUDSCORE_STATE_URL_FILE"}  # a Secret's mount
+    secrets = {"FRAUDSCORE_STATE_URL_FILE", "FRAUDSCORE_STATE_CA_FILE"}  # Secrets' mounts, absent here
+    env = {k: v for k, v in config_env(docs).items() if k not in secrets}
     drain_s = Settings.load(env | {"FRAUDSCORE_HOST": "0.0.0.0"}).shutdown_grace_s
     pre_stop = container(docs)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"

@@ -1,10 +1,12 @@
 """service.state.redis_nodes.Cluster against a real 3-master Redis Cluster: a slot migrated under
 the store (ASK while it moves, MOVED once it has), a master that lost its scripts, a master
-restarted, and the URL forms; and a store behind a real Sentinel through a failover."""
+restarted, and the URL forms; a store behind a real Sentinel through a failover, and one on a
+TLS-only Redis with a private CA."""
 
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,9 +15,10 @@ import pytest
 from redis.exceptions import AskError
 
 from core.errors import StateStoreUnavailableError
-from service.bench.redis_server import RedisCluster, RedisSentinelSet, RedisServer
+from service.bench.redis_server import RedisCluster, RedisSentinelSet, RedisServer, free_port
 from service.state.redis_nodes import Cluster
 from service.state.redis_store import RedisStore, open_redis_store, redacted
+from tests.certs import CertificateAuthority
 from tests.service.state.test_redis_store import rows_of
 
 _namespaces = itertools.count()
@@ -152,3 +155,38 @@ def test_a_store_behind_sentinel_follows_a_failover(tmp_path: Path) -> None:
         assert sentinels.replica.client().info("replication")["role"] == "master"
     finally:
         sentinels.stop()
+
+
+def test_a_tls_redis_is_reached_with_the_ca_that_signed_it_and_refused_without(tmp_path: Path) -> None:
+    """rediss:// against a real redis-server serving TLS only, its certificate from a private CA:
+    with FRAUDSCORE_STATE_CA_FILE's CA the store works; with the system's CAs the handshake fails
+    (StateStoreUnavailableError: the fallback, never plaintext)."""
+    ca = CertificateAuthority(tmp_path, "redis")
+    cert = ca.issue("127.0.0.1", server=True)
+    port = free_port()
+    log = open(tmp_path / "redis.log", "ab")  # noqa: SIM115  # the process's own
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", str(cert.cert), "--tls-key-file", str(cert.key),
+                             "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "no", "--save", "",
+                             "--dir", str(tmp_path)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        store = open_redis_store(url, namespace=b"tls:", timeout_s=2.0, hold_wait_s=2.0, ca_file=ca.cert)
+        keys = np.array([7], dtype=np.uint64)
+        deadline = time.monotonic() + 10
+        while True:  # until the server listens
+            try:
+                assert store.store_if_unchanged({"card": (rows_of("card", [7], 1), np.zeros(1, np.uint64))}) == {}
+                break
+            except StateStoreUnavailableError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        assert store.fetch_versioned({"card": keys})["card"][1].tolist() == [1]
+        untrusted = open_redis_store(url, namespace=b"tls:", timeout_s=2.0, hold_wait_s=2.0)
+        with pytest.raises(StateStoreUnavailableError):
+            untrusted.fetch_versioned({"card": keys})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

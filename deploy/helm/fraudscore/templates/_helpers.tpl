@@ -43,7 +43,7 @@ keeps this list equal to the Settings fields), and the ones the chart sets itsel
   "FRAUDSCORE_HOST" "FRAUDSCORE_PORT" "FRAUDSCORE_METRICS_HOST" "FRAUDSCORE_METRICS_PORT"
   "FRAUDSCORE_MODEL_DIR" "FRAUDSCORE_CHALLENGER_MODEL_DIR" "FRAUDSCORE_RULES_FILE"
   "FRAUDSCORE_RULES_RELOAD_S" "FRAUDSCORE_MODEL_RELOAD_S" "FRAUDSCORE_STATE_DIR"
-  "FRAUDSCORE_SNAPSHOT_INTERVAL_S" "FRAUDSCORE_STATE_URL" "FRAUDSCORE_STATE_URL_FILE" "FRAUDSCORE_STATE_TTL_S"
+  "FRAUDSCORE_SNAPSHOT_INTERVAL_S" "FRAUDSCORE_STATE_URL" "FRAUDSCORE_STATE_URL_FILE" "FRAUDSCORE_STATE_CA_FILE" "FRAUDSCORE_STATE_TTL_S"
   "FRAUDSCORE_STATE_TIMEOUT_MS" "FRAUDSCORE_WORKERS" "FRAUDSCORE_BUDGET_MS" "FRAUDSCORE_MAX_BATCH"
   "FRAUDSCORE_MAX_WAIT_US" "FRAUDSCORE_MAX_QUEUE" "FRAUDSCORE_SHED_MODE"
   "FRAUDSCORE_MAX_BATCH_REQUEST" "FRAUDSCORE_MAX_STREAM_MESSAGES" "FRAUDSCORE_MAX_MESSAGE_BYTES"
@@ -61,7 +61,7 @@ keeps this list equal to the Settings fields), and the ones the chart sets itsel
 {{- define "fraudscore.chartOwnedSettings" -}}
 {{- list
   "FRAUDSCORE_HOST" "FRAUDSCORE_PORT" "FRAUDSCORE_METRICS_HOST" "FRAUDSCORE_METRICS_PORT"
-  "FRAUDSCORE_HEALTH_PORT" "FRAUDSCORE_STATE_DIR" "FRAUDSCORE_STATE_URL_FILE" "FRAUDSCORE_RULES_FILE"
+  "FRAUDSCORE_HEALTH_PORT" "FRAUDSCORE_STATE_DIR" "FRAUDSCORE_STATE_URL_FILE" "FRAUDSCORE_STATE_CA_FILE" "FRAUDSCORE_RULES_FILE"
   "FRAUDSCORE_SHUTDOWN_GRACE_S" "FRAUDSCORE_ID_HASH_KEY" "FRAUDSCORE_TLS_CERT_FILE"
   "FRAUDSCORE_TLS_KEY_FILE" "FRAUDSCORE_TLS_CLIENT_CA_FILE" "FRAUDSCORE_AUTH_TOKENS_FILE"
   | toJson }}
@@ -188,6 +188,9 @@ directory (list files, docs/rules.md), inside it and not rules.json itself. */}}
 {{- end }}
 {{- if and .Values.state.redis.enabled (not .Values.state.redis.existingSecret) }}
 {{- fail "state.redis.enabled needs state.redis.existingSecret: the name of a Secret whose key (state.redis.secretKey) holds the Redis URL, redis://[user:password@]host:6379/0 or rediss://… for TLS" }}
+{{- end }}
+{{- if and .Values.state.redis.tls.caSecret (not .Values.state.redis.enabled) }}
+{{- fail "state.redis.tls.caSecret is set but state.redis.enabled is not: the CA verifies the shared Redis's TLS certificate" }}
 {{- end }}
 {{- if and .Values.state.redis.enabled (hasKey .Values.config "FRAUDSCORE_STATE_URL") }}
 {{- fail "config.FRAUDSCORE_STATE_URL and state.redis.enabled both name the shared store: keep state.redis (the URL stays in its Secret)" }}
