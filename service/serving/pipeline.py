@@ -249,14 +249,19 @@ class Pipeline:
         columns: list[list[Any]] = [list(c) for c in zip(*record, strict=True)] if record else [[], [], []]
         entered = False
         if commit is not None:
+            entries = records.entries(*columns)
             try:
-                commit(records.entries(*columns))
+                commit(entries)
                 entered = True
             except (StateStoreUnavailableError, StateStoreError) as exc:
                 # Answered from the features read, but neither in the state nor recorded: a retry is
-                # scored afresh, and counts once.
+                # scored afresh, and counts once. In a Cluster the write may have reached some
+                # masters' rows: the records are saved by themselves, so a retry gets this answer
+                # rather than counting it again there (the failed master's rows lack it).
+                entered = not records.atomic and self._save_records(records, entries)
                 self.metrics.state_errors.inc(len(fresh))
-                self.metrics.records_unsaved.inc(len(record))
+                if not entered:
+                    self.metrics.records_unsaved.inc(len(record))
                 if isinstance(exc, StateStoreUnavailableError):
                     self._store_unavailable(exc, len(fresh))
                 else:
@@ -275,6 +280,14 @@ class Pipeline:
             inner(None if mask is None else [mask[j] for j in fresh_live])
 
         return Answered(results, delivered)
+
+    @staticmethod
+    def _save_records(records: SharedRecords, entries: list[tuple[bytes, bytes]]) -> bool:
+        try:
+            records.save(entries)
+        except StateStoreUnavailableError:
+            return False
+        return True
 
     def _store_unavailable(self, exc: StateStoreUnavailableError, n: int) -> None:
         """Logged at most once a minute: every batch meets an outage (its metrics count each)."""

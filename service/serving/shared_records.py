@@ -20,6 +20,9 @@ wrote neither, and one that dies after wrote both. A claim whose server died run
 `CLAIM_LEASE_MS` (2 s, well past any batch) and the next retry takes it over. The one window
 left: when another writer changed some of the batch's rows meanwhile, the rows written in the
 first round and the rest with the records in a later one are two steps (docs/state-store.md).
+In a Redis Cluster rows and records are always two steps, and a write that fails on one master
+may have written the others' rows: the answers' records are then saved by themselves, so a
+retry gets the answer given instead of counting the transaction again on those rows.
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ from core.errors import IdempotencyConflictError, InFlightElsewhereError
 
 class SharedRecords(Protocol):
     owner: bytes
+
+    @property
+    def atomic(self) -> bool:
+        """Whether a batch's rows and records are written in one step (one Redis), or may be left
+        half written by a failed write (a Cluster's masters, each written by itself)."""
+        ...
+
+    def save(self, entries: list[tuple[bytes, bytes]]) -> None:
+        """Write answered records by themselves (after a Cluster's write failed part way)."""
+        ...
 
     def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
         ...

@@ -401,6 +401,15 @@ class RedisRecords:
                 found[i] = record
         return found
 
+    @property
+    def atomic(self) -> bool:
+        return self._nodes.atomic
+
+    def save(self, entries: list[tuple[bytes, bytes]]) -> None:
+        """Answered records written by themselves (`entries`), kept the records' TTL."""
+        if entries:
+            self._nodes.set(entries, self._ttl_ms)
+
     def release(self, keys: list[bytes]) -> None:
         """Give up this owner's claims on `keys` (a batch that entered nothing): a retry elsewhere is
         scored at once instead of after the lease."""

@@ -5,6 +5,7 @@ TLS-only Redis with a private CA."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import subprocess
 import time
@@ -12,10 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fraudscore.v1 import fraudscore_pb2 as pb
 from redis.exceptions import AskError
 
+from core.encode import KeyHasher
 from core.errors import StateStoreUnavailableError
+from core.features import FeatureEngine
+from core.scoring import Scorer
 from service.bench.redis_server import RedisCluster, RedisSentinelSet, RedisServer, free_port
+from service.runtime.metrics import Metrics
+from service.runtime.reload import load_rules
+from service.serving.items import Item
+from service.serving.pipeline import Pipeline
+from service.serving.shared_records import fingerprint
 from service.state.redis_nodes import Cluster
 from service.state.redis_store import RedisStore, open_redis_store, redacted
 from tests.certs import CertificateAuthority
@@ -190,3 +200,35 @@ def test_a_tls_redis_is_reached_with_the_ca_that_signed_it_and_refused_without(t
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class HalfWritten(RedisStore):
+    """A Cluster store whose write reaches the rows' masters and then fails on another, as when one
+    master goes away in the middle of a batch's write: the rows are written, the call raises."""
+
+    def store_if_unchanged(self, rows: object, extra: object = (), /) -> dict[str, np.ndarray]:  # type: ignore[override]
+        super().store_if_unchanged(rows)  # type: ignore[arg-type]
+        raise StateStoreUnavailableError("Redis TimeoutError")
+
+
+def test_a_cluster_write_that_fails_part_way_saves_the_answers_so_a_retry_is_not_counted_again(
+        redis_cluster: RedisCluster) -> None:
+    store = HalfWritten(Cluster([("127.0.0.1", node.port) for node in redis_cluster.nodes], socket_timeout=5),
+                        namespace=f"cluster{next(_namespaces)}:".encode())
+    records = store.records(ttl_s=60.0)
+    assert not records.atomic
+    metrics, hasher = Metrics(), KeyHasher()
+    pipeline = Pipeline(engine=FeatureEngine(store), scorer=Scorer(None, load_rules(None)), hasher=hasher,
+                        metrics=metrics, records=records)
+    txns = [pb.Transaction(transaction_id=f"half-{i}", card_id=f"c{i}", merchant_id="m", amount_minor=1_000,
+                           currency="USD", event_time_ms=1_767_225_600_000 + i) for i in range(3)]
+    loop = asyncio.new_event_loop()
+    try:
+        answered = pipeline.run([Item(t, 0.0, 0, loop.create_future()) for t in txns])
+    finally:
+        loop.close()
+    keys = [hasher.record_key(t.transaction_id) for t in txns]
+    found = store.records(ttl_s=60.0).claim(keys, [fingerprint(t) for t in txns])
+    assert [f[:1] for f in found] == [b"A"] * 3  # a retry anywhere replays the answer given
+    assert [f[17:] for f in found] == list(answered.answers)
+    assert metrics.state_errors._value.get() == 3 and metrics.records_unsaved._value.get() == 0
