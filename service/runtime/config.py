@@ -70,8 +70,8 @@ class Settings:
     state_ttl_s: float = 35 * 24 * 3600.0
     """With a shared store: an entity not seen for this long is forgotten (every write refreshes its TTL)."""
     state_timeout_ms: float = 20.0
-    """With a shared store: the longest wait for one store command (a batch makes three: claim, read,
-    write; in a Cluster each is one pipeline per master, sent at once). Past it, or
+    """With a shared store: the longest wait for one store command (a batch makes two round trips:
+    claim with read, then write; in a Cluster each is one pipeline per master, sent at once). Past it, or
     when the store is down, the batch is answered by the fallback rules (degraded, reason
     state_store_unavailable) and does not enter the state; the next batch tries again."""
     budget_ms: float = 50.0

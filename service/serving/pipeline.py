@@ -195,8 +195,9 @@ class Pipeline:
             return None, "features_error"
 
     def run(self, items: list[Item]) -> Answered:
-        """`_run`, with the batch's transactions claimed first in the shared records when there are
-        any (service/serving/shared_records.py): only the fresh ones enter the state and are scored;
+        """`_run`, with the batch's transactions claimed in the shared records when there are any
+        (service/serving/shared_records.py) — the claim sent with the batch's read of its rows, so
+        it is made before anything is written: only the fresh ones enter the state and are scored;
         the others get the first answer or their refusal (an exception, which the batcher raises in
         their calls). The fresh ones' rows are written after scoring, with their answers' records."""
         records = self.records
@@ -205,27 +206,51 @@ class Pipeline:
         txns = [item.payload for item in items]
         keys = [self.hasher.record_key(t.transaction_id) for t in txns]
         prints = [fingerprint(t) for t in txns]
-        try:
-            found = records.claim(keys, prints)
-        except StateStoreUnavailableError as exc:
-            # Nothing enters the state unclaimed (a retry elsewhere would count it again): the
-            # whole batch is answered by the fallback rules, as when the state itself is down.
-            self._store_unavailable(exc, len(items))
-            self._claims_failed = True
+        # The claim rides on the batch's read of its rows: one round trip for both. The batch is
+        # computed on the assumption every transaction is fresh (nearly always true); when the
+        # claim says otherwise, that computation is dropped unwritten and the fresh ones run again
+        # (its answers never delivered, so never counted; its stage timings are, a second time).
+        first: Answered | None = None
+        first_commit: Callable[[list[tuple[bytes, bytes]]], None] | None = None
+        ticket = records.claim_ahead(keys, prints)
+        if ticket is not None:
+            self._defer = True
             try:
-                return self._run(items)
+                first = self._run(items)
+                first_commit = self._commit
             finally:
-                self._claims_failed = False
+                self._defer, self._commit = False, None
+                ticket.withdraw()
+            if ticket.error is not None:  # the read and the claim failed together: `_run` answered
+                return first  # every transaction by the fallback, and none entered the state
+        if ticket is not None and ticket.found is not None:
+            found = ticket.found
+        else:  # no read to ride on (or no store to ride with): a claim of its own
+            first = None
+            try:
+                found = records.claim(keys, prints)
+            except StateStoreUnavailableError as exc:
+                # Nothing enters the state unclaimed (a retry elsewhere would count it again): the
+                # whole batch is answered by the fallback rules, as when the state itself is down.
+                self._store_unavailable(exc, len(items))
+                self._claims_failed = True
+                try:
+                    return self._run(items)
+                finally:
+                    self._claims_failed = False
         verdicts = [verdict(f, p, records.owner) for f, p in zip(found, prints, strict=True)]
         fresh = [k for k, v in enumerate(verdicts) if v is None]
-        # The batch's rows are written after its answers are made, with their records, in one step
-        # (`FeatureEngine.compute_deferred`): a server that dies in between wrote neither.
-        self._defer = True
-        try:
-            answered = self._run(items if len(fresh) == len(items) else [items[k] for k in fresh])
-            commit, self._commit = self._commit, None
-        finally:
-            self._defer, self._commit = False, None
+        if first is not None and len(fresh) == len(items):
+            answered, commit = first, first_commit
+        else:
+            # The batch's rows are written after its answers are made, with their records, in one
+            # step (`FeatureEngine.compute_deferred`): a server that dies in between wrote neither.
+            self._defer = True
+            try:
+                answered = self._run(items if len(fresh) == len(items) else [items[k] for k in fresh])
+                commit = self._commit
+            finally:
+                self._defer, self._commit = False, None
         ours = iter(answered.answers)
         results: list[Any] = []  # one per item not answered by the fallback, as the batcher expects
         fresh_live: list[int] = []  # positions in `results` of the pipeline's own answers

@@ -32,7 +32,18 @@ from typing import Protocol
 import xxhash
 from fraudscore.v1 import fraudscore_pb2 as pb
 
-from core.errors import IdempotencyConflictError, InFlightElsewhereError
+from core.errors import IdempotencyConflictError, InFlightElsewhereError, StateStoreUnavailableError
+
+
+class ClaimTicket(Protocol):
+    """A claim sent with a read: `found` once the read ran, `error` if it failed with it."""
+
+    found: list[bytes] | None
+    error: StateStoreUnavailableError | None
+
+    def withdraw(self) -> None:
+        """Not to be sent any more (the read is done, or never came)."""
+        ...
 
 
 class SharedRecords(Protocol):
@@ -49,6 +60,11 @@ class SharedRecords(Protocol):
         ...
 
     def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
+        ...
+
+    def claim_ahead(self, keys: list[bytes], fingerprints: list[int]) -> ClaimTicket | None:
+        """The same claim, sent with the state's next read on this thread (one round trip for
+        both); None when it cannot ride on one (then `claim`)."""
         ...
 
     def entries(self, keys: list[bytes], fingerprints: list[int], answers: list[bytes]) -> list[tuple[bytes, bytes]]:

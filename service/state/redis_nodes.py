@@ -84,6 +84,40 @@ class Standalone:
         except redis.RedisError as exc:
             raise unavailable(exc) from exc
 
+    def script_and_get(self, script: Script, keys: list[bytes], args_for: ArgsFor,
+                       names: list[bytes]) -> tuple[list[tuple[Sequence[int], Any]], list[bytes | None]]:
+        """`script` on `keys` and an MGET of `names`, sent together: one round trip. (Not redis-py's
+        pipeline: with a script in it, it asks SCRIPT EXISTS first, a round trip of its own.)"""
+        everything = range(len(keys))
+        args = args_for(everything)
+        wire = resp(["EVALSHA", script.sha, len(keys), *keys, *args]) + (resp(["MGET", *names]) if names else b"")
+        pool = self.client.connection_pool
+        connection: Any = None
+        reply: Any = None
+        error: redis.RedisError | None = None
+        try:
+            connection = pool.get_connection()
+            connection.send_packed_command([wire])
+            try:
+                reply = connection.read_response(disable_decoding=True)
+            except NoScriptError:  # a restarted Redis: loaded, and the script sent again below
+                reply = None
+            except redis.ResponseError as exc:  # the MGET's reply is still to be read
+                error = exc
+            values: list[bytes | None] = connection.read_response(disable_decoding=True) if names else []
+        except redis.RedisError as exc:
+            if connection is not None:
+                connection.disconnect()
+            raise unavailable(exc) from exc
+        finally:
+            if connection is not None:
+                pool.release(connection)
+        if error is not None:
+            raise unavailable(error) from error
+        if reply is None:
+            return self.script(script, keys, args_for), values
+        return [(everything, reply)], values
+
     def set(self, entries: Sequence[tuple[bytes, bytes]], ttl_ms: int) -> None:
         try:
             with self.client.pipeline(transaction=False) as pipe:
@@ -171,16 +205,29 @@ class Cluster:
 
     def script(self, script: Script, keys: list[bytes], args_for: ArgsFor) -> list[tuple[Sequence[int], Any]]:
         """`script` once per hash slot of `keys`: [(that slot's key indices, its reply)]."""
-        groups = list(self._by_slot(keys).items())
-        commands = [_Command(k, slot, ["EVALSHA", script.sha, len(idx), *(keys[i] for i in idx), *args_for(idx)],
-                             script) for k, (slot, idx) in enumerate(groups)]
+        groups, commands = self._per_slot(script, keys, args_for)
         self._run(commands)
-        return [(idx, command.reply) for (_, idx), command in zip(groups, commands, strict=True)]
+        return [(idx, command.reply) for idx, command in zip(groups, commands, strict=True)]
+
+    def _per_slot(self, script: Script, keys: list[bytes], args_for: ArgsFor) -> tuple[list[list[int]], list[_Command]]:
+        groups = list(self._by_slot(keys).items())
+        return [idx for _, idx in groups], [
+            _Command(k, slot, ["EVALSHA", script.sha, len(idx), *(keys[i] for i in idx), *args_for(idx)], script)
+            for k, (slot, idx) in enumerate(groups)]
 
     def get(self, keys: list[bytes]) -> list[bytes | None]:
         commands = [_Command(i, key_slot(key), ["GET", key], None) for i, key in enumerate(keys)]
         self._run(commands)
         return [command.reply for command in commands]
+
+    def script_and_get(self, script: Script, keys: list[bytes], args_for: ArgsFor,
+                       names: list[bytes]) -> tuple[list[tuple[Sequence[int], Any]], list[bytes | None]]:
+        """`script` per slot of `keys` and a GET of each of `names`: one pipeline per master, at once."""
+        groups, scripts = self._per_slot(script, keys, args_for)
+        reads = [_Command(i, key_slot(name), ["GET", name], None) for i, name in enumerate(names)]
+        self._run(scripts + reads)
+        return ([(idx, command.reply) for idx, command in zip(groups, scripts, strict=True)],
+                [command.reply for command in reads])
 
     def set(self, entries: Sequence[tuple[bytes, bytes]], ttl_ms: int) -> None:
         self._run([_Command(i, key_slot(key), ["SET", key, value, "PX", ttl_ms], None)

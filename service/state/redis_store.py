@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -28,6 +29,7 @@ import numpy as np
 import redis
 import xxhash
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -221,6 +223,7 @@ class RedisStore:
         self._unhold = self._nodes.register(UNHOLD_SCRIPT)
         self._owner = os.urandom(8)  # this writer, in the holds it takes
         self._random = random.Random()
+        self._ahead = threading.local()  # a claim to send with this thread's next read (`ClaimAhead`)
 
     @property
     def nodes(self) -> Standalone | Cluster:
@@ -231,9 +234,14 @@ class RedisStore:
         return self._namespace
 
     def records(self, *, ttl_s: float) -> RedisRecords:
-        """The idempotency records of the same Redis and namespace, on the same connections."""
+        """The idempotency records of the same Redis and namespace, on the same connections; their
+        claims can ride on this store's next read (`RedisRecords.claim_ahead`)."""
         self.extra_ttl_ms = int(ttl_s * 1000)
-        return RedisRecords(self._nodes, namespace=self._namespace, ttl_s=ttl_s)
+        return RedisRecords(self._nodes, namespace=self._namespace, ttl_s=ttl_s, store=self)
+
+    def send_with_next_read(self, ticket: ClaimAhead | None) -> None:
+        """`ticket`'s claim goes out with this thread's next `fetch_versioned` (None: no longer)."""
+        self._ahead.ticket = ticket
 
     def keys_of(self, kind: str, keys: np.ndarray, *, lock: bool = False) -> list[bytes]:
         """`<namespace>[L]{<kind letter><16 hex digits>}`: the braces are a Cluster hash tag, so a row and
@@ -268,7 +276,17 @@ class RedisStore:
         """One MGET for every kind's keys (a Cluster: one pipeline of GETs per master)."""
         names = {kind: self.keys_of(kind, keys) for kind, keys in wanted.items()}
         flat = [name for kind_names in names.values() for name in kind_names]
-        got = self._nodes.get(flat)
+        ticket: ClaimAhead | None = getattr(self._ahead, "ticket", None)
+        if ticket is None:
+            got = self._nodes.get(flat)
+        else:
+            self._ahead.ticket = None
+            try:
+                claimed, got = self._nodes.script_and_get(ticket.script, ticket.names, ticket.args_for, flat)
+            except StateStoreUnavailableError as exc:
+                ticket.error = exc
+                raise
+            ticket.answer(claimed)
         out: dict[str, tuple[StoredRows, np.ndarray]] = {}
         at = 0
         for kind, keys in wanted.items():
@@ -379,8 +397,9 @@ class RedisRecords:
     """Idempotency records in Redis: claim a batch's transactions, record their answers."""
 
     def __init__(self, nodes: redis.Redis | Standalone | Cluster, *, namespace: bytes, ttl_s: float = RECORD_TTL_S,
-                 lease_ms: int = CLAIM_LEASE_MS) -> None:
+                 lease_ms: int = CLAIM_LEASE_MS, store: RedisStore | None = None) -> None:
         self._nodes = Standalone(nodes) if isinstance(nodes, redis.Redis) else nodes
+        self._store = store
         self._prefix = namespace + b"t"
         self._ttl_ms = int(ttl_s * 1000)
         self._lease_ms = lease_ms
@@ -390,16 +409,25 @@ class RedisRecords:
 
     def claim(self, keys: list[bytes], fingerprints: list[int]) -> list[bytes]:
         """The record found for each key (b"" where there was none: claimed now by this owner)."""
-        names = [self._prefix + key for key in keys]
+        ticket = self._ticket(keys, fingerprints)
+        ticket.answer(self._nodes.script(self._claim, ticket.names, ticket.args_for))
+        assert ticket.found is not None
+        return ticket.found
+
+    def claim_ahead(self, keys: list[bytes], fingerprints: list[int]) -> ClaimAhead | None:
+        """The same claim, sent with the store's next read on this thread (one round trip for both);
+        the ticket holds what was found once that read has run. None: not tied to a store (claim)."""
+        if self._store is None:
+            return None
+        ticket = self._ticket(keys, fingerprints)
+        self._store.send_with_next_read(ticket)
+        return ticket
+
+    def _ticket(self, keys: list[bytes], fingerprints: list[int]) -> ClaimAhead:
         packed = np.asarray(fingerprints, dtype="<u8").tobytes()
-        found: list[bytes] = [b""] * len(keys)
-        replies = self._nodes.script(self._claim, names, lambda idx: [
+        return ClaimAhead(self._claim, [self._prefix + key for key in keys], lambda idx: [
             self.owner, self._lease_ms,
-            packed if len(idx) == len(keys) else b"".join(packed[8 * i:8 * i + 8] for i in idx)])
-        for idx, reply in replies:
-            for i, record in zip(idx, reply, strict=True):
-                found[i] = record
-        return found
+            packed if len(idx) == len(keys) else b"".join(packed[8 * i:8 * i + 8] for i in idx)], self._store)
 
     @property
     def atomic(self) -> bool:
@@ -420,3 +448,25 @@ class RedisRecords:
         """The (key, value) of each transaction's answered record, to be written with the batch's rows."""
         return [(self._prefix + key, b"A" + fingerprint.to_bytes(8, "little") + self.owner + answer)
                 for key, fingerprint, answer in zip(keys, fingerprints, answers, strict=True)]
+
+
+class ClaimAhead:
+    """A batch's claim waiting to ride on the store's next read (`RedisRecords.claim_ahead`)."""
+
+    def __init__(self, script: Script, names: list[bytes], args_for: Callable[[Sequence[int]], list[Any]],
+                 store: RedisStore | None) -> None:
+        self.script, self.names, self.args_for, self._store = script, names, args_for, store
+        self.found: list[bytes] | None = None
+        self.error: StateStoreUnavailableError | None = None
+
+    def answer(self, replies: list[tuple[Sequence[int], Any]]) -> None:
+        found: list[bytes] = [b""] * len(self.names)
+        for idx, reply in replies:
+            for i, record in zip(idx, reply, strict=True):
+                found[i] = record
+        self.found = found
+
+    def withdraw(self) -> None:
+        """Not to be sent any more (the batch is done with its read, or never made one)."""
+        if self._store is not None:
+            self._store.send_with_next_read(None)

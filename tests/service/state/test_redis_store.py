@@ -287,3 +287,28 @@ def test_four_processes_on_one_card_and_merchant_lose_no_update(backend: Backend
     np.testing.assert_allclose(shared[rest], expected[rest], rtol=1e-12, atol=0)
     assert recomputed > 0  # the writers did collide, and nothing was lost for it
     print(f"rows recomputed: {recomputed} for {len(txns)} transactions")
+
+
+def test_a_claim_sent_ahead_rides_on_the_next_read_and_finds_what_claim_finds(backend: Backend) -> None:
+    store = fresh_store(backend)
+    records = store.records(ttl_s=60.0)
+    other = store.records(ttl_s=60.0)
+    k1, k2 = b"a1".ljust(16, b"."), b"a2".ljust(16, b".")
+    assert other.claim([k2], [2]) == [b""]  # k2 is another server's claim already
+    ticket = records.claim_ahead([k1, k2], [1, 2])
+    assert ticket is not None and ticket.found is None  # nothing sent yet
+    for client in backend.clients():
+        client.script_flush()  # the claim script must be loaded again on the way
+    store.store_if_unchanged({"card": (rows_of("card", [5], 1), np.zeros(1, dtype=np.uint64))})
+    rows, versions = store.fetch_versioned({"card": np.array([5, 6], dtype=np.uint64)})["card"]
+    assert rows.keys.tolist() == [5] and versions.tolist() == [1]
+    assert ticket.found is not None and ticket.found[0] == b""  # k1 claimed now, by us
+    assert ticket.found[1][:1] == b"C" and ticket.found[1][9:17] == other.owner
+    assert other.claim([k1], [1])[0][9:17] == records.owner
+    # Sent once: the next read carries no claim.
+    store.fetch_versioned({"card": np.array([5], dtype=np.uint64)})
+    withdrawn = records.claim_ahead([b"a3".ljust(16, b".")], [3])
+    assert withdrawn is not None
+    withdrawn.withdraw()
+    store.fetch_versioned({"card": np.array([5], dtype=np.uint64)})
+    assert withdrawn.found is None and other.claim([b"a3".ljust(16, b".")], [3]) == [b""]
